@@ -1,0 +1,6 @@
+"""Model files -> native shared libraries with manifests, and the native call path."""
+from .artifact import CompiledModel, build_artifact, load_artifact
+from .errors import ArtifactError, ModelFormatError
+from .manifest import Manifest
+
+__all__ = ["CompiledModel", "build_artifact", "load_artifact", "ArtifactError", "ModelFormatError", "Manifest"]

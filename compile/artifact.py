@@ -1,0 +1,156 @@
+"""Compiled model artifacts: build one from a model file, load one for serving.
+
+An artifact is a directory holding the shared library and its manifest.  The
+library's file name embeds name, version and a digest prefix because the
+dynamic loader caches libraries by path: a new version must never reuse one."""
+from __future__ import annotations
+
+import datetime as _dt
+import pathlib
+import re
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import tl2cgen
+import treelite
+
+from . import codegen
+from ._native import NativeLibrary, NativeLoadError
+from .errors import ArtifactError, ModelFormatError
+from .frontends import load_source_model
+from .manifest import Manifest, read_manifest, sha256_file, write_manifest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"{kind} {value!r} must match {NAME_RE.pattern} (letters, digits, '_', '.', '-')")
+    return value
+
+
+def next_version(model_dir: pathlib.Path) -> str:
+    numeric = [int(p.name) for p in model_dir.glob("*") if p.name.isdigit()] if model_dir.is_dir() else []
+    return str(max(numeric, default=0) + 1)
+
+
+def build_artifact(
+    model_file: str | pathlib.Path,
+    models_dir: str | pathlib.Path,
+    name: str,
+    version: str | None = None,
+    beta: float = 1.0,
+    fmt: str = "auto",
+    jobs: int | None = None,
+    progress: codegen.Progress | None = None,
+) -> pathlib.Path:
+    """Compile ``model_file`` into ``models_dir/name/version``; returns that directory."""
+    check_name("model name", name)
+    if not (0.0 < beta <= 1.0):
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    model_dir = pathlib.Path(models_dir) / name
+    version = check_name("version", version or next_version(model_dir))
+    target = model_dir / version
+    if target.exists():
+        raise FileExistsError(f"{target} already exists: versions are immutable, pick a new --version")
+    started = time.perf_counter()
+    source = load_source_model(model_file, fmt)
+    compiler = codegen.compiler_version()
+    params = codegen.codegen_params(source.model.num_tree)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-{version}-", dir=model_dir) as tmp:
+        work = pathlib.Path(tmp)
+        src_dir = work / "src"
+        src_dir.mkdir()
+        sources = codegen.generate_sources(source, src_dir, params)
+        staged = work / "lib.so"
+        flags = codegen.build_library(source, sources, staged, jobs=jobs, progress=progress)
+        lib_sha = sha256_file(staged)
+        lib_name = f"lib{name}-{version}-{lib_sha[:12]}.so"
+        out = work / "artifact"
+        out.mkdir()
+        shutil.move(staged, out / lib_name)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            format=source.format,
+            objective=source.objective,
+            margin_kind=source.margin_kind,
+            output_transform="sigmoid" if source.margin_kind == "logit" else "identity",
+            feature_names=source.feature_names,
+            num_feature=int(source.model.num_feature),
+            num_tree=int(source.model.num_tree),
+            beta=float(beta),
+            source_file=pathlib.Path(model_file).name,
+            source_sha256=sha256_file(pathlib.Path(model_file)),
+            library_file=lib_name,
+            library_sha256=lib_sha,
+            treelite_version=treelite.__version__,
+            tl2cgen_version=tl2cgen.__version__,
+            compiler=compiler,
+            compiler_flags=flags,
+            codegen_params=params,
+            compile_seconds=round(time.perf_counter() - started, 3),
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_manifest(out, manifest)
+        # Appear atomically: a half-written version is never visible to a loader.
+        out.rename(target)
+    return target
+
+
+class CompiledModel:
+    """A verified, loaded artifact.  ``predict`` is thread-safe and releases the GIL."""
+
+    __slots__ = ("manifest", "directory", "_lib")
+
+    def __init__(self, directory: pathlib.Path, manifest: Manifest, lib: NativeLibrary):
+        self.directory = directory
+        self.manifest = manifest
+        self._lib = lib
+
+    @property
+    def key(self) -> str:
+        return f"{self.manifest.name}/{self.manifest.version}"
+
+    @property
+    def num_feature(self) -> int:
+        return self.manifest.num_feature
+
+    def predict(self, X: np.ndarray, margin: bool = False) -> np.ndarray:
+        """Probabilities (or raw margins) for a [rows, features] float32/float64 matrix."""
+        return self._lib.predict(X, margin)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({self.key}, {self.manifest.num_tree} trees, {self.num_feature} features)"
+
+
+def load_artifact(directory: str | pathlib.Path) -> CompiledModel:
+    directory = pathlib.Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{directory}: no manifest.json; is this a compiled model directory?") from exc
+    except Exception as exc:
+        raise ArtifactError(f"{directory}/manifest.json: invalid manifest ({exc})") from exc
+    lib_path = directory / manifest.library_file
+    if not lib_path.is_file():
+        raise ArtifactError(f"{lib_path}: library named in the manifest is missing")
+    actual = sha256_file(lib_path)
+    if actual != manifest.library_sha256:
+        raise ArtifactError(
+            f"{lib_path}: sha256 {actual[:16]}... does not match the manifest's {manifest.library_sha256[:16]}...; "
+            "the library was modified or corrupted, recompile the model"
+        )
+    try:
+        lib = NativeLibrary(str(lib_path.resolve()))
+    except NativeLoadError as exc:
+        raise ArtifactError(str(exc)) from exc
+    if lib.num_feature != manifest.num_feature:
+        raise ArtifactError(f"{lib_path}: library has {lib.num_feature} features, manifest says {manifest.num_feature}")
+    return CompiledModel(directory, manifest, lib)
+
+
+__all__ = ["build_artifact", "load_artifact", "CompiledModel", "ModelFormatError", "ArtifactError"]

@@ -1,0 +1,170 @@
+"""Model files -> Treelite models, one reader per training library.
+
+Each reader also recovers what Treelite does not keep: feature names and the
+kind of the model's raw output (a logit, or already a probability)."""
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+from dataclasses import dataclass
+
+import treelite
+
+from .errors import ModelFormatError
+
+FORMATS = ("lightgbm", "xgboost", "sklearn")
+
+# Treelite's TaskType enum values.
+_TASK_BINARY, _TASK_REGRESSOR, _TASK_MULTICLASS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    path: pathlib.Path
+    format: str
+    model: treelite.Model
+    feature_names: list[str]
+    objective: str  # what the library calls the training objective
+    output_index: int  # which per-row output is the positive class
+    output_width: int
+    margin_kind: str  # "logit": margins are log-odds; "probability": margins already are probabilities
+
+
+def detect_format(path: pathlib.Path) -> str:
+    head = path.read_bytes()[:64]
+    if not head:
+        raise ModelFormatError(f"{path}: file is empty")
+    if head.startswith(b"\x80") or path.suffix in (".pkl", ".pickle", ".joblib"):
+        return "sklearn"
+    stripped = head.lstrip()
+    if stripped.startswith(b"tree") or b"version=v" in head:
+        return "lightgbm"
+    if stripped.startswith(b"{") or path.suffix in (".json", ".ubj"):
+        return "xgboost"
+    raise ModelFormatError(
+        f"{path}: cannot tell the model format from its contents; pass --format lightgbm|xgboost|sklearn"
+    )
+
+
+def load_source_model(path: str | pathlib.Path, fmt: str = "auto") -> SourceModel:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such model file")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt not in FORMATS:
+        raise ModelFormatError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    reader = {"lightgbm": _read_lightgbm, "xgboost": _read_xgboost, "sklearn": _read_sklearn}[fmt]
+    try:
+        model, names, objective = reader(path)
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # frontends raise many types for bad bytes
+        raise ModelFormatError(f"{path}: not a readable {fmt} model ({_first_line(exc)})") from exc
+    return _describe(path, fmt, model, names, objective)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def _describe(path, fmt, model, names, objective) -> SourceModel:
+    header = model.get_header_accessor()
+    task = int(header.get_field("task_type")[0])
+    num_class = [int(c) for c in header.get_field("num_class")]
+    num_target = int(header.get_field("num_target")[0])
+    postprocessor = str(header.get_field("postprocessor"))
+    if num_target != 1:
+        raise ModelFormatError(f"{path}: model has {num_target} targets; MUSE serves single-target binary classifiers")
+    if task == _TASK_BINARY and num_class == [1] and postprocessor == "sigmoid":
+        output_index, width, margin_kind = 0, 1, "logit"
+    elif task == _TASK_MULTICLASS and num_class == [2] and postprocessor == "identity_multiclass":
+        # scikit-learn forests: averaged leaf class probabilities, column 1 is the positive class.
+        output_index, width, margin_kind = 1, 2, "probability"
+    elif task == _TASK_MULTICLASS or max(num_class) > 1:
+        raise ModelFormatError(
+            f"{path}: multi-class model ({max(num_class)} classes); MUSE serves binary classifiers only"
+        )
+    else:
+        raise ModelFormatError(
+            f"{path}: objective {objective!r} (postprocessor {postprocessor}) is not a binary classifier; "
+            "train with a binary objective (LightGBM 'binary', XGBoost 'binary:logistic')"
+        )
+    nfeat = int(model.num_feature)
+    if not names or len(names) != nfeat:
+        names = [f"f{i}" for i in range(nfeat)]
+    return SourceModel(path, fmt, model, list(names), objective, output_index, width, margin_kind)
+
+
+def _read_lightgbm(path: pathlib.Path):
+    text = path.read_text(errors="replace")
+    if "end of trees" not in text:
+        raise ModelFormatError(f"{path}: LightGBM model is truncated (no 'end of trees' marker)")
+    names, objective = [], ""
+    for line in text.splitlines():
+        if line.startswith("feature_names="):
+            names = line.split("=", 1)[1].split()
+        elif line.startswith("objective=") and not objective:
+            objective = line.split("=", 1)[1].split()[0]
+        elif line.startswith("Tree="):
+            break
+    return treelite.frontend.load_lightgbm_model(path), names, objective
+
+
+def _read_xgboost(path: pathlib.Path):
+    raw = path.read_bytes()
+    is_json = raw.lstrip()[:1] == b"{" and raw.lstrip()[1:2] in (b'"', b"\n", b" ", b"\r", b"\t", b"}")
+    if is_json:
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise ModelFormatError(f"{path}: XGBoost JSON is corrupt or truncated ({exc})") from exc
+        learner = doc.get("learner", {}) if isinstance(doc, dict) else {}
+        names = learner.get("feature_names") or []
+        objective = learner.get("objective", {}).get("name", "")
+        model = treelite.frontend.load_xgboost_model(path, format_choice="json")
+        return model, names, objective
+    model = treelite.frontend.load_xgboost_model(path, format_choice="ubjson")
+    names, objective = _xgboost_ubjson_meta(path)
+    return model, names, objective
+
+
+def _xgboost_ubjson_meta(path: pathlib.Path):
+    """Feature names from a UBJSON model, through xgboost itself when installed."""
+    try:
+        import xgboost
+    except ImportError:
+        return [], ""
+    booster = xgboost.Booster(model_file=str(path))
+    config = json.loads(booster.save_config())
+    return list(booster.feature_names or []), config["learner"]["objective"]["name"]
+
+
+_SKLEARN_SUPPORTED = (
+    "GradientBoostingClassifier",
+    "HistGradientBoostingClassifier",
+    "RandomForestClassifier",
+    "ExtraTreesClassifier",
+)
+
+
+def _read_sklearn(path: pathlib.Path):
+    # Unpickling runs code from the file: compile only models you trust.
+    with path.open("rb") as fh:
+        try:
+            est = pickle.load(fh)
+        except Exception as exc:
+            raise ModelFormatError(f"{path}: not a readable pickle ({_first_line(exc)})") from exc
+    kind = type(est).__name__
+    if kind not in _SKLEARN_SUPPORTED:
+        raise ModelFormatError(
+            f"{path}: unsupported scikit-learn estimator {kind}; supported: {', '.join(_SKLEARN_SUPPORTED)}"
+        )
+    classes = getattr(est, "classes_", None)
+    if classes is None or len(classes) != 2:
+        n = "unfitted" if classes is None else f"{len(classes)} classes"
+        raise ModelFormatError(f"{path}: {kind} is {n}; MUSE serves binary classifiers only")
+    names = [str(n) for n in getattr(est, "feature_names_in_", [])]
+    return treelite.sklearn.import_model(est), names, kind
