@@ -58,7 +58,7 @@ def build_artifact(
     started = time.perf_counter()
     source = load_source_model(model_file, fmt)
     compiler = codegen.compiler_version()
-    params = codegen.codegen_params(source.model.num_tree)
+    params = codegen.codegen_params(source.model.num_tree, source.model.num_feature)
     model_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-{version}-", dir=model_dir) as tmp:
         work = pathlib.Path(tmp)

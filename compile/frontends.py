@@ -29,6 +29,7 @@ class SourceModel:
     output_index: int  # which per-row output is the positive class
     output_width: int
     margin_kind: str  # "logit": margins are log-odds; "probability": margins already are probabilities
+    float32_inputs: bool  # the library rounds inputs to float32 before comparing (XGBoost, sklearn trees)
 
 
 def detect_format(path: pathlib.Path) -> str:
@@ -57,12 +58,12 @@ def load_source_model(path: str | pathlib.Path, fmt: str = "auto") -> SourceMode
         raise ModelFormatError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     reader = {"lightgbm": _read_lightgbm, "xgboost": _read_xgboost, "sklearn": _read_sklearn}[fmt]
     try:
-        model, names, objective = reader(path)
+        model, names, objective, float32_inputs = reader(path)
     except ModelFormatError:
         raise
     except Exception as exc:  # frontends raise many types for bad bytes
         raise ModelFormatError(f"{path}: not a readable {fmt} model ({_first_line(exc)})") from exc
-    return _describe(path, fmt, model, names, objective)
+    return _describe(path, fmt, model, names, objective, float32_inputs)
 
 
 def _first_line(exc: Exception) -> str:
@@ -70,7 +71,7 @@ def _first_line(exc: Exception) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def _describe(path, fmt, model, names, objective) -> SourceModel:
+def _describe(path, fmt, model, names, objective, float32_inputs) -> SourceModel:
     header = model.get_header_accessor()
     task = int(header.get_field("task_type")[0])
     num_class = [int(c) for c in header.get_field("num_class")]
@@ -95,7 +96,7 @@ def _describe(path, fmt, model, names, objective) -> SourceModel:
     nfeat = int(model.num_feature)
     if not names or len(names) != nfeat:
         names = [f"f{i}" for i in range(nfeat)]
-    return SourceModel(path, fmt, model, list(names), objective, output_index, width, margin_kind)
+    return SourceModel(path, fmt, model, list(names), objective, output_index, width, margin_kind, float32_inputs)
 
 
 def _read_lightgbm(path: pathlib.Path):
@@ -110,7 +111,7 @@ def _read_lightgbm(path: pathlib.Path):
             objective = line.split("=", 1)[1].split()[0]
         elif line.startswith("Tree="):
             break
-    return treelite.frontend.load_lightgbm_model(path), names, objective
+    return treelite.frontend.load_lightgbm_model(path), names, objective, False
 
 
 def _read_xgboost(path: pathlib.Path):
@@ -125,10 +126,11 @@ def _read_xgboost(path: pathlib.Path):
         names = learner.get("feature_names") or []
         objective = learner.get("objective", {}).get("name", "")
         model = treelite.frontend.load_xgboost_model(path, format_choice="json")
-        return model, names, objective
+        return model, names, objective, True
     model = treelite.frontend.load_xgboost_model(path, format_choice="ubjson")
     names, objective = _xgboost_ubjson_meta(path)
-    return model, names, objective
+    # XGBoost stores every input as float32 (DMatrix) before comparing.
+    return model, names, objective, True
 
 
 def _xgboost_ubjson_meta(path: pathlib.Path):
@@ -167,4 +169,7 @@ def _read_sklearn(path: pathlib.Path):
         n = "unfitted" if classes is None else f"{len(classes)} classes"
         raise ModelFormatError(f"{path}: {kind} is {n}; MUSE serves binary classifiers only")
     names = [str(n) for n in getattr(est, "feature_names_in_", [])]
-    return treelite.sklearn.import_model(est), names, kind
+    # sklearn's DecisionTree-based estimators cast X to float32 before comparing;
+    # HistGradientBoosting compares float64.  Parity means copying that.
+    float32_inputs = kind != "HistGradientBoostingClassifier"
+    return treelite.sklearn.import_model(est), names, kind, float32_inputs

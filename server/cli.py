@@ -1,0 +1,78 @@
+"""The `muse` command line.  Each subcommand is a thin shell over a library
+call; errors print one line that names the file and the fix, and exit 2."""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from muse.compile import ArtifactError, ModelFormatError
+
+
+class CliError(Exception):
+    """A user mistake: printed without a traceback."""
+
+
+def _progress(label: str):
+    def report(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            end = "\n" if done == total else "\r"
+            print(f"{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from muse.compile import build_artifact, load_artifact
+
+    target = build_artifact(
+        args.model_file,
+        pathlib.Path(args.registry) / "models",
+        name=args.name,
+        version=args.version,
+        beta=args.beta,
+        fmt=args.format,
+        jobs=args.jobs,
+        progress=_progress("compiling translation units"),
+    )
+    model = load_artifact(target)  # proves the artifact loads before we report success
+    m = model.manifest
+    print(f"compiled {args.model_file} -> {target}")
+    print(f"  {m.num_tree} trees, {m.num_feature} features, format {m.format}, beta {m.beta}, {m.compile_seconds:.1f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="muse", description="Multi-tenant score serving for tree ensembles")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a model file into a native artifact in the registry")
+    p.add_argument("model_file", type=pathlib.Path)
+    p.add_argument("--registry", required=True, help="registry directory (artifacts go to REGISTRY/models/NAME/VERSION)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", help="default: one more than the highest numeric version present")
+    p.add_argument("--beta", type=float, default=1.0, help="negative keep-rate used at training, in (0, 1]")
+    p.add_argument("--format", default="auto", choices=["auto", "lightgbm", "xgboost", "sklearn"])
+    p.add_argument("--jobs", type=int, help="parallel compiler processes (default: all cores)")
+    p.set_defaults(func=cmd_compile)
+
+    from muse.server import cli_calib, cli_demo
+
+    cli_calib.register(sub)
+    cli_demo.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, ModelFormatError, ArtifactError, FileExistsError, ValueError, OSError) as exc:
+        print(f"muse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
