@@ -7,10 +7,14 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from muse.compile import build_artifact, load_artifact
 
 warnings.filterwarnings("ignore", category=UserWarning)
+# First calls JIT-compile or load libraries: wall-clock deadlines would only measure that.
+settings.register_profile("muse", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("muse")
 FEATURES = 6
 
 
