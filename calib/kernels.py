@@ -5,8 +5,14 @@ strictly increasing.  Many maps are packed into one pair of flat arrays with
 offsets (CSR style) so that a batch spanning tenants and predictors is
 calibrated in one call, each row with its own map.
 
-Lookup is a binary search inside the map's knots.  Scores below the first
-knot take ys[0], above the last ys[-1]; NaN stays NaN."""
+Scores below the first knot take ys[0], above the last ys[-1]; NaN stays NaN.
+
+Lookups start from a per-map grid over the score's float bits
+(128 buckets per octave from 2^-32 to 1, so dense near 0 where fraud scores
+crowd).  Most buckets hold no knot, so a score's segment is one table read
+away; the rest step over the few knots inside their bucket.  That replaces
+eight levels of mispredicted binary-search branches (measured in
+bench/calib_kernels.py: 6 ns per score against 18 ns)."""
 from __future__ import annotations
 
 import math
@@ -14,67 +20,54 @@ import math
 import numba
 import numpy as np
 
-from .posterior import sigmoid
+from .posterior import correct_margins_into, correct_probabilities_into
+
+GRID_SHIFT = 45  # keep the exponent and 7 mantissa bits: 128 buckets per octave
+GRID_BASE = (1023 - 32) << 7  # bucket 0 holds everything below 2^-32
+GRID_SIZE = 32 << 7
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def interpolate(s: float, xs, ys, lo: int, hi: int) -> float:
-    """Map value of s through knots xs[lo:hi], ys[lo:hi]."""
-    if not (s > xs[lo]):
-        return ys[lo] if s == s else s
-    if s >= xs[hi - 1]:
-        return ys[hi - 1]
-    a, b = lo, hi - 1  # invariant: xs[a] < s <= xs[b]
-    while b - a > 1:
-        mid = (a + b) >> 1
-        if xs[mid] < s:
-            a = mid
+def build_grid(xs: np.ndarray) -> np.ndarray:
+    """grid[b] = index of the last knot <= the lower bound of bucket b (b in 0..GRID_SIZE)."""
+    bounds = (np.arange(GRID_SIZE + 1, dtype=np.int64) + GRID_BASE) << GRID_SHIFT
+    lower = bounds.view(np.float64).copy()
+    lower[0] = 0.0
+    if xs.size > np.iinfo(np.int16).max:
+        raise ValueError(f"a quantile map may have at most {np.iinfo(np.int16).max} knots, got {xs.size}")
+    # int16 keeps a map's grid at 8 KiB, so a few dozen maps stay in L2.
+    return np.clip(np.searchsorted(xs, lower, side="right") - 1, 0, xs.size - 1).astype(np.int16)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def map_rows(scores, map_index, offsets, xs, ys, slopes, grids, out):
+    """Row i goes through map m = map_index[i], whose knots are xs[offsets[m]:offsets[m+1]].
+
+    The lookup is written out in the loop on purpose: a jitted helper taking
+    arrays costs a reference-count round trip per call (~20 ns per row)."""
+    for i in range(scores.shape[0]):
+        s = scores[i]
+        m = map_index[i]
+        lo = offsets[m]
+        hi = offsets[m + 1]
+        if s >= xs[hi - 1]:
+            out[i] = ys[hi - 1]
+        elif s > xs[lo]:
+            key = (np.float64(s).view(np.int64) >> GRID_SHIFT) - GRID_BASE
+            key = min(max(key, 0), GRID_SIZE - 1)
+            g = m * (GRID_SIZE + 1) + key
+            a = lo + np.int64(grids[g])  # last knot <= bucket start <= s
+            last = lo + np.int64(grids[g + 1])  # last knot <= bucket end
+            while a < last and xs[a + 1] <= s:  # only buckets holding a knot step at all
+                a += 1
+            out[i] = ys[a] + (s - xs[a]) * slopes[a]
         else:
-            b = mid
-    t = (s - xs[a]) / (xs[b] - xs[a])
-    return ys[a] + t * (ys[b] - ys[a])
-
-
-@numba.njit(nogil=True, cache=True)
-def apply_map(scores, xs, ys, out):
-    n = xs.shape[0]
-    for i in range(scores.shape[0]):
-        out[i] = interpolate(scores[i], xs, ys, 0, n)
-
-
-@numba.njit(nogil=True, cache=True)
-def apply_maps(scores, map_index, offsets, xs, ys, out):
-    """Row i goes through map map_index[i], whose knots are xs[offsets[m]:offsets[m+1]]."""
-    for i in range(scores.shape[0]):
-        m = map_index[i]
-        out[i] = interpolate(scores[i], xs, ys, offsets[m], offsets[m + 1])
-
-
-@numba.njit(nogil=True, cache=True)
-def calibrate_margins(margins, log_beta, map_index, offsets, xs, ys, corrected, mapped):
-    """Fused level 1 + level 2 for logit margins: one pass, two outputs."""
-    for i in range(margins.shape[0]):
-        p = sigmoid(margins[i] + log_beta)
-        corrected[i] = p
-        m = map_index[i]
-        mapped[i] = interpolate(p, xs, ys, offsets[m], offsets[m + 1])
-
-
-@numba.njit(nogil=True, cache=True)
-def calibrate_probabilities(probs, beta, map_index, offsets, xs, ys, corrected, mapped):
-    """Fused level 1 + level 2 for models whose raw output is a probability."""
-    for i in range(probs.shape[0]):
-        p = probs[i]
-        p = beta * p / (1.0 - (1.0 - beta) * p)
-        corrected[i] = p
-        m = map_index[i]
-        mapped[i] = interpolate(p, xs, ys, offsets[m], offsets[m + 1])
+            out[i] = ys[lo] if s == s else s  # below the first knot; NaN stays NaN
 
 
 class MapTable:
     """Many quantile maps packed for the mixed-batch kernels.  Immutable."""
 
-    __slots__ = ("xs", "ys", "offsets")
+    __slots__ = ("xs", "ys", "slopes", "offsets", "grids")
 
     def __init__(self, maps):
         maps = list(maps)
@@ -83,7 +76,11 @@ class MapTable:
         self.offsets[1:] = np.cumsum(sizes)
         self.xs = np.concatenate([m.xs for m in maps]) if maps else np.zeros(0)
         self.ys = np.concatenate([m.ys for m in maps]) if maps else np.zeros(0)
-        for arr in (self.xs, self.ys, self.offsets):
+        # Per-segment slopes (0 after each map's last knot) spare a division per score.
+        self.slopes = np.concatenate([np.append(np.diff(m.ys) / np.diff(m.xs), 0.0) for m in maps]) if maps else np.zeros(0)
+        grids = [build_grid(m.xs) for m in maps]
+        self.grids = np.concatenate(grids) if grids else np.zeros(0, dtype=np.int16)
+        for arr in (self.xs, self.ys, self.slopes, self.offsets, self.grids):
             arr.setflags(write=False)
 
     def __len__(self) -> int:
@@ -97,17 +94,19 @@ class MapTable:
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"map_index must be in [0, {len(self)})")
         out = np.empty_like(s)
-        apply_maps(s, idx, self.offsets, self.xs, self.ys, out)
+        map_rows(s, idx, self.offsets, self.xs, self.ys, self.slopes, self.grids, out)
         return out
 
-    def calibrate(self, raw: np.ndarray, map_index: np.ndarray, beta: float, margin_kind: str):
-        """(corrected, mapped) for one model's raw outputs, each row with its own map."""
+    def calibrate(self, raw: np.ndarray, map_index: np.ndarray, beta: float, margin_kind: str, out=None):
+        """(corrected, mapped) for one model's raw outputs, each row with its own map.
+
+        ``out`` may pass two preallocated float64 arrays to reuse."""
         raw = np.ascontiguousarray(raw, dtype=np.float64)
         idx = np.ascontiguousarray(map_index, dtype=np.int64)
-        corrected = np.empty_like(raw)
-        mapped = np.empty_like(raw)
+        corrected, mapped = out if out is not None else (np.empty_like(raw), np.empty_like(raw))
         if margin_kind == "logit":
-            calibrate_margins(raw, math.log(beta), idx, self.offsets, self.xs, self.ys, corrected, mapped)
+            correct_margins_into(raw, math.log(beta), corrected)
         else:
-            calibrate_probabilities(raw, beta, idx, self.offsets, self.xs, self.ys, corrected, mapped)
+            correct_probabilities_into(raw, beta, corrected)
+        map_rows(corrected, idx, self.offsets, self.xs, self.ys, self.slopes, self.grids, mapped)
         return corrected, mapped

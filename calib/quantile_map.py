@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import apply_map
+from .kernels import MapTable
 from .reference import Reference, inverse_cdf
 
 DEFAULT_MIN_SAMPLES = 1000
@@ -40,7 +40,7 @@ class SampleError(ValueError):
 class QuantileMap:
     """A fitted map: plain arrays, xs strictly increasing, ys non-decreasing in [0, 1]."""
 
-    __slots__ = ("xs", "ys")
+    __slots__ = ("xs", "ys", "_table")
 
     def __init__(self, xs, ys):
         xs = np.ascontiguousarray(xs, dtype=np.float64)
@@ -56,12 +56,14 @@ class QuantileMap:
         xs.setflags(write=False)
         ys.setflags(write=False)
         self.xs, self.ys = xs, ys
+        self._table = None
 
     def __call__(self, scores) -> np.ndarray:
+        if self._table is None:
+            self._table = MapTable([self])
         s = np.ascontiguousarray(scores, dtype=np.float64)
-        out = np.empty_like(s)
-        apply_map(s.reshape(-1), self.xs, self.ys, out.reshape(-1))
-        return out
+        flat = s.reshape(-1)
+        return self._table.apply(flat, np.zeros(flat.size, dtype=np.int64)).reshape(s.shape)
 
     def __len__(self) -> int:
         return self.xs.size

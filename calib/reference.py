@@ -15,12 +15,13 @@ quantile takes the higher edge, so the alert rate at every edge holds."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Union
+from typing import Union
 
 import msgspec
 import numpy as np
 
-Unit = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+# Closer edges cannot be told apart after interpolation in float64 arithmetic.
+MIN_EDGE_GAP = 1e-6
 
 
 class ReferenceError(ValueError):
@@ -43,6 +44,8 @@ class AlertRateCurve(msgspec.Struct, frozen=True, forbid_unknown_fields=True, ta
                 raise ReferenceError(f"rates[{i}] = {r} (at edge {e}) must be in (0, 1]")
             if i and e <= self.edges[i - 1]:
                 raise ReferenceError(f"edges[{i}] = {e} must be greater than edges[{i - 1}] = {self.edges[i - 1]}")
+            if i and e - self.edges[i - 1] < MIN_EDGE_GAP:
+                raise ReferenceError(f"edges[{i}] = {e} is within {MIN_EDGE_GAP} of edges[{i - 1}]; merge them")
             if i and r > self.rates[i - 1]:
                 raise ReferenceError(
                     f"rates[{i}] = {r} at edge {e} exceeds rates[{i - 1}] = {self.rates[i - 1]}: "

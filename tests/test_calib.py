@@ -22,7 +22,7 @@ probabilities = hnp.arrays(np.float64, st.integers(1, 200), elements=st.floats(0
 @st.composite
 def curves(draw):
     k = draw(st.integers(1, 6))
-    edges = sorted(draw(st.lists(st.floats(0.01, 0.99), min_size=k, max_size=k, unique=True)))
+    edges = sorted(e / 1000 for e in draw(st.lists(st.integers(1, 999), min_size=k, max_size=k, unique=True)))
     rates = sorted(draw(st.lists(st.floats(0.001, 1.0), min_size=k, max_size=k)), reverse=True)
     return AlertRateCurve(edges, rates).validate()
 
@@ -88,6 +88,7 @@ def test_bad_beta_refused(beta):
         ([0.2, 0.5], [0.3, 0.0], r"rates\[1\] = 0.0 \(at edge 0.5\) must be in \(0, 1\]"),
         ([0.2], [0.3, 0.1], "1 edges but 2 rates"),
         ([], [], "at least one edge"),
+        ([0.5, 0.5000001], [0.3, 0.1], r"edges\[1\] = 0.5000001 is within 1e-06 of edges\[0\]"),
     ],
 )
 def test_alert_rate_curve_validation_names_entry(edges, rates, words):
