@@ -15,6 +15,23 @@ from .quantile_map import DEFAULT_MIN_SAMPLES, QuantileMap, SampleError, fit_qua
 from .reference import Reference
 
 
+def read_table(path) -> pl.DataFrame:
+    """A Parquet file, a directory of Parquet files (a score log) or a CSV file."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise SampleError(f"{path}: no such file")
+    try:
+        if path.is_dir():
+            return pl.read_parquet(path / "*.parquet")
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        if path.suffix in (".csv", ".txt"):
+            return pl.read_csv(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise SampleError(f"{path}: cannot read ({exc})") from None
+    raise SampleError(f"{path}: unknown file type; use .parquet or .csv")
+
+
 def read_frame(source, column: str = "score") -> pl.DataFrame:
     """A DataFrame with at least ``column`` from an array, Series, DataFrame or file path."""
     if isinstance(source, pl.DataFrame):
@@ -24,17 +41,7 @@ def read_frame(source, column: str = "score") -> pl.DataFrame:
     elif isinstance(source, np.ndarray):
         frame = pl.DataFrame({column: np.asarray(source, dtype=np.float64).reshape(-1)})
     else:
-        path = pathlib.Path(source)
-        if not path.exists():
-            raise SampleError(f"{path}: no such score file")
-        if path.is_dir():
-            frame = pl.read_parquet(path / "*.parquet")
-        elif path.suffix == ".parquet":
-            frame = pl.read_parquet(path)
-        elif path.suffix in (".csv", ".txt"):
-            frame = pl.read_csv(path)
-        else:
-            raise SampleError(f"{path}: unknown score file type; use .parquet or .csv")
+        frame = read_table(source)
     if column not in frame.columns:
         raise SampleError(f"score sample has no column {column!r} (columns: {', '.join(frame.columns)})")
     if not frame.schema[column].is_numeric():

@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 from muse.compile import ArtifactError, ModelFormatError
+from muse.core.registry import RegistryError
 
 
 class CliError(Exception):
@@ -18,7 +19,7 @@ def _progress(label: str):
         if sys.stderr.isatty():
             end = "\n" if done == total else "\r"
             print(f"{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-        elif done == total or done % max(1, total // 10) == 0:
+        elif done == total or done % max(1, total // 4) == 0:
             print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
 
     return report
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CliError, ModelFormatError, ArtifactError, FileExistsError, ValueError, OSError) as exc:
+    except (CliError, ModelFormatError, ArtifactError, RegistryError, FileExistsError, ValueError, OSError) as exc:
         print(f"muse {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -61,7 +61,7 @@ def test_probability_correction_matches_formula_and_inverts(p, beta):
 @given(margins, probabilities)
 def test_beta_one_is_identity(m, p):
     np.testing.assert_array_equal(calib.correct_probabilities(p, 1.0), p)
-    np.testing.assert_allclose(calib.correct_margins(m, 1.0), 1 / (1 + np.exp(-m)), rtol=1e-12)
+    np.testing.assert_allclose(calib.correct_margins(m, 1.0), 1 / (1 + np.exp(-m)), rtol=1e-15)  # 2 ulp of libm
 
 
 @given(margins, betas)

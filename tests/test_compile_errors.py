@@ -1,0 +1,181 @@
+"""Every way a model file or an artifact can be wrong gives an error that names it."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import msgspec
+import numpy as np
+import pytest
+
+from conftest import training_data
+from muse.compile import ArtifactError, ModelFormatError, build_artifact, load_artifact
+from muse.compile.manifest import read_manifest, sha256_file, write_manifest
+from muse.server.cli import main as cli
+
+
+def _lgb_file(path, objective="binary", **extra):
+    import lightgbm as lgb
+
+    X, y = training_data(rows=300, nan=False)
+    if objective == "multiclass":
+        y = (X[:, 1] > 0).astype(int) + (X[:, 2] > 0).astype(int)
+        extra["num_class"] = 3
+    params = {"objective": objective, "num_leaves": 4, "verbose": -1, **extra}
+    lgb.train(params, lgb.Dataset(X, y), num_boost_round=3).save_model(str(path))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    return tmp_path / "models"
+
+
+def test_truncated_lightgbm(tmp_path, models):
+    good = _lgb_file(tmp_path / "m.txt")
+    text = good.read_text()
+    bad = tmp_path / "cut.txt"
+    bad.write_text(text[: text.index("end of trees") - 40])  # cut inside the trees
+    with pytest.raises(ModelFormatError, match=r"cut.txt: LightGBM model is truncated"):
+        build_artifact(bad, models, name="m")
+
+
+def test_corrupt_lightgbm(tmp_path, models):
+    good = _lgb_file(tmp_path / "m.txt")
+    bad = tmp_path / "corrupt.txt"
+    bad.write_text(good.read_text().replace("split_feature=", "split_feature=zz "))
+    with pytest.raises(ModelFormatError, match=r"corrupt.txt: not a readable lightgbm model"):
+        build_artifact(bad, models, name="m")
+
+
+@pytest.mark.parametrize("objective, words", [("multiclass", "multi-class model \\(3 classes\\)"),
+                                              ("regression", "is not a binary classifier")])
+def test_non_binary_lightgbm(tmp_path, models, objective, words):
+    path = _lgb_file(tmp_path / f"{objective}.txt", objective)
+    with pytest.raises(ModelFormatError, match=f"{objective}.txt: .*{words}"):
+        build_artifact(path, models, name="m")
+
+
+def test_xgboost_multiclass_and_truncated(tmp_path, models):
+    import xgboost as xgb
+
+    X, _ = training_data(rows=300, nan=False)
+    y = (X[:, 1] > 0).astype(int) + (X[:, 2] > 0).astype(int)
+    booster = xgb.train({"objective": "multi:softprob", "num_class": 3, "max_depth": 2}, xgb.DMatrix(X, y), 2)
+    path = tmp_path / "multi.json"
+    booster.save_model(str(path))
+    with pytest.raises(ModelFormatError, match="multi.json: multi-class model"):
+        build_artifact(path, models, name="m")
+    cut = tmp_path / "cut.json"
+    cut.write_text(path.read_text()[:500])
+    with pytest.raises(ModelFormatError, match="cut.json: XGBoost JSON is corrupt or truncated"):
+        build_artifact(cut, models, name="m")
+
+
+def test_unsupported_sklearn_estimator(tmp_path, models):
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = training_data(rows=100, nan=False)
+    path = tmp_path / "lr.pkl"
+    path.write_bytes(pickle.dumps(LogisticRegression().fit(X, y)))
+    with pytest.raises(ModelFormatError, match="lr.pkl: unsupported scikit-learn estimator LogisticRegression"):
+        build_artifact(path, models, name="m")
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelFormatError, match="garbage.pkl: not a readable pickle"):
+        build_artifact(garbage, models, name="m")
+
+
+def test_empty_and_unknown_files(tmp_path, models):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFormatError, match="empty.txt: file is empty"):
+        build_artifact(empty, models, name="m")
+    prose = tmp_path / "notes.md"
+    prose.write_text("hello")
+    with pytest.raises(ModelFormatError, match="notes.md: cannot tell the model format.*--format"):
+        build_artifact(prose, models, name="m")
+    with pytest.raises(ModelFormatError, match="missing.txt: no such model file"):
+        build_artifact(tmp_path / "missing.txt", models, name="m")
+
+
+def test_versions_are_immutable_and_names_checked(tmp_path, models):
+    path = _lgb_file(tmp_path / "m.txt")
+    first = build_artifact(path, models, name="m")
+    assert first.name == "1" and build_artifact(path, models, name="m").name == "2"
+    with pytest.raises(FileExistsError, match="versions are immutable"):
+        build_artifact(path, models, name="m", version="1")
+    with pytest.raises(ValueError, match="model name '../x'"):
+        build_artifact(path, models, name="../x")
+    with pytest.raises(ValueError, match="beta must be in"):
+        build_artifact(path, models, name="m", beta=0)
+
+
+@pytest.fixture
+def artifact(tmp_path, models):
+    return build_artifact(_lgb_file(tmp_path / "m.txt"), models, name="m")
+
+
+def test_tampered_library_refused(artifact):
+    lib = artifact / read_manifest(artifact).library_file
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match the manifest.*recompile"):
+        load_artifact(artifact)
+
+
+def _replace_library(artifact, content_from):
+    manifest = read_manifest(artifact)
+    lib = artifact / manifest.library_file
+    shutil.copy(content_from, lib)
+    write_manifest(artifact, msgspec.structs.replace(manifest, library_sha256=sha256_file(lib)))
+    return lib
+
+
+def test_not_a_library_refused(artifact, tmp_path):
+    fake = tmp_path / "fake.so"
+    fake.write_text("not an ELF file")
+    _replace_library(artifact, fake)
+    with pytest.raises(ArtifactError, match="cannot load shared library"):
+        load_artifact(artifact)
+
+
+def test_foreign_library_refused(artifact):
+    import ctypes.util
+    import glob
+
+    libm = ctypes.util.find_library("m")
+    candidates = glob.glob(f"/lib/*/{libm}") + glob.glob(f"/usr/lib/*/{libm}")
+    if not candidates:
+        pytest.skip("no libm on this machine")
+    _replace_library(artifact, candidates[0])
+    with pytest.raises(ArtifactError, match="not a MUSE model library \\(missing symbol muse_abi_version\\)"):
+        load_artifact(artifact)
+
+
+def test_missing_pieces(artifact):
+    (artifact / read_manifest(artifact).library_file).unlink()
+    with pytest.raises(ArtifactError, match="library named in the manifest is missing"):
+        load_artifact(artifact)
+    (artifact / "manifest.json").write_text(json.dumps({"name": "m"}))
+    with pytest.raises(ArtifactError, match="invalid manifest"):
+        load_artifact(artifact)
+    (artifact / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_artifact(artifact)
+
+
+def test_cli_compile_reports_errors_and_success(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("tree\nversion=v4\n")
+    assert cli(["compile", str(bad), "--registry", str(tmp_path / "reg"), "--name", "m"]) == 2
+    err = capsys.readouterr().err
+    assert "muse compile: error:" in err and "bad.txt" in err and "Traceback" not in err
+    good = _lgb_file(tmp_path / "m.txt")
+    assert cli(["compile", str(good), "--registry", str(tmp_path / "reg"), "--name", "m", "--beta", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled" in out and "beta 0.5" in out
+    model = load_artifact(tmp_path / "reg" / "models" / "m" / "1")
+    assert model.manifest.beta == 0.5 and model.predict(np.zeros((2, 6))).shape == (2,)
