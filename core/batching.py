@@ -1,0 +1,130 @@
+"""Micro-batching: rows for one model from concurrent requests of any tenant
+coalesce into one native call.
+
+The batcher batches "naturally": while a native call runs, new requests
+queue; when it returns, everything queued (up to ``max_rows``) goes out in
+the next call.  A lone request under light load therefore goes out at once,
+and batches grow with load without a timer.  ``max_wait_us`` adds an
+optional linger for callers that prefer bigger batches to lower latency.
+Calls run on a worker thread (the library releases the GIL), so the event
+loop never waits on a model.  Each batch is calibrated in the same thread,
+with one kernel call for all rows that share a map table."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from muse.calib import MapTable
+from muse.compile import CompiledModel
+
+
+class Overloaded(RuntimeError):
+    """The model's queue is full: shed load instead of queueing without bound."""
+
+
+@dataclass
+class BatchResult:
+    margins: np.ndarray
+    corrected: np.ndarray | None = None
+    mapped: np.ndarray | None = None
+    batch_rows: int = 0
+    queue_wait: float = 0.0
+
+
+@dataclass
+class _Item:
+    X: np.ndarray
+    future: asyncio.Future
+    table: MapTable | None
+    map_index: int
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class ModelBatcher:
+    def __init__(
+        self,
+        model: CompiledModel,
+        executor: Executor,
+        max_rows: int = 256,
+        max_wait_us: int = 0,
+        max_queue_rows: int = 8192,
+    ):
+        self.model = model
+        self.executor = executor
+        self.max_rows = max_rows
+        self.max_wait = max_wait_us / 1e6
+        self.max_queue_rows = max_queue_rows
+        self._pending: list[_Item] = []
+        self._queued_rows = 0
+        self._draining = False
+        self.batches = 0
+        self.rows = 0
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def submit(self, X: np.ndarray, table: MapTable | None = None, map_index: int = 0) -> BatchResult:
+        """Margins for X; with a map table, also corrected and mapped scores (map ``map_index``)."""
+        if self._queued_rows + len(X) > self.max_queue_rows:
+            raise Overloaded(f"model {self.model.key} has {self._queued_rows} rows queued")
+        loop = asyncio.get_running_loop()
+        item = _Item(X, loop.create_future(), table, map_index)
+        self._pending.append(item)
+        self._queued_rows += len(X)
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
+        return await item.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                if self.max_wait and self._queued_rows < self.max_rows:
+                    await asyncio.sleep(self.max_wait)
+                take, rows = 0, 0
+                while take < len(self._pending) and (take == 0 or rows + len(self._pending[take].X) <= self.max_rows):
+                    rows += len(self._pending[take].X)
+                    take += 1
+                items, self._pending = self._pending[:take], self._pending[take:]
+                self._queued_rows -= rows
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(self.executor, self._run, items, rows)
+                except Exception as exc:  # a failed batch fails its own requests only
+                    for item in items:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.rows += rows
+                for item, result in zip(items, results):
+                    result.queue_wait = started - item.enqueued
+                    if not item.future.done():  # the caller may have gone away
+                        item.future.set_result(result)
+        finally:
+            self._draining = False
+
+    def _run(self, items: list[_Item], rows: int) -> list[BatchResult]:
+        X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
+        margins = self.model.predict(X, margin=True)
+        corrected = mapped = None
+        table = items[0].table
+        if table is not None and all(item.table is table for item in items):
+            index = np.repeat(np.array([item.map_index for item in items], dtype=np.int64), [len(i.X) for i in items])
+            m = self.model.manifest
+            corrected, mapped = table.calibrate(margins, index, m.beta, m.margin_kind)
+        out, start = [], 0
+        for item in items:
+            stop = start + len(item.X)
+            part = BatchResult(margins[start:stop], batch_rows=rows)
+            if corrected is not None:
+                part.corrected, part.mapped = corrected[start:stop], mapped[start:stop]
+            out.append(part)
+            start = stop
+        return out

@@ -1,0 +1,197 @@
+"""Deployment snapshots: a validated, immutable routing state with a generation.
+
+Building a snapshot loads and checks everything it names before anything is
+served from it; a deployment with one bad entry is refused as a whole, with
+the entry named.  Loaded models live in a ModelPool shared across snapshots,
+so predictors (and generations) that use the same model share one copy."""
+from __future__ import annotations
+
+import pathlib
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from muse.calib import CalibrationError, MapTable, ReferenceError, identity_map
+from muse.compile import ArtifactError, CompiledModel
+
+from .batching import ModelBatcher
+from .predictor import Predictor, ensemble_identity
+from .registry import Registry, RegistryError
+from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, SpecError, decode_spec
+
+
+class RouteError(LookupError):
+    """No route for a (tenant, intent)."""
+
+
+class ModelPool:
+    """Loaded models and their batchers, keyed by NAME/VERSION, shared across snapshots."""
+
+    def __init__(self, registry: Registry, executor: Executor | None = None):
+        self.registry = registry
+        self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="muse-model")
+        self._batchers: dict[str, ModelBatcher] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, ref: str, batching: BatchingSpec) -> ModelBatcher:
+        with self._lock:
+            b = self._batchers.get(ref)
+            if b is None:
+                model = self.registry.load_model(ref)
+                b = ModelBatcher(model, self.executor, batching.max_rows, batching.max_wait_us)
+                self._batchers[ref] = b
+            else:
+                b.max_rows, b.max_wait = batching.max_rows, batching.max_wait_us / 1e6
+            return b
+
+    def release_unused(self, keep: set[str]) -> list[str]:
+        """Drop models no snapshot in ``keep`` uses; in-flight calls hold their own reference."""
+        with self._lock:
+            gone = [ref for ref in self._batchers if ref not in keep]
+            for ref in gone:
+                del self._batchers[ref]
+            return gone
+
+
+@dataclass(frozen=True)
+class Route:
+    tenant: str
+    intent: str
+    active: Predictor
+    shadows: tuple[Predictor, ...]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    generation: int
+    spec: DeploymentSpec
+    predictors: dict[str, Predictor]
+    routes: dict[tuple[str, str], Route]
+    table: MapTable
+
+    @property
+    def intents(self) -> set[str]:
+        return {intent for _, intent in self.routes}
+
+    @property
+    def model_refs(self) -> set[str]:
+        return {b.model.key for p in self.predictors.values() for b in p.batchers}
+
+    def route(self, tenant: str, intent: str) -> Route:
+        route = self.routes.get((tenant, intent)) or self.routes.get((DEFAULT_TENANT, intent))
+        if route is None:
+            if intent not in self.intents:
+                raise RouteError(f"unknown intent {intent!r} (served: {', '.join(sorted(self.intents))})")
+            raise RouteError(f"tenant {tenant!r} has no route for intent {intent!r}")
+        return route
+
+    def warm(self) -> None:
+        """Run every model and kernel once so no request waits on a first call."""
+        for p in self.predictors.values():
+            X = np.zeros((1, p.num_feature))
+            for b in p.batchers:
+                margins = b.model.predict(X, margin=True)
+                m = b.model.manifest
+                self.table.calibrate(margins, np.zeros(1, dtype=np.int64), m.beta, m.margin_kind)
+            self.table.apply(np.zeros(1), np.zeros(1, dtype=np.int64))
+
+
+def read_spec(path: pathlib.Path) -> DeploymentSpec:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such deployment file") from None
+    return decode_spec(raw, str(path))
+
+
+def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, source: str = "deployment") -> Snapshot:
+    """Load and validate everything ``spec`` names; raise SpecError naming the first bad entry."""
+    reg = pool.registry
+    maps = [identity_map()]  # index 0: uncalibrated predictors serve corrected scores unmapped
+    predictors: dict[str, Predictor] = {}
+    for i, p in enumerate(spec.predictors):
+        where = f"{source}: predictors[{i}] ({p.name})"
+        if p.name in predictors:
+            raise SpecError(f"{where}: duplicate predictor name")
+        batchers = []
+        for ref in p.models:
+            try:
+                batchers.append(pool.batcher(ref, spec.batching.get(ref, BatchingSpec())))
+            except (RegistryError, ArtifactError) as exc:
+                raise SpecError(f"{where}: model {ref}: {exc}") from None
+        members: list[CompiledModel] = [b.model for b in batchers]
+        names = members[0].manifest.feature_names
+        for ref, m in zip(p.models[1:], members[1:]):
+            if m.manifest.feature_names != names:
+                raise SpecError(f"{where}: ensemble member {ref} has features {m.manifest.feature_names[:4]}..., "
+                                f"{p.models[0]} has {names[:4]}...; members must share features and order")
+        if len(members) > 1 and p.combine == "mean_logit" and any(m.manifest.margin_kind != "logit" for m in members):
+            raise SpecError(f"{where}: combine = 'mean_logit' needs members whose margins are logits; use 'mean_probability'")
+        tenant_maps: dict = {None: 0}
+        if p.calibration:
+            tenant_maps = _load_maps(reg, p, members, maps, where)
+        predictors[p.name] = Predictor(p.name, p.version, p.intent, tuple(batchers), p.combine, tuple(names),
+                                       None, tenant_maps, p.calibration)  # table set below
+    table = MapTable(maps)
+    predictors = {k: _with_table(v, table) for k, v in predictors.items()}
+    routes: dict[tuple[str, str], Route] = {}
+    for i, r in enumerate(spec.routes):
+        where = f"{source}: routes[{i}] (tenant {r.tenant!r}, intent {r.intent!r})"
+        if (r.tenant, r.intent) in routes:
+            raise SpecError(f"{where}: duplicate route")
+        chosen = []
+        for role, name in [("active", r.active)] + [("shadow", s) for s in r.shadows]:
+            if name not in predictors:
+                raise SpecError(f"{where}: {role} predictor {name!r} is not defined")
+            if predictors[name].intent != r.intent:
+                raise SpecError(f"{where}: {role} predictor {name!r} serves intent {predictors[name].intent!r}")
+            chosen.append(predictors[name])
+        if r.active in r.shadows:
+            raise SpecError(f"{where}: predictor {r.active!r} is both active and shadow")
+        routes[(r.tenant, r.intent)] = Route(r.tenant, r.intent, chosen[0], tuple(chosen[1:]))
+    return Snapshot(generation, spec, predictors, routes, table)
+
+
+def _with_table(p: Predictor, table: MapTable) -> Predictor:
+    from dataclasses import replace
+
+    return replace(p, table=table)
+
+
+def _load_maps(reg: Registry, p, members, maps: list, where: str) -> dict:
+    try:
+        reference = reg.load_reference(p.intent)
+    except (RegistryError, ReferenceError) as exc:
+        raise SpecError(f"{where}: unknown reference for intent {p.intent!r}: {exc}") from None
+    if len(members) == 1:
+        m = members[0].manifest
+        expected = (m.name, m.version, m.library_sha256)
+        label = f"model {m.name}/{m.version}"
+    else:
+        ident = ensemble_identity(p.name, p.version, [m.manifest.library_sha256 for m in members])
+        expected = (ident.name, ident.version, ident.sha256)
+        label = f"ensemble {p.name}/{p.version}"
+    tenant_maps: dict = {}
+    try:
+        tenants = [None] + reg.calibration_tenants(p.calibration)
+        for tenant in tenants:
+            cal = reg.load_calibration(p.calibration, tenant=tenant)
+            got = (cal.model.name, cal.model.version, cal.model.sha256)
+            if got != expected:
+                raise SpecError(f"{where}: calibration {p.calibration} was fitted for model "
+                                f"{cal.model.name}/{cal.model.version} (sha256 {cal.model.sha256[:12]}), "
+                                f"not for {label}; refit it with `muse calib fit`")
+            if cal.reference_name != reference.name or cal.reference != reference.reference:
+                raise SpecError(f"{where}: calibration {p.calibration} maps onto reference {cal.reference_name!r} "
+                                f"as it was when fitted, not onto the current {reference.name!r}; refit it")
+            tenant_maps[tenant] = len(maps)
+            maps.append(cal.quantile_map())
+    except (RegistryError, CalibrationError) as exc:
+        raise SpecError(f"{where}: calibration {p.calibration}: {exc}") from None
+    return tenant_maps
+
+
+def load_snapshot(path: pathlib.Path, pool: ModelPool, generation: int) -> Snapshot:
+    return build_snapshot(read_spec(path), pool, generation, source=str(path))

@@ -1,0 +1,76 @@
+"""The deployment file: references, predictors and routes as one reviewable TOML.
+
+    [[predictors]]
+    name = "fraud-v1"            # routes refer to predictors by name
+    version = "1"                # reported in every response
+    intent = "fraud"             # its scores map onto references/<intent>.toml
+    models = ["fraud/1"]         # NAME/VERSION; several = an ensemble
+    combine = "mean_logit"       # ensembles: "mean_logit" or "mean_probability"
+    calibration = "fraud/1"      # NAME/VERSION; omit to serve corrected scores unmapped
+
+    [[routes]]
+    tenant = "*"                 # "*" = the intent's default for every tenant
+    intent = "fraud"
+    active = "fraud-v1"
+    shadows = []
+
+    [batching."fraud/1"]         # optional, per model
+    max_rows = 256
+    max_wait_us = 0
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
+ModelRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+DEFAULT_TENANT = "*"
+
+
+class PredictorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    version: Name
+    intent: Name
+    models: Annotated[list[ModelRef], msgspec.Meta(min_length=1)]
+    calibration: ModelRef | None = None
+    combine: Literal["mean_logit", "mean_probability"] = "mean_logit"
+
+
+class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tenant: str
+    intent: Name
+    active: Name
+    shadows: list[Name] = []
+
+
+class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_rows: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    max_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+
+
+class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    predictors: list[PredictorSpec]
+    routes: list[RouteSpec]
+    batching: dict[ModelRef, BatchingSpec] = {}
+    description: str = ""
+
+
+class SpecError(ValueError):
+    """A deployment that must not be served; the message names the entry."""
+
+
+def decode_spec(raw: bytes, source: str) -> DeploymentSpec:
+    try:
+        if source.endswith(".json"):
+            return msgspec.json.decode(raw, type=DeploymentSpec)
+        return msgspec.toml.decode(raw, type=DeploymentSpec)
+    except msgspec.ValidationError as exc:
+        raise SpecError(f"{source}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise SpecError(f"{source}: not valid TOML/JSON ({exc})") from None
+
+
+def encode_spec(spec: DeploymentSpec) -> bytes:
+    return msgspec.toml.encode(spec)

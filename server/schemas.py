@@ -1,0 +1,93 @@
+"""Wire schemas as msgspec Structs: one decoder per type, errors that name the path."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+Feature = Union[float, None]  # null = missing
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True):
+    features: Union[list[Feature], dict[str, Feature]]
+    id: Union[str, int, None] = None
+
+
+class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tenant: str
+    intent: str
+    events: Annotated[list[Event], msgspec.Meta(min_length=1)]
+
+
+class ScoreResponse(msgspec.Struct, omit_defaults=True):
+    predictor: str
+    version: str
+    generation: int
+    scores: list[float]
+    ids: Union[list[Union[str, int, None]], None] = None
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    error: str
+    field: Union[str, None] = None
+
+
+# --- Open Inference Protocol (KServe v2) ------------------------------------------
+
+Datatype = Literal["FP32", "FP64", "INT32", "INT64", "BOOL", "BYTES", "FP16", "UINT8", "INT8", "INT16", "UINT16",
+                   "UINT32", "UINT64"]
+
+
+class InferInput(msgspec.Struct):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: Any
+    parameters: dict[str, Any] = {}
+
+
+class RequestedOutput(msgspec.Struct):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class InferRequest(msgspec.Struct):
+    inputs: Annotated[list[InferInput], msgspec.Meta(min_length=1)]
+    id: Union[str, None] = None
+    parameters: dict[str, Any] = {}
+    outputs: list[RequestedOutput] = []
+
+
+class InferOutput(msgspec.Struct):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[float]
+
+
+class InferResponse(msgspec.Struct, omit_defaults=True):
+    model_name: str
+    outputs: list[InferOutput]
+    model_version: Union[str, None] = None
+    id: Union[str, None] = None
+    parameters: dict[str, Any] = {}
+
+
+class TensorMeta(msgspec.Struct):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(msgspec.Struct):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+class ServerMetadata(msgspec.Struct):
+    name: str
+    version: str
+    extensions: list[str]
