@@ -6,15 +6,21 @@ queue; when it returns, everything queued (up to ``max_rows``) goes out in
 the next call.  A lone request under light load therefore goes out at once,
 and batches grow with load without a timer.  ``max_wait_us`` adds an
 optional linger for callers that prefer bigger batches to lower latency.
-Calls run on a worker thread (the library releases the GIL), so the event
-loop never waits on a model.  Each batch is calibrated in the same thread,
-with one kernel call for all rows that share a map table."""
+
+Big batches run on a worker thread (the library releases the GIL), so the
+event loop never waits long on a model.  A batch whose predicted cost (rows
+times the measured time per row) is under ``inline_max_us`` runs on the loop
+itself: handing it to a thread and back costs the loop more (a queue, a
+futex wake and a self-pipe write, measured at ~40 us of loop time in
+bench/http.py) than a few-microsecond native call.  Each batch is calibrated
+in the same call, with one kernel call for all rows that share a map table."""
 from __future__ import annotations
 
 import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -52,17 +58,24 @@ class ModelBatcher:
         max_rows: int = 256,
         max_wait_us: int = 0,
         max_queue_rows: int = 8192,
+        inline_max_us: int = 50,
     ):
         self.model = model
         self.executor = executor
-        self.max_rows = max_rows
-        self.max_wait = max_wait_us / 1e6
-        self.max_queue_rows = max_queue_rows
+        self.configure(max_rows, max_wait_us, max_queue_rows, inline_max_us)
         self._pending: list[_Item] = []
         self._queued_rows = 0
         self._draining = False
+        self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
         self.batches = 0
         self.rows = 0
+        self.on_batch: Callable[[str, int, list[float]], None] | None = None  # (model, rows, waits), on the loop
+
+    def configure(self, max_rows: int, max_wait_us: int, max_queue_rows: int, inline_max_us: int) -> None:
+        self.max_rows = max_rows
+        self.max_wait = max_wait_us / 1e6
+        self.max_queue_rows = max_queue_rows
+        self.inline_max = inline_max_us / 1e6
 
     @property
     def queued_rows(self) -> int:
@@ -70,7 +83,7 @@ class ModelBatcher:
 
     async def submit(self, X: np.ndarray, table: MapTable | None = None, map_index: int = 0) -> BatchResult:
         """Margins for X; with a map table, also corrected and mapped scores (map ``map_index``)."""
-        if self._queued_rows + len(X) > self.max_queue_rows:
+        if self._queued_rows and self._queued_rows + len(X) > self.max_queue_rows:  # an idle model takes any batch
             raise Overloaded(f"model {self.model.key} has {self._queued_rows} rows queued")
         loop = asyncio.get_running_loop()
         item = _Item(X, loop.create_future(), table, map_index)
@@ -95,7 +108,10 @@ class ModelBatcher:
                 self._queued_rows -= rows
                 started = time.perf_counter()
                 try:
-                    results = await loop.run_in_executor(self.executor, self._run, items, rows)
+                    if rows * self.seconds_per_row <= self.inline_max:
+                        results = self._run(items, rows)
+                    else:
+                        results = await loop.run_in_executor(self.executor, self._run, items, rows)
                 except Exception as exc:  # a failed batch fails its own requests only
                     for item in items:
                         if not item.future.done():
@@ -103,16 +119,22 @@ class ModelBatcher:
                     continue
                 self.batches += 1
                 self.rows += rows
-                for item, result in zip(items, results):
-                    result.queue_wait = started - item.enqueued
+                waits = [started - item.enqueued for item in items]
+                for item, result, wait in zip(items, results, waits):
+                    result.queue_wait = wait
                     if not item.future.done():  # the caller may have gone away
                         item.future.set_result(result)
+                if self.on_batch is not None:
+                    self.on_batch(self.model.key, rows, waits)
         finally:
             self._draining = False
 
     def _run(self, items: list[_Item], rows: int) -> list[BatchResult]:
         X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
+        t0 = time.perf_counter()
         margins = self.model.predict(X, margin=True)
+        per_row = (time.perf_counter() - t0) / rows
+        self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         corrected = mapped = None
         table = items[0].table
         if table is not None and all(item.table is table for item in items):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,10 @@ class Predictor:
     table: MapTable
     maps: dict  # tenant (or None for all traffic) -> map index in table
     calibration: str | None
+    feature_index: dict = field(init=False, repr=False, compare=False)  # name -> column
+
+    def __post_init__(self):
+        object.__setattr__(self, "feature_index", {n: i for i, n in enumerate(self.feature_names)})
 
     @property
     def num_feature(self) -> int:
@@ -55,6 +59,28 @@ class Predictor:
     def map_index(self, tenant: str) -> int:
         return self.maps.get(tenant, self.maps[None])
 
+    def score_now(self, X: np.ndarray, map_index: np.ndarray) -> Scores:
+        """Score on the calling thread, bypassing the batchers (shadow work: never queue beside live rows)."""
+        if len(self.batchers) == 1:
+            m = self.batchers[0].model
+            margins = m.predict(X, margin=True)
+            corrected, mapped = self.table.calibrate(margins, map_index, m.manifest.beta, m.manifest.margin_kind)
+            return Scores(margins, corrected, mapped, len(X), 0.0)
+        margins, corrected = self._combine([b.model.predict(X, margin=True) for b in self.batchers])
+        return Scores(margins, corrected, self.table.apply(corrected, map_index), len(X), 0.0)
+
+    def _combine(self, member_margins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """An ensemble's (combined margin, corrected score) from its members' raw outputs."""
+        manifests = [b.model.manifest for b in self.batchers]
+        if self.combine == "mean_logit":
+            # Correct each member's logit by its own beta, then average the logits.
+            margins = np.mean([r + math.log(m.beta) for r, m in zip(member_margins, manifests)], axis=0)
+            return margins, correct_margins(margins, 1.0)
+        probs = [correct_margins(r, m.beta) if m.margin_kind == "logit" else correct_probabilities(r, m.beta)
+                 for r, m in zip(member_margins, manifests)]
+        margins = np.mean(probs, axis=0)
+        return margins, margins
+
     async def score(self, X: np.ndarray, tenant: str) -> Scores:
         idx = self.map_index(tenant)
         if len(self.batchers) == 1:
@@ -64,18 +90,7 @@ class Predictor:
                 r.corrected, r.mapped = self.table.calibrate(r.margins, np.full(len(X), idx), m.beta, m.margin_kind)
             return Scores(r.margins, r.corrected, r.mapped, r.batch_rows, r.queue_wait)
         results: list[BatchResult] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
-        if self.combine == "mean_logit":
-            # Correct each member's logit by its own beta, then average the logits.
-            logits = [r.margins + math.log(b.model.manifest.beta) for r, b in zip(results, self.batchers)]
-            margins = np.mean(logits, axis=0)
-            corrected = correct_margins(margins, 1.0)
-        else:
-            probs = []
-            for r, b in zip(results, self.batchers):
-                m = b.model.manifest
-                probs.append(correct_margins(r.margins, m.beta) if m.margin_kind == "logit"
-                             else correct_probabilities(r.margins, m.beta))
-            margins = corrected = np.mean(probs, axis=0)
+        margins, corrected = self._combine([r.margins for r in results])
         mapped = self.table.apply(corrected, np.full(len(X), idx))
         return Scores(margins, corrected, mapped, max(r.batch_rows for r in results),
                       max(r.queue_wait for r in results))

@@ -6,10 +6,10 @@ the entry named.  Loaded models live in a ModelPool shared across snapshots,
 so predictors (and generations) that use the same model share one copy."""
 from __future__ import annotations
 
-import pathlib
 import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from muse.compile import ArtifactError, CompiledModel
 from .batching import ModelBatcher
 from .predictor import Predictor, ensemble_identity
 from .registry import Registry, RegistryError
-from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, SpecError, decode_spec
+from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, SpecError
 
 
 class RouteError(LookupError):
@@ -34,16 +34,17 @@ class ModelPool:
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="muse-model")
         self._batchers: dict[str, ModelBatcher] = {}
         self._lock = threading.Lock()
+        self.on_batch = None  # given to every batcher: a metrics hook (model key, rows, waits)
 
     def batcher(self, ref: str, batching: BatchingSpec) -> ModelBatcher:
         with self._lock:
             b = self._batchers.get(ref)
             if b is None:
                 model = self.registry.load_model(ref)
-                b = ModelBatcher(model, self.executor, batching.max_rows, batching.max_wait_us)
+                b = ModelBatcher(model, self.executor)
+                b.on_batch = self.on_batch
                 self._batchers[ref] = b
-            else:
-                b.max_rows, b.max_wait = batching.max_rows, batching.max_wait_us / 1e6
+            b.configure(batching.max_rows, batching.max_wait_us, batching.max_queue_rows, batching.inline_max_us)
             return b
 
     def release_unused(self, keep: set[str]) -> list[str]:
@@ -90,20 +91,16 @@ class Snapshot:
     def warm(self) -> None:
         """Run every model and kernel once so no request waits on a first call."""
         for p in self.predictors.values():
-            X = np.zeros((1, p.num_feature))
+            X = np.zeros((64, p.num_feature))
             for b in p.batchers:
-                margins = b.model.predict(X, margin=True)
+                margins = b.model.predict(X[:1], margin=True)
                 m = b.model.manifest
                 self.table.calibrate(margins, np.zeros(1, dtype=np.int64), m.beta, m.margin_kind)
+                if not b.seconds_per_row:  # seed the inline-or-thread estimate before real traffic
+                    t0 = time.perf_counter()
+                    b.model.predict(X, margin=True)
+                    b.seconds_per_row = (time.perf_counter() - t0) / len(X)
             self.table.apply(np.zeros(1), np.zeros(1, dtype=np.int64))
-
-
-def read_spec(path: pathlib.Path) -> DeploymentSpec:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such deployment file") from None
-    return decode_spec(raw, str(path))
 
 
 def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, source: str = "deployment") -> Snapshot:
@@ -155,8 +152,6 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
 
 
 def _with_table(p: Predictor, table: MapTable) -> Predictor:
-    from dataclasses import replace
-
     return replace(p, table=table)
 
 
@@ -191,7 +186,3 @@ def _load_maps(reg: Registry, p, members, maps: list, where: str) -> dict:
     except (RegistryError, CalibrationError) as exc:
         raise SpecError(f"{where}: calibration {p.calibration}: {exc}") from None
     return tenant_maps
-
-
-def load_snapshot(path: pathlib.Path, pool: ModelPool, generation: int) -> Snapshot:
-    return build_snapshot(read_spec(path), pool, generation, source=str(path))

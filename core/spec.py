@@ -14,9 +14,11 @@
     active = "fraud-v1"
     shadows = []
 
-    [batching."fraud/1"]         # optional, per model
+    [batching."fraud/1"]         # optional, per model; these are the defaults
     max_rows = 256
     max_wait_us = 0
+    max_queue_rows = 16384
+    inline_max_us = 50
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ ModelRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A
 DEFAULT_TENANT = "*"
 
 
-class PredictorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class PredictorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     name: Name
     version: Name
     intent: Name
@@ -38,19 +40,21 @@ class PredictorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     combine: Literal["mean_logit", "mean_probability"] = "mean_logit"
 
 
-class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     tenant: str
     intent: Name
     active: Name
     shadows: list[Name] = []
 
 
-class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_rows: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
-    max_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    max_rows: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256  # rows per native call
+    max_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0  # linger for a fuller batch
+    max_queue_rows: Annotated[int, msgspec.Meta(ge=1)] = 16384  # beyond this: 503, not a longer queue
+    inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 50  # cheaper batches run on the event loop
 
 
-class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     predictors: list[PredictorSpec]
     routes: list[RouteSpec]
     batching: dict[ModelRef, BatchingSpec] = {}

@@ -1,7 +1,7 @@
 """Wire schemas as msgspec Structs: one decoder per type, errors that name the path."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 
@@ -34,15 +34,11 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 
 # --- Open Inference Protocol (KServe v2) ------------------------------------------
 
-Datatype = Literal["FP32", "FP64", "INT32", "INT64", "BOOL", "BYTES", "FP16", "UINT8", "INT8", "INT16", "UINT16",
-                   "UINT32", "UINT64"]
-
-
 class InferInput(msgspec.Struct):
     name: str
     shape: list[int]
     datatype: str
-    data: Any
+    data: Any = None  # flat or nested numbers; absent with the binary tensor extension
     parameters: dict[str, Any] = {}
 
 
@@ -58,11 +54,12 @@ class InferRequest(msgspec.Struct):
     outputs: list[RequestedOutput] = []
 
 
-class InferOutput(msgspec.Struct):
+class InferOutput(msgspec.Struct, omit_defaults=True):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float]
+    data: Union[list[float], None] = None  # absent when sent as binary (parameters.binary_data_size)
+    parameters: dict[str, Any] = {}
 
 
 class InferResponse(msgspec.Struct, omit_defaults=True):
@@ -85,6 +82,7 @@ class ModelMetadata(msgspec.Struct):
     platform: str
     inputs: list[TensorMeta]
     outputs: list[TensorMeta]
+    parameters: dict[str, Any] = {}
 
 
 class ServerMetadata(msgspec.Struct):

@@ -1,0 +1,90 @@
+"""Publishing deployments: numbered, immutable files plus a `current` pointer.
+
+    deployments/1.toml, 2.toml, ...   every deployment ever applied
+    deployments/current               the generation to serve (one number)
+
+Applying validates the whole deployment first (every model loaded and its
+checksum verified, every calibration matched to its model and reference), then
+claims the next generation number with an exclusive create and moves
+`current` with an atomic rename.  Servers poll `current` and swap; a file that
+does not validate never becomes current."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+from .registry import Registry
+from .snapshot import ModelPool, build_snapshot
+from .spec import DeploymentSpec, SpecError, decode_spec, encode_spec
+
+
+class DeploymentStore:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.dir = registry.deployments_dir
+
+    @property
+    def current_path(self) -> pathlib.Path:
+        return self.dir / "current"
+
+    def current_generation(self) -> int | None:
+        try:
+            text = self.current_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit():
+            raise SpecError(f"{self.current_path}: expected a generation number, found {text[:40]!r}")
+        return int(text)
+
+    def path(self, generation: int) -> pathlib.Path:
+        return self.dir / f"{generation}.toml"
+
+    def read(self, generation: int) -> DeploymentSpec:
+        path = self.path(generation)
+        try:
+            return decode_spec(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            raise SpecError(f"{path}: generation {generation} does not exist") from None
+
+    def generations(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.dir.glob("*.toml") if p.stem.isdigit())
+
+    def validate(self, spec: DeploymentSpec, source: str = "deployment") -> None:
+        """Raise SpecError naming the first bad entry; loads models into a throwaway pool."""
+        build_snapshot(spec, ModelPool(self.registry), generation=0, source=source)
+
+    def apply(self, spec: DeploymentSpec, source: str = "deployment") -> int:
+        """Validate, store as the next generation and make it current; returns the generation."""
+        self.validate(spec, source)
+        return self.publish(spec)
+
+    def publish(self, spec: DeploymentSpec) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        raw = encode_spec(spec)
+        generation = max(self.generations(), default=0) + 1
+        while True:  # exclusive create: two concurrent applies never share a number
+            try:
+                fd = os.open(self.path(generation), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                generation += 1
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        self.point_to(generation)
+        return generation
+
+    def point_to(self, generation: int) -> None:
+        if not self.path(generation).exists():
+            raise SpecError(f"{self.path(generation)}: generation {generation} does not exist")
+        tmp = self.dir / f".current.{os.getpid()}"
+        tmp.write_text(f"{generation}\n")
+        os.replace(tmp, self.current_path)
+
+    def load_file(self, path: str | pathlib.Path) -> DeploymentSpec:
+        path = pathlib.Path(path)
+        try:
+            return decode_spec(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            raise SpecError(f"{path}: no such deployment file") from None

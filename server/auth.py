@@ -1,0 +1,141 @@
+"""API keys: per-tenant and admin credentials, stored hashed in REGISTRY/keys.toml.
+
+A key reads ``muse_<id>_<secret>``.  The file keeps the id, the tenant (or
+``admin = true``) and sha256(secret); the secret itself is shown once, by
+`muse keys add`, and never stored.  Clients send it as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.  The id selects the
+record and the digests are compared with ``hmac.compare_digest``, so timing
+tells an attacker nothing about how much of a secret was right."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import os
+import pathlib
+import secrets
+
+import msgspec
+
+
+class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    id: str
+    sha256: str
+    tenant: str | None = None
+    admin: bool = False
+    created_at: str = ""
+
+
+class KeyFile(msgspec.Struct, forbid_unknown_fields=True):
+    keys: list[KeyRecord] = []
+
+
+class Principal(msgspec.Struct, frozen=True):
+    key_id: str
+    tenant: str | None  # None: admin, or auth turned off
+    admin: bool
+
+
+ANONYMOUS = Principal("-", None, True)  # what every request is with auth off
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def keys_path(registry_root: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(registry_root) / "keys.toml"
+
+
+def read_keys(path: pathlib.Path) -> KeyFile:
+    try:
+        return msgspec.toml.decode(path.read_bytes(), type=KeyFile)
+    except FileNotFoundError:
+        return KeyFile()
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ValueError(f"{path}: {exc}; fix or remove the entry (keys are managed with `muse keys`)") from None
+
+
+def write_keys(path: pathlib.Path, keys: KeyFile) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(msgspec.toml.encode(keys))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def add_key(path: pathlib.Path, tenant: str | None, admin: bool) -> tuple[KeyRecord, str]:
+    """Store a new key's hash; returns the record and the one-time plain key."""
+    if (tenant is None) == (not admin):
+        raise ValueError("a key is either for one tenant (--tenant T) or for the admin API (--admin)")
+    keys = read_keys(path)
+    key_id = secrets.token_hex(4)
+    secret = secrets.token_urlsafe(24).replace("_", "-")
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record = KeyRecord(key_id, _digest(secret), tenant, admin, now)
+    keys.keys.append(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_keys(path, keys)
+    return record, f"muse_{key_id}_{secret}"
+
+
+def revoke_key(path: pathlib.Path, key_id: str) -> KeyRecord:
+    keys = read_keys(path)
+    matches = [k for k in keys.keys if k.id == key_id]
+    if not matches:
+        raise ValueError(f"{path}: no key with id {key_id!r} (list them with `muse keys list`)")
+    keys.keys = [k for k in keys.keys if k.id != key_id]
+    write_keys(path, keys)
+    return matches[0]
+
+
+class Authenticator:
+    """Resolves a request's credential; reloads keys.toml when it changes."""
+
+    def __init__(self, path: pathlib.Path | None):
+        self.path = path  # None: auth off
+        self._mtime: int | None = None
+        self._records: dict[str, KeyRecord] = {}
+        self.reload()
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def reload(self) -> bool:
+        if self.path is None:
+            return False
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._mtime:
+            return False
+        self._records = {k.id: k for k in read_keys(self.path).keys}
+        self._mtime = mtime
+        return True
+
+    def authenticate(self, headers: dict[bytes, bytes]) -> Principal:
+        if self.path is None:
+            return ANONYMOUS
+        raw = headers.get(b"authorization")
+        if raw is not None:
+            scheme, _, token = raw.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer":
+                raise AuthError(401, "authorization: expected 'Bearer <key>'")
+        else:
+            raw = headers.get(b"x-api-key")
+            if raw is None:
+                raise AuthError(401, "authorization: missing credential; send 'Authorization: Bearer <key>'")
+            token = raw.decode("latin-1")
+        prefix, _, rest = token.strip().partition("_")
+        key_id, _, secret = rest.partition("_")
+        record = self._records.get(key_id) if prefix == "muse" else None
+        if record is None or not hmac.compare_digest(_digest(secret), record.sha256):
+            raise AuthError(401, "authorization: unknown or revoked key")
+        return Principal(record.id, record.tenant, record.admin)

@@ -1,0 +1,144 @@
+"""What one server process serves: the current snapshot, how it follows
+`deployments/current`, and the shadow queue.
+
+A request reads ``serving.snapshot`` once and uses only that object, so it is
+served entirely by one generation however many swaps happen meanwhile.  A new
+generation is loaded, validated and warmed on a loader thread, then swapped
+in by one assignment; models no longer named are dropped from the pool, and
+in-flight requests still hold their own references, so nothing is unloaded
+under them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from muse.core.deploy import DeploymentStore
+from muse.core.predictor import Predictor
+from muse.core.registry import Registry
+from muse.core.snapshot import ModelPool, Route, Snapshot, build_snapshot
+from muse.core.spec import SpecError
+
+from .metrics import Metrics
+
+log = logging.getLogger("muse.serve")
+
+
+class Serving:
+    def __init__(self, registry: Registry, metrics: Metrics, poll_interval: float = 0.25,
+                 shadow_queue: int = 1024, model_threads: int = 2):
+        self.registry = registry
+        self.store = DeploymentStore(registry)
+        self.metrics = metrics
+        self.poll_interval = poll_interval
+        self.pool = ModelPool(registry, ThreadPoolExecutor(model_threads, thread_name_prefix="muse-model"))
+        self.pool.on_batch = metrics.observe_batch
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="muse-loader")
+        self.snapshot: Snapshot | None = None
+        self.last_error: str | None = None
+        self._shadows: asyncio.Queue | None = None
+        self._shadow_capacity = shadow_queue
+        self._tasks: list[asyncio.Task] = []
+        self.on_shadow_scores = None  # hook (intent, tenant, predictor, Scores): the score log
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshot is not None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and warm the current generation (if any) before the first request."""
+        await self.refresh()
+        self._shadows = asyncio.Queue(self._shadow_capacity)
+        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._shadow_worker())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._loader.shutdown(wait=False)
+        self.pool.executor.shutdown(wait=False)
+
+    async def refresh(self) -> bool:
+        """Swap to the generation `current` names if it differs; False if there is nothing new."""
+        try:
+            generation = self.store.current_generation()
+        except SpecError as exc:
+            return self._refused(str(exc))
+        if generation is None or (self.snapshot and self.snapshot.generation == generation):
+            return False
+        if self.last_error and self.last_error.startswith(f"generation {generation}:"):
+            return False  # already refused; wait for the next one
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            snap = await loop.run_in_executor(self._loader, self._load, generation)
+        except (SpecError, OSError) as exc:
+            return self._refused(f"generation {generation}: {exc}")
+        self.install(snap)
+        log.info("serving generation %d (loaded in %.2f s)", generation, time.perf_counter() - started)
+        return True
+
+    def _load(self, generation: int) -> Snapshot:
+        spec = self.store.read(generation)
+        snap = build_snapshot(spec, self.pool, generation, source=str(self.store.path(generation)))
+        snap.warm()
+        return snap
+
+    def install(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.last_error = None
+        self.pool.release_unused(snap.model_refs)
+        self.metrics.generation.set(snap.generation)
+        self.metrics.ready.set(1)
+
+    def _refused(self, message: str) -> bool:
+        if message != self.last_error:
+            log.error("deployment refused, still serving generation %s: %s",
+                      self.snapshot.generation if self.snapshot else "none", message)
+            self.metrics.deploy_failures.inc()
+        self.last_error = message
+        return False
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.refresh()
+            except Exception:  # the watcher must outlive any one bad deployment
+                log.exception("deployment watcher")
+
+    # -- shadows ---------------------------------------------------------------
+    def shadow(self, route: Route, X: np.ndarray, tenant: str) -> None:
+        """Queue a copy of live rows for the route's shadows; drop (and count) when full."""
+        for predictor in route.shadows:
+            try:
+                self._shadows.put_nowait((route.intent, tenant, predictor, X))
+            except asyncio.QueueFull:
+                self.metrics.shadow_dropped.labels(route.intent).inc()
+
+    async def _shadow_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            work = [await self._shadows.get()]
+            while not self._shadows.empty() and len(work) < 256:
+                work.append(self._shadows.get_nowait())
+            try:
+                await loop.run_in_executor(self._loader, self._score_shadows, work)
+            except Exception:
+                log.exception("shadow scoring")
+
+    def _score_shadows(self, work: list) -> None:
+        groups: dict[int, tuple[Predictor, list]] = {}
+        for intent, tenant, predictor, X in work:
+            groups.setdefault(id(predictor), (predictor, []))[1].append((intent, tenant, X))
+        for predictor, items in groups.values():
+            X = np.concatenate([x for _, _, x in items])
+            index = np.repeat([predictor.map_index(t) for _, t, _ in items], [len(x) for _, _, x in items])
+            scores = predictor.score_now(X, index)
+            self.metrics.shadow_events.labels(predictor.intent, predictor.name).inc(len(X))
+            if self.on_shadow_scores is not None:
+                self.on_shadow_scores(items, predictor, scores)
