@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         Granian(
             "muse.server.app:create_app", factory=True, interface=Interfaces.ASGI,
             address=args.host, port=args.port, workers=args.workers, backlog=args.backlog,
-            log_access=args.access_log,
+            log_access=args.access_log, websockets=False,
         ).serve()
     finally:
         if metrics_dir:

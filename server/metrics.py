@@ -71,10 +71,12 @@ class Metrics:
         self.errors.labels(*values, reason).inc()
 
     def observe_batch(self, model: str, rows: int, waits: list[float]) -> None:
-        self.batch_rows.labels(model).observe(rows)
-        wait = self.queue_wait.labels(model)
+        children = self._children.get(model)
+        if children is None:
+            children = self._children[model] = (self.batch_rows.labels(model), self.queue_wait.labels(model))
+        children[0].observe(rows)
         for w in waits:
-            wait.observe(w)
+            children[1].observe(w)
 
     def render(self) -> bytes:
         if self.multiprocess:

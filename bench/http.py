@@ -1,0 +1,191 @@
+"""HTTP scoring benchmark: open-loop load at rising rates against `muse serve`
+(fraud-shaped 500-tree model, calibrated, auth on) and against a no-op
+Granian + msgspec endpoint that decodes the same request, in the same run.
+
+Load comes from bench/loadgen.c (compiled here with the C compiler): constant
+arrival rate over keep-alive connections, latency from each request's
+intended send time, so a stalled server cannot hide its queue (no
+coordinated omission).  Every request is batch 1: one event of 100 features.
+
+    python -m muse.bench.http [--seconds 4] [--workers 1] [--connections 64]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from muse.bench.models import fraud_like_matrix, train_lightgbm
+from muse.bench.timing import print_table
+
+HERE = pathlib.Path(__file__).parent
+RATES = (1000, 2000, 4000, 6000, 8000, 10000, 12500, 15000, 20000, 25000, 30000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_loadgen(workdir: pathlib.Path) -> pathlib.Path:
+    exe = workdir / "loadgen"
+    cc = os.environ.get("CC", "gcc")
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(HERE / "loadgen.c")], check=True)
+    return exe
+
+
+def build_registry(workdir: pathlib.Path, results: pathlib.Path, batching: str = "") -> tuple[pathlib.Path, str]:
+    """Compile the fraud model, calibrate it, deploy it; returns (registry, tenant key)."""
+    from muse.calib import AlertRateCurve, ModelIdentity, ReferenceFile, correct_margins, fit_quantile_map
+    from muse.calib import make_calibration
+    from muse.calib.reference import encode_reference
+    from muse.compile import build_artifact
+    from muse.core.deploy import DeploymentStore
+    from muse.core.registry import Registry
+    from muse.core.spec import decode_spec
+    from muse.server.auth import add_key, keys_path
+
+    reg = Registry(workdir / "registry")
+    model_file = train_lightgbm(results / "fraud_500x63.txt", trees=500, leaves=63)
+    print("compiling the 500-tree model ...", file=sys.stderr, flush=True)
+    build_artifact(model_file, reg.models_dir, name="fraud", version="1", beta=0.1)
+    model = reg.load_model("fraud/1")
+    curve = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
+    reg.references_dir.mkdir(parents=True)
+    reg.reference_path("fraud").write_bytes(encode_reference(ReferenceFile("fraud", curve)))
+    X, _ = fraud_like_matrix(20000, seed=3)
+    m = model.manifest
+    qmap = fit_quantile_map(correct_margins(model.predict(X, margin=True), m.beta), curve)
+    reg.save_calibration(make_calibration(qmap, name="fraud", version="1", model=ModelIdentity(m.name, m.version,
+                         m.library_sha256), reference_name="fraud", reference=curve, beta=m.beta, sample_size=20000))
+    spec = decode_spec(b"""
+[[predictors]]
+name = "fraud-v1"
+version = "1"
+intent = "fraud"
+models = ["fraud/1"]
+calibration = "fraud/1"
+
+[[routes]]
+tenant = "*"
+intent = "fraud"
+active = "fraud-v1"
+
+[batching."fraud/1"]
+""" + batching.encode(), "bench.toml")
+    DeploymentStore(reg).apply(spec)
+    _, key = add_key(keys_path(reg.root), "acme", False)
+    return reg.root, key
+
+
+def request_file(workdir: pathlib.Path, port: int, key: str) -> pathlib.Path:
+    X, _ = fraud_like_matrix(1, seed=11)
+    body = json.dumps({"tenant": "acme", "intent": "fraud",
+                       "events": [{"features": [None if v != v else round(float(v), 6) for v in X[0]]}]}).encode()
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    path = workdir / f"request-{port}.http"
+    path.write_bytes(head + body)
+    return path
+
+
+class Process:
+    def __init__(self, argv: list[str], port: int, env: dict | None = None):
+        self.port = port
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/v2/health/ready")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{argv} did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+def sweep(loadgen, req: pathlib.Path, port: int, seconds: float, connections: int, rates) -> list[dict]:
+    results = []
+    for rate in rates:
+        r = run_load(loadgen, req, port, rate, seconds, connections)
+        results.append(r)
+        print(f"  {rate:>6} req/s -> {r['achieved_rps']:>8.0f} achieved, p99 {r['p99_us']:>9.0f} us",
+              file=sys.stderr, flush=True)
+        if r["achieved_rps"] < 0.9 * rate or r["p99_us"] > 200_000:
+            break  # saturated: past the peak
+    return results
+
+
+def run_load(loadgen, req, port, rate, seconds, connections) -> dict:
+    out = subprocess.run([str(loadgen), "127.0.0.1", str(port), str(rate), str(seconds), str(connections), str(req)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    parser.add_argument("--batching", default="", help='TOML lines for the model, e.g. "inline_max_us = 0"')
+    parser.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated request rates")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp)
+        loadgen = build_loadgen(work)
+        registry, key = build_registry(work, args.results, args.batching.replace(";", "\n"))
+        granian = [sys.executable, "-m", "granian", "--interface", "asgi", "--workers", str(args.workers),
+                   "--backlog", "2048", "--no-ws"]
+        servers = {
+            "no-op granian+msgspec": lambda port: Process(
+                [*granian, "--port", str(port), "muse.bench.noop_app:app"], port),
+            "muse /v1/score": lambda port: Process(
+                [sys.executable, "-m", "muse.server.cli", "serve", "--registry", str(registry), "--port", str(port),
+                 "--workers", str(args.workers)], port),
+        }
+        table, peaks = [], {}
+        for label, start in servers.items():
+            port = free_port()
+            print(f"{label}:", file=sys.stderr, flush=True)
+            server = start(port)
+            try:
+                req = request_file(work, port, key)
+                results = sweep(loadgen, req, port, args.seconds, args.connections,
+                                [float(r) for r in args.rates.split(",")])
+                peaks[label] = max(r["achieved_rps"] for r in results)
+                if results[0]["errors"]:
+                    raise RuntimeError(f"{label}: {results[0]['errors']} failed requests at the lowest rate")
+                half = run_load(loadgen, req, port, peaks[label] / 2, args.seconds, args.connections)
+            finally:
+                server.stop()
+            for r in results:
+                table.append([label, f"{r['target_rps']:,.0f}", f"{r['achieved_rps']:,.0f}", f"{r['p50_us']:,.0f}",
+                              f"{r['p99_us']:,.0f}", f"{r['p999_us']:,.0f}", r["errors"]])
+            table.append([label + " @ half peak", f"{half['target_rps']:,.0f}", f"{half['achieved_rps']:,.0f}",
+                          f"{half['p50_us']:,.0f}", f"{half['p99_us']:,.0f}", f"{half['p999_us']:,.0f}",
+                          half["errors"]])
+    print()
+    print_table(["server", "target req/s", "achieved req/s", "p50 us", "p99 us", "p99.9 us", "errors"], table)
+    noop, muse = peaks["no-op granian+msgspec"], peaks["muse /v1/score"]
+    print(f"\npeak: muse {muse:,.0f} req/s, no-op {noop:,.0f} req/s: muse = {muse / noop:.0%} of no-op")
+
+
+if __name__ == "__main__":
+    main()

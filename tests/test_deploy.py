@@ -1,0 +1,124 @@
+"""Deployment files: validation that names the entry, publishing generations,
+shared model copies, ensembles."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import get_case
+from muse.calib import correct_margins
+from muse.core.deploy import DeploymentStore
+from muse.core.snapshot import ModelPool, build_snapshot
+from muse.core.spec import SpecError, decode_spec
+from muse.server.cli import main as cli
+from servers import calibrate, make_registry, rows
+
+BASE = """
+[[predictors]]
+name = "a"
+version = "1"
+intent = "fraud"
+models = ["lightgbm/1"]
+calibration = "lightgbm/1"
+
+[[routes]]
+tenant = "*"
+intent = "fraud"
+active = "a"
+"""
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("deploy")
+    cases = {k: get_case(k, model_dir, root / "compiled") for k in ("lightgbm", "xgboost-json")}
+    cases["lightgbm-copy"] = cases["lightgbm"]
+    reg = make_registry(root / "registry", cases)
+    calibrate(reg, "lightgbm", {"acme": 1})
+    calibrate(reg, "xgboost-json", {}, name="xgb-cal")
+    return reg
+
+
+def spec(text: str):
+    return decode_spec(text.encode(), "deploy.toml")
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE.replace('models = ["lightgbm/1"]', 'models = ["nope/1"]'),
+     "predictors[0] (a): model nope/1: model 'nope' is not in"),
+    (BASE.replace('models = ["lightgbm/1"]', 'models = ["lightgbm/7"]'), "has no version '7'"),
+    (BASE.replace('calibration = "lightgbm/1"', 'calibration = "xgb-cal/1"'),
+     "predictors[0] (a): calibration xgb-cal/1 was fitted for model xgboost-json/1"),
+    (BASE.replace('models = ["lightgbm/1"]', 'models = ["lightgbm/1", "xgboost-json/1"]'),
+     "predictors[0] (a): ensemble member xgboost-json/1 has features"),
+    (BASE.replace('intent = "fraud"', 'intent = "churn"', 1).replace('intent = "fraud"\nactive', 'intent = "churn"\nactive'),
+     "predictors[0] (a): unknown reference for intent 'churn'"),
+    (BASE + '[[routes]]\ntenant = "*"\nintent = "fraud"\nactive = "a"\n', "routes[1] (tenant '*', intent 'fraud'): duplicate route"),
+    (BASE.replace('active = "a"', 'active = "b"'), "routes[0] (tenant '*', intent 'fraud'): active predictor 'b' is not defined"),
+    (BASE.replace('active = "a"', 'active = "a"\nshadows = ["a"]'), "is both active and shadow"),
+    (BASE + BASE.split("[[routes]]")[0], "predictors[1] (a): duplicate predictor name"),
+    (BASE.replace('calibration = "lightgbm/1"', 'calibration = "lightgbm/1"\ncombine = "mean_logit"')
+     .replace('models = ["lightgbm/1"]', 'models = ["lightgbm/1", "lightgbm-copy/1"]'),
+     "calibration lightgbm/1 was fitted for model lightgbm/1"),  # an ensemble needs its own calibration
+])
+def test_validation_names_the_entry(reg, text, message):
+    with pytest.raises(SpecError) as err:
+        DeploymentStore(reg).validate(spec(text), source="deploy.toml")
+    assert message in str(err.value)
+    assert str(err.value).startswith("deploy.toml: ")
+
+
+def test_schema_errors_name_the_path(reg):
+    with pytest.raises(SpecError, match=r"deploy.toml: .*at `\$.predictors\[0\].models`"):
+        spec(BASE.replace('models = ["lightgbm/1"]', "models = []"))
+    with pytest.raises(SpecError, match=r"Object contains unknown field `colour` - at `\$.routes\[0\]`"):
+        spec(BASE.replace('active = "a"', 'active = "a"\ncolour = "red"'))
+    with pytest.raises(SpecError, match="not valid TOML"):
+        spec("[[predictors]\n")
+
+
+def test_apply_publishes_generations_and_refuses_broken_ones(reg, tmp_path, capsys):
+    store = DeploymentStore(reg)
+    good = tmp_path / "good.toml"
+    good.write_text(BASE)
+    assert cli(["deploy", "apply", str(good), "--registry", str(reg.root)]) == 0
+    first = store.current_generation()
+    assert cli(["deploy", "apply", str(good), "--registry", str(reg.root)]) == 0
+    assert store.current_generation() == first + 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace('models = ["lightgbm/1"]', 'models = ["gone/1"]'))
+    capsys.readouterr()
+    assert cli(["deploy", "apply", str(bad), "--registry", str(reg.root)]) == 2
+    err = capsys.readouterr().err
+    assert f"muse deploy: error: {bad}: predictors[0] (a): model gone/1" in err
+    assert store.current_generation() == first + 1 and store.generations()[-1] == first + 1
+    assert cli(["deploy", "validate", str(good), "--registry", str(reg.root)]) == 0
+    assert cli(["deploy", "show", "--registry", str(reg.root)]) == 0
+    assert f"# generation {first + 1}" in capsys.readouterr().out
+
+
+def test_predictors_share_one_loaded_model_and_ensembles_combine(reg):
+    text = BASE + """
+[[predictors]]
+name = "b"
+version = "1"
+intent = "fraud"
+models = ["lightgbm/1"]
+
+[[predictors]]
+name = "ens"
+version = "1"
+intent = "fraud"
+models = ["lightgbm/1", "lightgbm-copy/1"]
+"""
+    snap = build_snapshot(spec(text), ModelPool(reg), generation=1)
+    a, b, ens = (snap.predictors[n] for n in ("a", "b", "ens"))
+    assert a.batchers[0] is b.batchers[0] is ens.batchers[0]
+    assert ens.batchers[1] is not ens.batchers[0]  # another NAME/VERSION is another copy
+    X = rows(50, seed=31)
+    model = a.batchers[0].model
+    expected = correct_margins(model.predict(X, margin=True), model.manifest.beta)
+    index = np.zeros(len(X), dtype=np.int64)  # the identity map: uncalibrated
+    np.testing.assert_allclose(b.score_now(X, index).mapped, expected, rtol=1e-12)
+    np.testing.assert_allclose(ens.score_now(X, index).mapped, expected, rtol=1e-12)
+    assert a.map_index("acme") != a.map_index("someone-else") == a.maps[None]
