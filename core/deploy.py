@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import pathlib
 
+import msgspec
+
 from .registry import Registry
 from .snapshot import ModelPool, build_snapshot
-from .spec import DeploymentSpec, SpecError, decode_spec, encode_spec
+from .spec import DEFAULT_TENANT, DeploymentSpec, RouteSpec, SpecError, decode_spec, encode_spec
 
 
 class DeploymentStore:
@@ -88,3 +90,53 @@ class DeploymentStore:
             return decode_spec(path.read_bytes(), str(path))
         except FileNotFoundError:
             raise SpecError(f"{path}: no such deployment file") from None
+
+    # -- promotion and rollback: new generations derived from the current one ----
+    def promote(self, predictor: str, tenants: list[str] | None = None) -> int:
+        """Make ``predictor`` active on every route of its intent (or only those of ``tenants``).
+
+        It leaves those routes' shadows; the predictor it replaces is dropped from
+        the routes but stays defined, so a rollback or a later promote can name it."""
+        generation, spec = self._current()
+        defined = {p.name: p for p in spec.predictors}
+        if predictor not in defined:
+            raise SpecError(f"generation {generation}: predictor {predictor!r} is not defined "
+                            f"(defined: {', '.join(sorted(defined))})")
+        intent = defined[predictor].intent
+        routes, changed = [], []
+        for r in spec.routes:
+            if r.intent == intent and (tenants is None or r.tenant in tenants) and r.active != predictor:
+                r = RouteSpec(r.tenant, r.intent, predictor, [s for s in r.shadows if s != predictor])
+                changed.append(r.tenant)
+            routes.append(r)
+        wanted = set(tenants or [])
+        missing = wanted - {r.tenant for r in spec.routes if r.intent == intent}
+        if missing:
+            raise SpecError(f"generation {generation}: no route of intent {intent!r} for tenant(s) "
+                            f"{', '.join(sorted(missing))}; routes are per tenant or {DEFAULT_TENANT!r}")
+        if not changed:
+            raise SpecError(f"generation {generation}: {predictor!r} is already active on those routes")
+        who = ", ".join(changed)
+        new = msgspec.structs.replace(spec, routes=routes,
+                                      description=f"promote {predictor} for {intent} ({who}) from generation {generation}")
+        return self.apply(new, source=f"promote {predictor}")
+
+    def rollback(self, to: int | None = None) -> int:
+        """Publish an earlier generation again (default: the one before the current)."""
+        generation, _ = self._current()
+        if to is None:
+            earlier = [g for g in self.generations() if g < generation]
+            if not earlier:
+                raise SpecError(f"generation {generation} is the first; there is nothing to roll back to")
+            to = earlier[-1]
+        if to == generation:
+            raise SpecError(f"generation {to} is already current")
+        spec = self.read(to)
+        new = msgspec.structs.replace(spec, description=f"rollback to generation {to} (from {generation})")
+        return self.apply(new, source=str(self.path(to)))
+
+    def _current(self) -> tuple[int, DeploymentSpec]:
+        generation = self.current_generation()
+        if generation is None:
+            raise SpecError(f"{self.current_path}: nothing is deployed yet; `muse deploy apply FILE` first")
+        return generation, self.read(generation)

@@ -71,6 +71,7 @@ class Snapshot:
     predictors: dict[str, Predictor]
     routes: dict[tuple[str, str], Route]
     table: MapTable
+    references: dict  # intent -> Reference, for intents whose reference the registry holds
 
     @property
     def intents(self) -> set[str]:
@@ -148,7 +149,13 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
         if r.active in r.shadows:
             raise SpecError(f"{where}: predictor {r.active!r} is both active and shadow")
         routes[(r.tenant, r.intent)] = Route(r.tenant, r.intent, chosen[0], tuple(chosen[1:]))
-    return Snapshot(generation, spec, predictors, routes, table)
+    references = {}
+    for intent in {p.intent for p in spec.predictors}:
+        try:
+            references[intent] = reg.load_reference(intent).reference
+        except (RegistryError, ReferenceError):
+            pass  # only calibrated predictors need one, and _load_maps has checked those
+    return Snapshot(generation, spec, predictors, routes, table, references)
 
 
 def _with_table(p: Predictor, table: MapTable) -> Predictor:

@@ -25,11 +25,13 @@ from muse.core.spec import DeploymentSpec, SpecError, decode_spec
 
 from . import openapi
 from .asgi import HTTPError, Request, encode, send, validation_error
+from .drift import monitor_edges
 from .auth import Authenticator, AuthError, Principal, keys_path
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import (
-    InferOutput, InferRequest, InferResponse, ModelMetadata, ScoreRequest, ScoreResponse, ServerMetadata, TensorMeta,
+    PromoteRequest, RollbackRequest, InferOutput, InferRequest, InferResponse, ModelMetadata, ScoreRequest, ScoreResponse, ServerMetadata, TensorMeta,
 )
+from .scorelog import ScoreLog
 from .serving import Serving
 
 log = logging.getLogger("muse.serve")
@@ -45,10 +47,11 @@ REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "n
 
 class MuseApp:
     def __init__(self, registry: str | pathlib.Path, auth: bool = True, max_body: int = DEFAULT_MAX_BODY,
-                 poll_interval: float = 0.25, shadow_queue: int = 1024):
+                 poll_interval: float = 0.25, shadow_queue: int = 1024, score_log: ScoreLog | None = None):
         self.registry = Registry(registry)
         self.metrics = Metrics()
-        self.serving = Serving(self.registry, self.metrics, poll_interval, shadow_queue)
+        self.score_log = score_log
+        self.serving = Serving(self.registry, self.metrics, poll_interval, shadow_queue, score_log=score_log)
         self.auth = Authenticator(keys_path(self.registry.root) if auth else None)
         self.max_body = max_body
         self._get = {
@@ -63,6 +66,8 @@ class MuseApp:
             "/v1/score": self.score,
             "/admin/deployment": self.apply_deployment,
             "/admin/deployment/validate": self.validate_deployment,
+            "/admin/promote": self.promote,
+            "/admin/rollback": self.rollback,
         }
 
     # -- ASGI ----------------------------------------------------------------------
@@ -186,8 +191,7 @@ class MuseApp:
             predictor_name = predictor.name
             X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
             scores = await self._score(predictor, X, tenant)
-            if route.shadows:
-                self.serving.shadow(route, X, tenant)
+            self._after_scoring(route, tenant, X, scores, snap.generation)
             ids = [e.id for e in r.events]
             body = encode(ScoreResponse(predictor.name, predictor.version, snap.generation, scores.mapped.tolist(),
                                         ids if any(i is not None for i in ids) else None))
@@ -203,6 +207,16 @@ class MuseApp:
             return await predictor.score(X, tenant)
         except Overloaded as exc:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
+
+    def _after_scoring(self, route, tenant: str, X, scores, generation: int) -> None:
+        """Off the response's path in cost: a ring write, a list append, a queue put."""
+        p = route.active
+        self.metrics.drift.observe(tenant, route.intent, p.name, scores.mapped)
+        if self.score_log is not None:
+            self.score_log.record(tenant, route.intent, p.name, p.version, "active", generation,
+                                  scores.margins, scores.corrected, scores.mapped)
+        if route.shadows:
+            self.serving.shadow(route, X, tenant, generation)
 
     # -- Open Inference Protocol -------------------------------------------------------
     async def infer(self, req: Request, intent: str, version: str | None):
@@ -233,8 +247,7 @@ class MuseApp:
             X = infer_matrix(r, binary, predictor.num_feature)
             binary_out = _wants_binary(r)
             scores = await self._score(predictor, X, tenant)
-            if route.shadows:
-                self.serving.shadow(route, X, tenant)
+            self._after_scoring(route, tenant, X, scores, snap.generation)
             params = {"predictor": predictor.name, "generation": snap.generation}
             if binary_out:
                 raw = scores.mapped.astype("<f8").tobytes()
@@ -266,6 +279,9 @@ class MuseApp:
         return 200, encode({"ready": True, "generation": snap.generation}), b"application/json", None
 
     async def render_metrics(self, req: Request):
+        snap = self.serving.snapshot
+        if snap is not None:
+            self.metrics.drift.update({intent: monitor_edges(ref) for intent, ref in snap.references.items()})
         return 200, self.metrics.render(), CONTENT_TYPE.encode(), None
 
     async def openapi(self, req: Request):
@@ -302,11 +318,37 @@ class MuseApp:
         self._admin(req)
         spec = await self._spec_from_body(req)
         generation = await self._in_loader(self.serving.store.apply, spec)
+        return await self._published(generation)
+
+    async def promote(self, req: Request):
+        """{"predictor": NAME, "tenants": [..]?}: publish a generation where NAME is active."""
+        self._admin(req)
+        body = self._admin_body(await req.body(), PromoteRequest)
+        generation = await self._in_loader(self.serving.store.promote, body.predictor, body.tenants)
+        return await self._published(generation)
+
+    async def rollback(self, req: Request):
+        """{"to": N}? : publish generation N again (default: the one before the current)."""
+        self._admin(req)
+        body = self._admin_body(await req.body() or b"{}", RollbackRequest)
+        generation = await self._in_loader(self.serving.store.rollback, body.to)
+        return await self._published(generation)
+
+    @staticmethod
+    def _admin_body(raw: bytes, kind):
+        try:
+            return msgspec.json.decode(raw, type=kind)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise validation_error(exc) from None
+
+    async def _published(self, generation: int):
         await self.serving.refresh()
         snap = self.serving.snapshot
         if snap is None or snap.generation != generation:
-            raise HTTPError(409, f"generation {generation} was published but a newer one is current")
-        return 200, encode({"generation": generation}), b"application/json", None
+            raise HTTPError(409, f"generation {generation} was published but is not the one serving; "
+                                 f"see {self.serving.last_error or 'a newer generation'}")
+        return 200, encode({"generation": generation, "description": snap.spec.description}), \
+            b"application/json", None
 
     async def _in_loader(self, fn, *args):
         try:
@@ -415,4 +457,8 @@ def create_app() -> MuseApp:
         max_body=int(os.environ.get("MUSE_MAX_BODY", DEFAULT_MAX_BODY)),
         poll_interval=float(os.environ.get("MUSE_POLL_INTERVAL", "0.25")),
         shadow_queue=int(os.environ.get("MUSE_SHADOW_QUEUE", "1024")),
+        score_log=ScoreLog(os.environ["MUSE_SCORE_LOG"], sample=float(os.environ.get("MUSE_SCORE_LOG_SAMPLE", "1")),
+                           max_bytes=int(os.environ.get("MUSE_SCORE_LOG_MAX_BYTES", 1 << 30)),
+                           flush_seconds=float(os.environ.get("MUSE_SCORE_LOG_FLUSH_SECONDS", "10")))
+        if os.environ.get("MUSE_SCORE_LOG") else None,
     )

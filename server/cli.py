@@ -69,11 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (CliError, ModelFormatError, ArtifactError, RegistryError, FileExistsError, ValueError, OSError) as exc:
         print(f"muse {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

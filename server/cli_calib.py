@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 
 import numpy as np
 import polars as pl
@@ -31,11 +32,21 @@ def register(sub) -> None:
     src.add_argument("--scores", help="Parquet/CSV file (or directory of Parquet) with corrected scores or raw margins")
     src.add_argument("--features", help="Parquet/CSV file of feature rows to score with the model")
     fit.add_argument("--column", default=None, help="score column (default: 'corrected', else 'margin')")
+    fit.add_argument("--predictor", help="only rows of this predictor (a score log holds every predictor's scores)")
     fit.add_argument("--by", default=None, help="also fit one map per value of this column (e.g. tenant)")
     fit.add_argument("--min-samples", type=int, default=1000)
     fit.add_argument("--name", help="calibration name (default: the model name)")
     fit.add_argument("--version", help="calibration version (default: next number)")
     fit.set_defaults(func=cmd_fit)
+
+    st = csub.add_parser("status", help="which live calibrations have drifted: alert rates from the score log vs target")
+    st.add_argument("--registry", required=True)
+    st.add_argument("--scores", help="score log directory (default: REGISTRY/scorelog)")
+    st.add_argument("--tolerance", type=float, default=0.25,
+                    help="drifted when |achieved - target| > tolerance * target at any edge (default 0.25)")
+    st.add_argument("--min-samples", type=int, default=500, help="series with fewer scores are not judged")
+    st.add_argument("--since-minutes", type=float, help="only records this recent")
+    st.set_defaults(func=cmd_status)
 
     rep = csub.add_parser("report", help="write a PNG: distributions before/after, target vs achieved alert rates")
     rep.add_argument("--registry", required=True)
@@ -60,6 +71,17 @@ def corrected_scores(frame: pl.DataFrame, column: str | None, beta: float, margi
     return correct_margins(values, beta) if margin_kind == "logit" else correct_probabilities(values, beta)
 
 
+def only_predictor(frame: pl.DataFrame, predictor: str, source: str) -> pl.DataFrame:
+    if "predictor" not in frame.columns:
+        raise ValueError(f"{source}: no 'predictor' column to select {predictor!r} by; is it a score log?")
+    rows = frame.filter(pl.col("predictor") == predictor)
+    if rows.height == 0:
+        present = sorted(frame["predictor"].unique().to_list())
+        raise ValueError(f"{source}: no scores of predictor {predictor!r} (present: {', '.join(present) or 'none'}); "
+                         "is it deployed as a shadow, and has the server flushed its log?")
+    return rows
+
+
 def feature_matrix(frame: pl.DataFrame, feature_names: list[str], source: str) -> np.ndarray:
     missing = [f for f in feature_names if f not in frame.columns]
     if missing:
@@ -74,6 +96,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     ref = reg.load_reference(args.reference)
     if args.scores:
         frame = read_table(args.scores)
+        if args.predictor:
+            frame = only_predictor(frame, args.predictor, args.scores)
         scores = corrected_scores(frame, args.column, m.beta, m.margin_kind)
     else:
         frame = read_table(args.features)
@@ -167,3 +191,32 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(header)
     for j, (edge, target) in enumerate(zip(edges, targets)):
         print(f"  {edge:<8.4g} {target:<8.4f} " + "  ".join(f"{alert_rates(p[3], [edge])[0]:>28.4f}" for p in panels))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit status 1 when any judged series has drifted, so schedulers can alert on it."""
+    reg = Registry(args.registry)
+    source = args.scores or str(reg.root / "scorelog")
+    frame = read_table(source)
+    if args.since_minutes is not None and "time" in frame.columns:
+        cutoff = frame["time"].max() - datetime.timedelta(minutes=args.since_minutes)
+        frame = frame.filter(pl.col("time") >= cutoff)
+    drifted = 0
+    for intent in sorted(frame["intent"].unique().to_list()):
+        edges = reg.load_reference(intent).reference.edge_rates()
+        rates = (frame.filter(pl.col("intent") == intent)
+                 .group_by(["predictor", "role", "tenant"])
+                 .agg(pl.len().alias("n"), *[(pl.col("mapped") >= e).mean().alias(f"e{i}") for i, (e, _) in enumerate(edges)])
+                 .sort(["predictor", "role", "tenant"]))
+        print(f"intent {intent}: alert rate at each edge [target]; drifted beyond {args.tolerance:.0%} of target")
+        print(f"  {'predictor':<14} {'role':<7} {'tenant':<14} {'scores':>8}  " +
+              " ".join(f"{'>= ' + format(e, 'g'):>15}" for e, _ in edges) + "  status")
+        for row in rates.iter_rows(named=True):
+            achieved = [row[f"e{i}"] for i in range(len(edges))]
+            off = [abs(a - t) > args.tolerance * t for a, (_, t) in zip(achieved, edges)]
+            status = "too few" if row["n"] < args.min_samples else "DRIFTED" if any(off) else "ok"
+            drifted += status == "DRIFTED"
+            print(f"  {row['predictor']:<14} {row['role']:<7} {row['tenant']:<14} {row['n']:>8}  " +
+                  " ".join(f"{a:>7.3f} [{t:.3f}]" for a, (_, t) in zip(achieved, edges)) + f"  {status}")
+    print(f"{drifted} drifted series" if drifted else "no drift beyond tolerance")
+    return 1 if drifted else 0

@@ -130,8 +130,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         metrics = client.metrics()
         batches = metrics.get('muse_batch_rows_count{model="fraud/1"}', 0)
         batched = metrics.get('muse_batch_rows_sum{model="fraud/1"}', 0)
-        print(f"the server made {batches:,.0f} native calls for {batched:,.0f} rows: "
-              "requests of several tenants and both intents coalesced")
+        requests = sum(v for k, v in metrics.items() if k.startswith("muse_requests_total{"))
+        print(f"the server answered {requests:,.0f} requests with {batches:,.0f} native calls "
+              f"({batched / max(batches, 1):.0f} rows per call): concurrent requests of every tenant and both "
+              "intents share calls of the one loaded model")
     finally:
         server.terminate()
         server.wait(15)
@@ -170,7 +172,7 @@ tenant = "*"
 intent = "review"
 active = "review-v1"
 """
-BATCH = 256
+BATCH = 64
 CONCURRENCY = 8
 
 

@@ -30,6 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
               "`muse deploy apply` publishes a deployment", file=sys.stderr)
     os.environ.update(MUSE_REGISTRY=str(registry), MUSE_AUTH="off" if args.no_auth else "on",
                       MUSE_MAX_BODY=str(args.max_body_bytes))
+    if args.score_log_sample > 0:
+        score_log = pathlib.Path(args.score_log or registry / "scorelog").resolve()
+        os.environ.update(MUSE_SCORE_LOG=str(score_log), MUSE_SCORE_LOG_SAMPLE=str(args.score_log_sample),
+                          MUSE_SCORE_LOG_MAX_BYTES=str(args.score_log_max_mb << 20))
     metrics_dir = None
     if args.workers > 1:  # every worker writes its metrics here; /metrics merges them
         metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")
@@ -67,6 +71,18 @@ def cmd_deploy(args: argparse.Namespace) -> None:
               "running servers switch within a second")
 
 
+def cmd_promote(args: argparse.Namespace) -> None:
+    store = DeploymentStore(Registry(args.registry))
+    generation = store.promote(args.predictor, args.tenant)
+    print(f"published generation {generation}: {store.read(generation).description}")
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    store = DeploymentStore(Registry(args.registry))
+    generation = store.rollback(args.to)
+    print(f"published generation {generation}: {store.read(generation).description}")
+
+
 def cmd_keys(args: argparse.Namespace) -> None:
     from .auth import add_key, keys_path, read_keys, revoke_key
 
@@ -96,7 +112,22 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger requests get 413")
     p.add_argument("--backlog", type=int, default=2048)
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--score-log", help="score log directory (default: REGISTRY/scorelog)")
+    p.add_argument("--score-log-sample", type=float, default=1.0,
+                   help="fraction of requests whose scores are logged (0 turns the log off)")
+    p.add_argument("--score-log-max-mb", type=int, default=1024, help="oldest files are deleted beyond this")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("promote", help="publish a generation in which PREDICTOR is active on its intent's routes")
+    p.add_argument("predictor")
+    p.add_argument("--registry", required=True)
+    p.add_argument("--tenant", action="append", help="only this tenant's route (repeatable; '*' = the default route)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="publish an earlier generation again")
+    p.add_argument("--registry", required=True)
+    p.add_argument("--to", type=int, help="generation to restore (default: the one before the current)")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("deploy", help="validate, publish or show deployments")
     p.add_argument("action", choices=["validate", "apply", "show"])

@@ -11,6 +11,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+from .drift import DriftMonitor
+
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536)
 MAX_TENANT_LABELS = 1000  # client-chosen tenant names must not grow the series without bound
@@ -45,6 +47,7 @@ class Metrics:
         self.deploy_failures = Counter("muse_deployment_failures", "Deployments refused while loading.", registry=r)
         self._children: dict[tuple, tuple] = {}
         self._tenants: set[str] = set()
+        self.drift = DriftMonitor(r, self.tenant_label, gauge_kwargs=gauge_mode)
 
     def tenant_label(self, tenant: str) -> str:
         if tenant in self._tenants:

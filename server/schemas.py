@@ -27,6 +27,15 @@ class ScoreResponse(msgspec.Struct, omit_defaults=True):
     ids: Union[list[Union[str, int, None]], None] = None
 
 
+class PromoteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    predictor: str
+    tenants: Union[list[str], None] = None  # default: every route of the predictor's intent
+
+
+class RollbackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    to: Union[int, None] = None  # default: the generation before the current one
+
+
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     error: str
     field: Union[str, None] = None

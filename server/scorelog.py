@@ -1,8 +1,9 @@
 """The score log: sampled (time, tenant, intent, predictor, version, role,
 generation, margin, corrected, mapped) records in rotating Parquet files.
 
-Records collect in memory as column arrays and go to disk, through Polars,
-when a file's worth has gathered, every ``flush_seconds``, and at shutdown.
+Requests are sampled (``sample``: the fraction of requests logged, every row
+of each); records collect in memory and go to disk, through Polars, when a
+file's worth has gathered, every ``flush_seconds``, and at shutdown.
 Each file is written under a temporary name and renamed, so a reader never
 sees half a file.  Disk use is bounded: past ``max_bytes`` the oldest files
 are deleted.  `muse calib fit --scores DIR --predictor NAME` fits maps from it.
@@ -38,7 +39,7 @@ class ScoreLog:
         self.rows_per_file = rows_per_file
         self.flush_seconds = flush_seconds
         self.max_bytes = max_bytes
-        self._parts: list[dict] = []
+        self._pending: list[tuple] = []
         self._rows = 0
         self._seq = 0
         self._last_flush = time.monotonic()
@@ -48,44 +49,43 @@ class ScoreLog:
 
     def record(self, tenants, intent: str, predictor: str, version: str, role: str, generation: int,
                margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
-        """Log a batch; ``tenants`` is one name for all rows or one per row.  Thread-safe."""
-        n = len(margins)
-        if self.sample < 1.0:
-            keep = np.flatnonzero(np.random.default_rng(self._rng.getrandbits(64)).random(n) < self.sample)
-            if keep.size == 0:
-                return
-            margins, corrected, mapped = margins[keep], corrected[keep], mapped[keep]
-            if not isinstance(tenants, str):
-                tenants = [tenants[i] for i in keep]
-            n = keep.size
-        now = int(time.time() * 1e6)
-        part = {
-            "time": np.full(n, now, dtype="datetime64[us]"), "tenant": [tenants] * n if isinstance(tenants, str)
-            else list(tenants), "intent": [intent] * n, "predictor": [predictor] * n, "version": [version] * n,
-            "role": [role] * n, "generation": np.full(n, generation, dtype=np.int64),
-            "margin": np.asarray(margins, dtype=np.float64), "corrected": np.asarray(corrected, dtype=np.float64),
-            "mapped": np.asarray(mapped, dtype=np.float64),
-        }
-        with self._lock:
-            self._parts.append(part)
-            self._rows += n
-            due = self._rows >= self.rows_per_file
-        if due:
-            self.flush()
+        """Queue one request's scores (sampled per request); ``tenants`` is a name or one per row.
 
-    def maybe_flush(self) -> None:
-        if self._rows and time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+        Cheap on purpose -- one append under a lock -- as it runs on the request path;
+        the columns are built when the file is written."""
+        if self.sample < 1.0 and self._rng.random() >= self.sample:
+            return
+        with self._lock:
+            self._pending.append((time.time(), tenants, intent, predictor, version, role, generation,
+                                  margins, corrected, mapped))
+            self._rows += len(margins)
+
+    @property
+    def due(self) -> bool:
+        return self._rows >= self.rows_per_file or (
+            self._rows > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
 
     def flush(self) -> pathlib.Path | None:
+        """Write everything queued as one Parquet file; safe to call from any thread."""
         with self._lock:
-            parts, self._parts, self._rows = self._parts, [], 0
+            pending, self._pending, self._rows = self._pending, [], 0
             self._last_flush = time.monotonic()
             self._seq += 1
             seq = self._seq
-        if not parts:
+        if not pending:
             return None
-        frame = pl.concat([pl.DataFrame({k: part[k] for k in SCHEMA}).cast(SCHEMA) for part in parts])
+        sizes = [len(p[7]) for p in pending]
+        def repeat(i):
+            return [v for p, n in zip(pending, sizes) for v in [p[i]] * n]
+        tenants = [t for p, n in zip(pending, sizes) for t in ([p[1]] * n if isinstance(p[1], str) else p[1])]
+        frame = pl.DataFrame({
+            "time": (np.repeat([p[0] for p in pending], sizes) * 1e6).astype("datetime64[us]"),
+            "tenant": tenants, "intent": repeat(2), "predictor": repeat(3), "version": repeat(4), "role": repeat(5),
+            "generation": np.repeat([p[6] for p in pending], sizes).astype(np.int64),
+            "margin": np.concatenate([p[7] for p in pending]).astype(np.float64),
+            "corrected": np.concatenate([p[8] for p in pending]).astype(np.float64),
+            "mapped": np.concatenate([p[9] for p in pending]).astype(np.float64),
+        }).cast(SCHEMA)
         name = f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{seq:06d}.parquet"
         tmp = self.dir / f".{name}.tmp"
         frame.write_parquet(tmp)

@@ -23,13 +23,14 @@ from muse.core.snapshot import ModelPool, Route, Snapshot, build_snapshot
 from muse.core.spec import SpecError
 
 from .metrics import Metrics
+from .scorelog import ScoreLog
 
 log = logging.getLogger("muse.serve")
 
 
 class Serving:
     def __init__(self, registry: Registry, metrics: Metrics, poll_interval: float = 0.25,
-                 shadow_queue: int = 1024, model_threads: int = 2):
+                 shadow_queue: int = 1024, model_threads: int = 2, score_log: ScoreLog | None = None):
         self.registry = registry
         self.store = DeploymentStore(registry)
         self.metrics = metrics
@@ -42,7 +43,7 @@ class Serving:
         self._shadows: asyncio.Queue | None = None
         self._shadow_capacity = shadow_queue
         self._tasks: list[asyncio.Task] = []
-        self.on_shadow_scores = None  # hook (intent, tenant, predictor, Scores): the score log
+        self.score_log = score_log
 
     @property
     def ready(self) -> bool:
@@ -59,8 +60,10 @@ class Serving:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._loader.shutdown(wait=False)
+        self._loader.shutdown(wait=True)  # finishes shadow work already taken
         self.pool.executor.shutdown(wait=False)
+        if self.score_log is not None:
+            self.score_log.flush()  # nothing logged is lost on a clean shutdown
 
     async def refresh(self) -> bool:
         """Swap to the generation `current` names if it differs; False if there is nothing new."""
@@ -104,19 +107,22 @@ class Serving:
         return False
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self.refresh()
-            except Exception:  # the watcher must outlive any one bad deployment
+                if self.score_log is not None and self.score_log.due:
+                    await loop.run_in_executor(self._loader, self.score_log.flush)
+            except Exception:  # the watcher must outlive any one bad deployment or full disk
                 log.exception("deployment watcher")
 
     # -- shadows ---------------------------------------------------------------
-    def shadow(self, route: Route, X: np.ndarray, tenant: str) -> None:
+    def shadow(self, route: Route, X: np.ndarray, tenant: str, generation: int) -> None:
         """Queue a copy of live rows for the route's shadows; drop (and count) when full."""
         for predictor in route.shadows:
             try:
-                self._shadows.put_nowait((route.intent, tenant, predictor, X))
+                self._shadows.put_nowait((tenant, predictor, X, generation))
             except asyncio.QueueFull:
                 self.metrics.shadow_dropped.labels(route.intent).inc()
 
@@ -133,12 +139,20 @@ class Serving:
 
     def _score_shadows(self, work: list) -> None:
         groups: dict[int, tuple[Predictor, list]] = {}
-        for intent, tenant, predictor, X in work:
-            groups.setdefault(id(predictor), (predictor, []))[1].append((intent, tenant, X))
+        for tenant, predictor, X, generation in work:
+            groups.setdefault(id(predictor), (predictor, []))[1].append((tenant, X, generation))
         for predictor, items in groups.values():
-            X = np.concatenate([x for _, _, x in items])
-            index = np.repeat([predictor.map_index(t) for _, t, _ in items], [len(x) for _, _, x in items])
+            X = np.concatenate([x for _, x, _ in items])
+            sizes = [len(x) for _, x, _ in items]
+            index = np.repeat([predictor.map_index(t) for t, _, _ in items], sizes)
             scores = predictor.score_now(X, index)
             self.metrics.shadow_events.labels(predictor.intent, predictor.name).inc(len(X))
-            if self.on_shadow_scores is not None:
-                self.on_shadow_scores(items, predictor, scores)
+            start = 0
+            for (tenant, _, generation), n in zip(items, sizes):
+                part = slice(start, start + n)
+                start += n
+                self.metrics.drift.observe(tenant, predictor.intent, predictor.name, scores.mapped[part])
+                if self.score_log is not None:
+                    self.score_log.record(tenant, predictor.intent, predictor.name, predictor.version, "shadow",
+                                          generation, scores.margins[part], scores.corrected[part],
+                                          scores.mapped[part])
