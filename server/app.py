@@ -47,7 +47,7 @@ REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "n
 
 class MuseApp:
     def __init__(self, registry: str | pathlib.Path, auth: bool = True, max_body: int = DEFAULT_MAX_BODY,
-                 poll_interval: float = 0.25, shadow_queue: int = 1024, score_log: ScoreLog | None = None):
+                 poll_interval: float = 0.25, shadow_queue: int = 8192, score_log: ScoreLog | None = None):
         self.registry = Registry(registry)
         self.metrics = Metrics()
         self.score_log = score_log
@@ -456,7 +456,7 @@ def create_app() -> MuseApp:
         auth=os.environ.get("MUSE_AUTH", "on") != "off",
         max_body=int(os.environ.get("MUSE_MAX_BODY", DEFAULT_MAX_BODY)),
         poll_interval=float(os.environ.get("MUSE_POLL_INTERVAL", "0.25")),
-        shadow_queue=int(os.environ.get("MUSE_SHADOW_QUEUE", "1024")),
+        shadow_queue=int(os.environ.get("MUSE_SHADOW_QUEUE", "8192")),
         score_log=ScoreLog(os.environ["MUSE_SCORE_LOG"], sample=float(os.environ.get("MUSE_SCORE_LOG_SAMPLE", "1")),
                            max_bytes=int(os.environ.get("MUSE_SCORE_LOG_MAX_BYTES", 1 << 30)),
                            flush_seconds=float(os.environ.get("MUSE_SCORE_LOG_FLUSH_SECONDS", "10")))

@@ -46,6 +46,8 @@ def register(sub) -> None:
                     help="drifted when |achieved - target| > tolerance * target at any edge (default 0.25)")
     st.add_argument("--min-samples", type=int, default=500, help="series with fewer scores are not judged")
     st.add_argument("--since-minutes", type=float, help="only records this recent")
+    st.add_argument("--all-generations", action="store_true",
+                    help="judge every logged generation (default: only the latest, i.e. what is live)")
     st.set_defaults(func=cmd_status)
 
     rep = csub.add_parser("report", help="write a PNG: distributions before/after, target vs achieved alert rates")
@@ -201,6 +203,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.since_minutes is not None and "time" in frame.columns:
         cutoff = frame["time"].max() - datetime.timedelta(minutes=args.since_minutes)
         frame = frame.filter(pl.col("time") >= cutoff)
+    if not args.all_generations:
+        frame = frame.filter(pl.col("generation") == frame["generation"].max())
+        print(f"generation {frame['generation'].max()} (the latest in the log; --all-generations for history)")
     drifted = 0
     for intent in sorted(frame["intent"].unique().to_list()):
         edges = reg.load_reference(intent).reference.edge_rates()

@@ -30,7 +30,7 @@ log = logging.getLogger("muse.serve")
 
 class Serving:
     def __init__(self, registry: Registry, metrics: Metrics, poll_interval: float = 0.25,
-                 shadow_queue: int = 1024, model_threads: int = 2, score_log: ScoreLog | None = None):
+                 shadow_queue: int = 8192, model_threads: int = 2, score_log: ScoreLog | None = None):
         self.registry = registry
         self.store = DeploymentStore(registry)
         self.metrics = metrics
