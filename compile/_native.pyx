@@ -99,6 +99,8 @@ cdef class NativeLibrary:
         else:
             with nogil:
                 rc = self._f32(<const float*>x_p, nrow, ncol, m, out_p)
+        if rc == -2:
+            raise MemoryError(f"{self.path}: no memory for a block of {nrow} rows")
         if rc != 0:
             raise RuntimeError(f"{self.path}: native predict failed with code {rc}")
         return out

@@ -13,10 +13,13 @@
  *                      drops such values from a row (kZeroThreshold)
  *   MUSE_FLOAT32_INPUTS defined where the library rounds inputs to float32
  *                      before comparing with its thresholds (XGBoost, sklearn trees)
+ *   MUSE_BLOCKED       defined when the trees are split into units: evaluate
+ *                      them unit by unit over blocks of MUSE_BLOCK_ROWS rows
  *
  * No globals are written, so concurrent calls from many threads are safe. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "header.h"
 
@@ -40,6 +43,66 @@ static inline void muse_fill(struct Entry* row, double v, int64_t j) {
   }
 }
 
+#ifdef MUSE_BLOCKED
+/* TL2cgen's predict() split in three (see codegen._add_block_entry). */
+void muse_prepare(struct Entry* data);
+void muse_finish(int pred_margin, MUSE_RESULT_TYPE* result);
+extern void (*const muse_units[])(struct Entry*, MUSE_RESULT_TYPE*);
+extern const int muse_num_units;
+
+/* Unit u runs over a whole block of rows before unit u+1, so its code is
+ * fetched once per block instead of once per row.  Per row, the additions
+ * happen in the same order as in predict(): results are bit-identical.
+ * Blocks live on the heap: MUSE_BLOCK_ROWS rows of a wide model would not fit
+ * a small thread stack. */
+#define MUSE_DEFINE_PREDICT(NAME, TYPE)                                        \
+  int32_t NAME(const TYPE* X, int64_t nrow, int64_t ncol, int32_t margin,     \
+               double* out) {                                                 \
+    struct Entry one_row[MUSE_NUM_FEATURE];                                    \
+    MUSE_RESULT_TYPE one_result[MUSE_OUTPUT_WIDTH];                           \
+    struct Entry* rows = one_row;                                             \
+    MUSE_RESULT_TYPE* result = one_result;                                    \
+    int64_t block = nrow < MUSE_BLOCK_ROWS ? nrow : MUSE_BLOCK_ROWS;          \
+    if (ncol != MUSE_NUM_FEATURE) return -1;                                  \
+    if (block > 1) {                                                          \
+      rows = malloc((size_t)block * MUSE_NUM_FEATURE * sizeof(struct Entry)); \
+      result = malloc((size_t)block * MUSE_OUTPUT_WIDTH * sizeof(MUSE_RESULT_TYPE)); \
+      if (!rows || !result) {                                                 \
+        free(rows);                                                           \
+        free(result);                                                         \
+        return -2;                                                            \
+      }                                                                       \
+    }                                                                         \
+    for (int64_t i0 = 0; i0 < nrow; i0 += block) {                            \
+      int64_t n = nrow - i0 < block ? nrow - i0 : block;                      \
+      for (int64_t r = 0; r < n; ++r) {                                       \
+        const TYPE* x = X + (i0 + r) * ncol;                                  \
+        struct Entry* row = rows + r * MUSE_NUM_FEATURE;                      \
+        for (int64_t j = 0; j < MUSE_NUM_FEATURE; ++j) {                      \
+          muse_fill(row, (double)x[j], j);                                    \
+        }                                                                     \
+        muse_prepare(row);                                                    \
+        memset(result + r * MUSE_OUTPUT_WIDTH, 0,                             \
+               MUSE_OUTPUT_WIDTH * sizeof(MUSE_RESULT_TYPE));                 \
+      }                                                                       \
+      for (int u = 0; u < muse_num_units; ++u) {                              \
+        void (*unit)(struct Entry*, MUSE_RESULT_TYPE*) = muse_units[u];       \
+        for (int64_t r = 0; r < n; ++r) {                                     \
+          unit(rows + r * MUSE_NUM_FEATURE, result + r * MUSE_OUTPUT_WIDTH);  \
+        }                                                                     \
+      }                                                                       \
+      for (int64_t r = 0; r < n; ++r) {                                       \
+        muse_finish(margin, result + r * MUSE_OUTPUT_WIDTH);                  \
+        out[i0 + r] = result[r * MUSE_OUTPUT_WIDTH + MUSE_OUTPUT_INDEX];      \
+      }                                                                       \
+    }                                                                         \
+    if (block > 1) {                                                          \
+      free(rows);                                                             \
+      free(result);                                                           \
+    }                                                                         \
+    return 0;                                                                 \
+  }
+#else
 #define MUSE_DEFINE_PREDICT(NAME, TYPE)                                        \
   int32_t NAME(const TYPE* X, int64_t nrow, int64_t ncol, int32_t margin,     \
                double* out) {                                                 \
@@ -57,6 +120,7 @@ static inline void muse_fill(struct Entry* row, double v, int64_t j) {
     }                                                                         \
     return 0;                                                                 \
   }
+#endif
 
 MUSE_DEFINE_PREDICT(muse_predict_f64, double)
 MUSE_DEFINE_PREDICT(muse_predict_f32, float)

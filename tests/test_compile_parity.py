@@ -86,6 +86,16 @@ def test_manifest_describes_model(case):
     assert m.margin_kind == ("probability" if case.kind == "sklearn-rf" else "logit")
     assert m.library_file.startswith(f"lib{case.kind}-{m.version}-")
     assert (case.artifact / m.library_file).is_file()
+    assert "-DMUSE_BLOCKED" in m.compiler_flags  # the tree-blocked entry point is what these tests check
+
+
+def test_scores_do_not_depend_on_batch_composition(case):
+    """Tree blocking changes the order of work, not of each row's additions: bitwise equal."""
+    X, _ = training_data(rows=150, seed=8, nan=nan_allowed(case))
+    whole = case.model.predict(X, margin=True)
+    one_by_one = np.concatenate([case.model.predict(X[i:i + 1], margin=True) for i in range(len(X))])
+    odd_blocks = np.concatenate([case.model.predict(X[i:i + 37], margin=True) for i in range(0, len(X), 37)])
+    assert whole.tobytes() == one_by_one.tobytes() == odd_blocks.tobytes()
 
 
 def test_concurrent_scoring_matches_serial(lgb_case):
