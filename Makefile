@@ -24,6 +24,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m muse.bench.kernel
+	$(BIN)/python -m muse.bench.calib_kernels
+	$(BIN)/python -m muse.bench.http
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out compile/_native.c compile/*.so

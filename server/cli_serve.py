@@ -34,6 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         score_log = pathlib.Path(args.score_log or registry / "scorelog").resolve()
         os.environ.update(MUSE_SCORE_LOG=str(score_log), MUSE_SCORE_LOG_SAMPLE=str(args.score_log_sample),
                           MUSE_SCORE_LOG_MAX_BYTES=str(args.score_log_max_mb << 20))
+    # Polars (the score log) would start a thread per core in every worker and compete with the
+    # request path for the CPU; one background thread per worker is plenty.
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
     metrics_dir = None
     if args.workers > 1:  # every worker writes its metrics here; /metrics merges them
         metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")

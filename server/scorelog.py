@@ -2,8 +2,9 @@
 generation, margin, corrected, mapped) records in rotating Parquet files.
 
 Requests are sampled (``sample``: the fraction of requests logged, every row
-of each); records collect in memory and go to disk, through Polars, when a
-file's worth has gathered, every ``flush_seconds``, and at shutdown.
+of each); records collect in preallocated columns and go to disk, through
+Polars, when a file's worth (``rows_per_file``) has gathered, every
+``flush_seconds``, and at shutdown.
 Each file is written under a temporary name and renamed, so a reader never
 sees half a file.  Disk use is bounded: past ``max_bytes`` the oldest files
 are deleted.  `muse calib fit --scores DIR --predictor NAME` fits maps from it.
@@ -28,6 +29,40 @@ SCHEMA = {
     "version": pl.Utf8, "role": pl.Utf8, "generation": pl.Int64, "margin": pl.Float64, "corrected": pl.Float64,
     "mapped": pl.Float64,
 }
+LABELS = ("tenant", "intent", "predictor", "version", "role")
+
+
+class _Buffer:
+    """Preallocated columns; strings are stored as codes into a small table of label tuples.
+
+    Writing a request is a few slice assignments, and turning a full buffer into a
+    frame is a handful of vectorised calls whatever the number of requests: an
+    earlier design that built the frame from per-request tuples held the GIL for
+    ~100 ms per flush at 3,000 req/s, which showed as p99.9 stalls."""
+
+    def __init__(self, capacity: int):
+        self.time = np.empty(capacity, dtype=np.int64)
+        self.label = np.empty(capacity, dtype=np.int32)
+        self.generation = np.empty(capacity, dtype=np.int64)
+        self.margin = np.empty(capacity)
+        self.corrected = np.empty(capacity)
+        self.mapped = np.empty(capacity)
+        self.rows = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.time.size
+
+    def frame(self, labels: list[tuple]) -> pl.DataFrame:
+        n = self.rows
+        codes = pl.Series(self.label[:n])
+        table = {name: pl.Series([t[i] for t in labels], dtype=pl.Utf8) for i, name in enumerate(LABELS)}
+        return pl.DataFrame({
+            "time": pl.Series(self.time[:n]).cast(pl.Datetime("us", "UTC")),
+            **{name: values.gather(codes) for name, values in table.items()},
+            "generation": self.generation[:n], "margin": self.margin[:n],
+            "corrected": self.corrected[:n], "mapped": self.mapped[:n],
+        }).cast(SCHEMA)
 
 
 class ScoreLog:
@@ -39,60 +74,84 @@ class ScoreLog:
         self.rows_per_file = rows_per_file
         self.flush_seconds = flush_seconds
         self.max_bytes = max_bytes
-        self._pending: list[tuple] = []
-        self._rows = 0
+        self._buffer = _Buffer(rows_per_file)
+        self._full: list[_Buffer] = []  # filled buffers waiting for the writer
+        self._labels: list[tuple] = []
+        self._codes: dict[tuple, int] = {}
         self._seq = 0
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._rng = random.Random()
         self.written_rows = 0
 
-    def record(self, tenants, intent: str, predictor: str, version: str, role: str, generation: int,
+    def record(self, tenant: str, intent: str, predictor: str, version: str, role: str, generation: int,
                margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
-        """Queue one request's scores (sampled per request); ``tenants`` is a name or one per row.
-
-        Cheap on purpose -- one append under a lock -- as it runs on the request path;
-        the columns are built when the file is written."""
+        """Log one request's scores (sampled per request) for one tenant.  Thread-safe, a few us."""
         if self.sample < 1.0 and self._rng.random() >= self.sample:
             return
+        key = (tenant, intent, predictor, version, role)
+        now = int(time.time() * 1e6)
         with self._lock:
-            self._pending.append((time.time(), tenants, intent, predictor, version, role, generation,
-                                  margins, corrected, mapped))
-            self._rows += len(margins)
+            code = self._codes.get(key)
+            if code is None:
+                code = self._codes[key] = len(self._labels)
+                self._labels.append(key)
+            start = 0
+            while start < len(margins):
+                b = self._buffer
+                take = min(len(margins) - start, b.capacity - b.rows)
+                if take == 1:  # batch-1 requests: scalar stores cost a fifth of slice stores
+                    i = b.rows
+                    b.time[i], b.label[i], b.generation[i] = now, code, generation
+                    b.margin[i], b.corrected[i], b.mapped[i] = margins[start], corrected[start], mapped[start]
+                    b.rows += 1
+                    start += 1
+                    if b.rows == b.capacity:
+                        self._full.append(b)
+                        self._buffer = _Buffer(self.rows_per_file)
+                    continue
+                rows = slice(b.rows, b.rows + take)
+                part = slice(start, start + take)
+                b.time[rows] = now
+                b.label[rows] = code
+                b.generation[rows] = generation
+                b.margin[rows] = margins[part]
+                b.corrected[rows] = corrected[part]
+                b.mapped[rows] = mapped[part]
+                b.rows += take
+                start += take
+                if b.rows == b.capacity:
+                    self._full.append(b)
+                    self._buffer = _Buffer(self.rows_per_file)
 
     @property
     def due(self) -> bool:
-        return self._rows >= self.rows_per_file or (
-            self._rows > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
+        return bool(self._full) or (
+            self._buffer.rows > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
 
-    def flush(self) -> pathlib.Path | None:
-        """Write everything queued as one Parquet file; safe to call from any thread."""
+    def flush(self) -> list[pathlib.Path]:
+        """Write every filled buffer and the current one, one Parquet file each; any thread."""
         with self._lock:
-            pending, self._pending, self._rows = self._pending, [], 0
+            buffers = self._full + ([self._buffer] if self._buffer.rows else [])
+            self._full = []
+            if self._buffer.rows:
+                self._buffer = _Buffer(self.rows_per_file)
             self._last_flush = time.monotonic()
-            self._seq += 1
-            seq = self._seq
-        if not pending:
-            return None
-        sizes = [len(p[7]) for p in pending]
-        def repeat(i):
-            return [v for p, n in zip(pending, sizes) for v in [p[i]] * n]
-        tenants = [t for p, n in zip(pending, sizes) for t in ([p[1]] * n if isinstance(p[1], str) else p[1])]
-        frame = pl.DataFrame({
-            "time": (np.repeat([p[0] for p in pending], sizes) * 1e6).astype("datetime64[us]"),
-            "tenant": tenants, "intent": repeat(2), "predictor": repeat(3), "version": repeat(4), "role": repeat(5),
-            "generation": np.repeat([p[6] for p in pending], sizes).astype(np.int64),
-            "margin": np.concatenate([p[7] for p in pending]).astype(np.float64),
-            "corrected": np.concatenate([p[8] for p in pending]).astype(np.float64),
-            "mapped": np.concatenate([p[9] for p in pending]).astype(np.float64),
-        }).cast(SCHEMA)
-        name = f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{seq:06d}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        frame.write_parquet(tmp)
-        os.replace(tmp, self.dir / name)
-        self.written_rows += frame.height
-        self._enforce_budget()
-        return self.dir / name
+            labels = list(self._labels)
+        written = []
+        with self._write_lock:  # file names and the disk budget: one writer at a time
+            for b in buffers:
+                self._seq += 1
+                name = f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{self._seq:06d}.parquet"
+                tmp = self.dir / f".{name}.tmp"
+                b.frame(labels).write_parquet(tmp)
+                os.replace(tmp, self.dir / name)
+                self.written_rows += b.rows
+                written.append(self.dir / name)
+            if written:
+                self._enforce_budget()
+        return written
 
     def _enforce_budget(self) -> None:
         files = sorted(self.dir.glob("scores-*.parquet"))

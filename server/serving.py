@@ -37,6 +37,8 @@ class Serving:
         self.poll_interval = poll_interval
         self.pool = ModelPool(registry, ThreadPoolExecutor(model_threads, thread_name_prefix="muse-model"))
         self.pool.on_batch = metrics.observe_batch
+        # One thread for background work: loading generations, shadows, score log writes.
+        # (Running it niced was measured no better: it can be descheduled holding the GIL.)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="muse-loader")
         self.snapshot: Snapshot | None = None
         self.last_error: str | None = None
