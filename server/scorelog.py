@@ -157,9 +157,12 @@ class ScoreLog:
         files = sorted(self.dir.glob("scores-*.parquet"))
         sizes = [f.stat().st_size for f in files]
         total = sum(sizes)
-        for f, size in zip(files, sizes):
+        for f, size in zip(files[:-1], sizes):  # the newest file always stays
             if total <= self.max_bytes:
                 break
-            f.unlink(missing_ok=True)  # another worker may have removed it first
+            try:
+                f.unlink()
+            except FileNotFoundError:  # another worker removed it first
+                pass
             total -= size
             log.warning("score log over %d bytes: removed %s", self.max_bytes, f.name)
