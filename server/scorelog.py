@@ -154,8 +154,13 @@ class ScoreLog:
         return written
 
     def _enforce_budget(self) -> None:
-        files = sorted(self.dir.glob("scores-*.parquet"))
-        sizes = [f.stat().st_size for f in files]
+        files, sizes = [], []
+        for f in sorted(self.dir.glob("scores-*.parquet")):
+            try:
+                sizes.append(f.stat().st_size)
+                files.append(f)
+            except FileNotFoundError:  # another worker's budget pass got there first
+                pass
         total = sum(sizes)
         for f, size in zip(files[:-1], sizes):  # the newest file always stays
             if total <= self.max_bytes:
