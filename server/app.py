@@ -25,11 +25,12 @@ from muse.core.spec import DeploymentSpec, SpecError, decode_spec
 
 from . import openapi
 from .asgi import HTTPError, Request, encode, send, validation_error
-from .drift import monitor_edges
 from .auth import Authenticator, AuthError, Principal, keys_path
+from .drift import monitor_edges
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import (
-    PromoteRequest, RollbackRequest, InferOutput, InferRequest, InferResponse, ModelMetadata, ScoreRequest, ScoreResponse, ServerMetadata, TensorMeta,
+    InferOutput, InferRequest, InferResponse, ModelMetadata, PromoteRequest, RollbackRequest, ScoreRequest,
+    ScoreResponse, ServerMetadata, TensorMeta,
 )
 from .scorelog import ScoreLog
 from .serving import Serving
@@ -51,8 +52,9 @@ class MuseApp:
         self.registry = Registry(registry)
         self.metrics = Metrics()
         self.score_log = score_log
-        self.serving = Serving(self.registry, self.metrics, poll_interval, shadow_queue, score_log=score_log)
         self.auth = Authenticator(keys_path(self.registry.root) if auth else None)
+        self.serving = Serving(self.registry, self.metrics, poll_interval, shadow_queue, score_log=score_log,
+                               on_poll=self.auth.reload)  # added and revoked keys apply within a poll
         self.max_body = max_body
         self._get = {
             "/v2": self.server_metadata,
@@ -85,6 +87,7 @@ class MuseApp:
             return
         except Exception:
             log.exception("%s %s", req.method, req.path)
+            self.metrics.errors.labels("", "", "", "internal").inc()
             status, body = 500, HTTPError(500, "internal error; see the server log").body()
             content_type, headers = b"application/json", None
         await send(send_fn, status, body, content_type, headers)

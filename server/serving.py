@@ -30,7 +30,8 @@ log = logging.getLogger("muse.serve")
 
 class Serving:
     def __init__(self, registry: Registry, metrics: Metrics, poll_interval: float = 0.25,
-                 shadow_queue: int = 8192, model_threads: int = 2, score_log: ScoreLog | None = None):
+                 shadow_queue: int = 8192, model_threads: int = 2, score_log: ScoreLog | None = None,
+                 on_poll=None):
         self.registry = registry
         self.store = DeploymentStore(registry)
         self.metrics = metrics
@@ -46,6 +47,7 @@ class Serving:
         self._shadow_capacity = shadow_queue
         self._tasks: list[asyncio.Task] = []
         self.score_log = score_log
+        self.on_poll = on_poll  # called on the loader thread at every poll (e.g. reload API keys)
 
     @property
     def ready(self) -> bool:
@@ -114,6 +116,8 @@ class Serving:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self.refresh()
+                if self.on_poll is not None:
+                    await loop.run_in_executor(self._loader, self.on_poll)
                 if self.score_log is not None and self.score_log.due:
                     await loop.run_in_executor(self._loader, self.score_log.flush)
             except Exception:  # the watcher must outlive any one bad deployment or full disk

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -231,6 +232,24 @@ def test_credentials(env):
     assert env.server.get("/admin/deployment", env.keys["acme"])[0] == 403
     status, body, _ = env.server.get("/admin/deployment", env.admin)
     assert status == 200 and body["generation"] == 1 and len(body["deployment"]["routes"]) == 4
+
+
+def test_keys_added_and_revoked_while_serving(env):
+    from muse.server.auth import revoke_key
+
+    path = keys_path(env.reg.root)
+    record, key = add_key(path, "acme", False)
+    payload = {"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}]}
+    wait_for_status(env, payload, key, 200)
+    revoke_key(path, record.id)
+    wait_for_status(env, payload, key, 401)
+
+
+def wait_for_status(env, payload, key, status, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while env.server.post("/v1/score", payload, key)[0] != status:
+        assert time.monotonic() < deadline, f"still not {status} after {timeout} s"
+        time.sleep(0.05)
 
 
 def test_oversized_body_is_413(env):
