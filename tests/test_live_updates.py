@@ -182,6 +182,8 @@ calibration = "xgboost-json/1"
     check_responses(live, responses, {2: "fraud-v1", 3: "fraud-v2c", 4: "fraud-v1"})
     served = {body["generation"] for _, body, _ in responses}
     assert served >= {2, 3, 4}, served
+    print(f"two workers converged {converge_promote * 1e3:.0f} ms after promote, "
+          f"{converge_rollback * 1e3:.0f} ms after rollback")  # shown with pytest -s
     assert converge_promote < 5 and converge_rollback < 5
     spec = DeploymentStore(live.reg).read(3)
     assert spec.routes[0].active == "fraud-v2c" and spec.routes[0].shadows == []
