@@ -1,6 +1,8 @@
 """HTTP scoring benchmark: open-loop load at rising rates against `muse serve`
 (fraud-shaped 500-tree model, calibrated, auth on) and against a no-op
-Granian + msgspec endpoint that decodes the same request, in the same run.
+Granian + msgspec endpoint that decodes the same request, in the same run;
+then, at half of MUSE's peak, the same load with a promotion to a newly
+loaded library in the middle, against the steady run.
 
 Load comes from bench/loadgen.c (compiled here with the C compiler): constant
 arrival rate over keep-alive connections, latency from each request's
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from muse.bench.models import fraud_like_matrix, train_lightgbm
@@ -55,17 +58,20 @@ def build_registry(workdir: pathlib.Path, results: pathlib.Path, batching: str =
 
     reg = Registry(workdir / "registry")
     model_file = train_lightgbm(results / "fraud_500x63.txt", trees=500, leaves=63)
-    print("compiling the 500-tree model ...", file=sys.stderr, flush=True)
-    build_artifact(model_file, reg.models_dir, name="fraud", version="1", beta=0.1)
-    model = reg.load_model("fraud/1")
     curve = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
     reg.references_dir.mkdir(parents=True)
     reg.reference_path("fraud").write_bytes(encode_reference(ReferenceFile("fraud", curve)))
     X, _ = fraud_like_matrix(20000, seed=3)
-    m = model.manifest
-    qmap = fit_quantile_map(correct_margins(model.predict(X, margin=True), m.beta), curve)
-    reg.save_calibration(make_calibration(qmap, name="fraud", version="1", model=ModelIdentity(m.name, m.version,
-                         m.library_sha256), reference_name="fraud", reference=curve, beta=m.beta, sample_size=20000))
+    # Version 2 is the same model built again: a promotion to it loads a new library for real.
+    for version in ("1", "2"):
+        print(f"compiling the 500-tree model, version {version} ...", file=sys.stderr, flush=True)
+        build_artifact(model_file, reg.models_dir, name="fraud", version=version, beta=0.1)
+        m = reg.load_model(f"fraud/{version}").manifest
+        qmap = fit_quantile_map(correct_margins(reg.load_model(f"fraud/{version}").predict(X, margin=True), m.beta),
+                                curve)
+        reg.save_calibration(make_calibration(qmap, name="fraud", version=version, model=ModelIdentity(
+            m.name, m.version, m.library_sha256), reference_name="fraud", reference=curve, beta=m.beta,
+            sample_size=20000))
     spec = decode_spec(b"""
 [[predictors]]
 name = "fraud-v1"
@@ -73,6 +79,13 @@ version = "1"
 intent = "fraud"
 models = ["fraud/1"]
 calibration = "fraud/1"
+
+[[predictors]]
+name = "fraud-v2"
+version = "2"
+intent = "fraud"
+models = ["fraud/2"]
+calibration = "fraud/2"
 
 [[routes]]
 tenant = "*"
@@ -138,6 +151,21 @@ def run_load(loadgen, req, port, rate, seconds, connections) -> dict:
     return json.loads(out.stdout)
 
 
+def load_with_promotion(loadgen, req, port, rate, seconds, connections, registry: pathlib.Path) -> dict:
+    """The same open-loop load, with `muse promote fraud-v2` a quarter of the way in."""
+    from muse.core.deploy import DeploymentStore
+    from muse.core.registry import Registry
+
+    out = {}
+    runner = threading.Thread(target=lambda: out.update(run_load(loadgen, req, port, rate, seconds, connections)))
+    runner.start()
+    time.sleep(0.2 + seconds / 4)
+    generation = DeploymentStore(Registry(registry)).promote("fraud-v2")
+    print(f"  promoted fraud-v2 (generation {generation}) under {rate:,.0f} req/s", file=sys.stderr, flush=True)
+    runner.join()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -173,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                 if results[0]["errors"]:
                     raise RuntimeError(f"{label}: {results[0]['errors']} failed requests at the lowest rate")
                 half = run_load(loadgen, req, port, peaks[label] / 2, args.seconds, args.connections)
+                if label.startswith("muse"):
+                    swap = load_with_promotion(loadgen, req, port, peaks[label] / 2, args.seconds,
+                                               args.connections, registry)
             finally:
                 server.stop()
             for r in results:
@@ -181,8 +212,14 @@ def main(argv: list[str] | None = None) -> None:
             table.append([label + " @ half peak", f"{half['target_rps']:,.0f}", f"{half['achieved_rps']:,.0f}",
                           f"{half['p50_us']:,.0f}", f"{half['p99_us']:,.0f}", f"{half['p999_us']:,.0f}",
                           half["errors"]])
+    table.append(["muse, promotion during the run", f"{swap['target_rps']:,.0f}", f"{swap['achieved_rps']:,.0f}",
+                  f"{swap['p50_us']:,.0f}", f"{swap['p99_us']:,.0f}", f"{swap['p999_us']:,.0f}", swap["errors"]])
     print()
     print_table(["server", "target req/s", "achieved req/s", "p50 us", "p99 us", "p99.9 us", "errors"], table)
+    steady = [r for r in table if r[0] == "muse /v1/score @ half peak"][0]
+    print(f"hot swap: p99 {swap['p99_us']:,.0f} us with a promotion (new library loaded) during the run, "
+          f"{steady[4]} us steady: {swap['p99_us'] / float(steady[4].replace(',', '')):.2f}x; "
+          f"{swap['errors']} failed requests")
     noop, muse = peaks["no-op granian+msgspec"], peaks["muse /v1/score"]
     print(f"\npeak: muse {muse:,.0f} req/s, no-op {noop:,.0f} req/s: muse = {muse / noop:.0%} of no-op")
 
