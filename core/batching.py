@@ -53,7 +53,7 @@ class BatchResult:
 @dataclass
 class _Item:
     X: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: scored at once on the caller's task
     table: MapTable | None
     map_index: int
     enqueued: float = field(default_factory=time.perf_counter)
@@ -66,7 +66,7 @@ class ModelBatcher:
         executor: Executor,
         max_rows: int = 256,
         max_wait_us: int = 0,
-        max_queue_rows: int = 8192,
+        max_queue_rows: int = 16384,
         inline_max_us: int = 2000,
     ):
         self.model = model
