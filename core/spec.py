@@ -55,8 +55,9 @@ class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
 
 
 class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    predictors: list[PredictorSpec]
-    routes: list[RouteSpec]
+    # Never empty: publishing a deployment without routes would take every tenant offline.
+    predictors: Annotated[list[PredictorSpec], msgspec.Meta(min_length=1)]
+    routes: Annotated[list[RouteSpec], msgspec.Meta(min_length=1)]
     batching: dict[ModelRef, BatchingSpec] = {}
     description: str = ""
 

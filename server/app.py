@@ -115,8 +115,9 @@ class MuseApp:
             return await handler(req)
         if req.path.startswith("/v2/models/"):
             return await self._model_endpoint(req)
-        if req.path in self._get or req.path in self._post:
-            raise HTTPError(405, f"method {req.method} not allowed on {req.path}")
+        allowed = [m for m, t in (("GET", self._get), ("POST", self._post)) if req.path in t]
+        if allowed:
+            raise _not_allowed(req, allowed)
         raise HTTPError(404, f"no endpoint {req.path}")
 
     async def _model_endpoint(self, req: Request):
@@ -128,8 +129,9 @@ class MuseApp:
         action = rest[0] if rest else ""
         if len(rest) > 1 or action not in ("", "ready", "infer"):
             raise HTTPError(404, f"no endpoint {req.path}")
-        if (action == "infer") != (req.method == "POST"):
-            raise HTTPError(405, f"method {req.method} not allowed on {req.path}")
+        wanted = ("POST",) if action == "infer" else ("GET", "HEAD")
+        if req.method not in wanted:
+            raise _not_allowed(req, ["POST"] if action == "infer" else ["GET"])
         if action == "infer":
             return await self.infer(req, intent, version)
         principal = self._authenticate(req)
@@ -358,6 +360,12 @@ class MuseApp:
             return await asyncio.get_running_loop().run_in_executor(self.serving._loader, fn, *args)
         except SpecError as exc:
             raise HTTPError(422, str(exc), "$") from None
+
+
+def _not_allowed(req: Request, allowed: list[str]) -> HTTPError:
+    methods = allowed + (["HEAD"] if "GET" in allowed else [])
+    return HTTPError(405, f"method {req.method} not allowed on {req.path} (allowed: {', '.join(methods)})",
+                     None, [(b"allow", ", ".join(methods).encode())])
 
 
 def events_matrix(events, index: dict[str, int], names: tuple[str, ...]) -> np.ndarray:

@@ -75,6 +75,8 @@ def test_schema_errors_name_the_path(reg):
         spec(BASE.replace('active = "a"', 'active = "a"\ncolour = "red"'))
     with pytest.raises(SpecError, match="not valid TOML"):
         spec("[[predictors]\n")
+    with pytest.raises(SpecError, match=r"length >= 1 - at `\$.routes`"):
+        spec("routes = []\n" + BASE.split("[[routes]]")[0])  # an empty deployment would take everyone offline
 
 
 def test_apply_publishes_generations_and_refuses_broken_ones(reg, tmp_path, capsys):

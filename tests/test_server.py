@@ -275,9 +275,12 @@ def test_overload_is_503_with_retry_after(env):
 
 def test_routing_errors(env):
     assert env.server.get("/nowhere")[0] == 404
-    assert env.server.request("DELETE", "/v1/score")[0] == 405
+    status, body, headers = env.server.request("DELETE", "/v1/score")
+    assert status == 405 and headers["allow"] == "POST" and "allowed: POST" in body["error"]
+    assert env.server.request("PUT", "/metrics")[2]["allow"] == "GET, HEAD"
     assert env.server.get("/v1/score")[0] == 405
     assert env.server.get("/v2/models/fraud/infer")[0] == 405
+    assert env.server.request("TRACE", "/v2/models/fraud/ready")[0] == 405
     assert env.server.get("/v2/models/nope", env.keys["acme"])[0] == 404
 
 
