@@ -43,6 +43,7 @@ DEFAULT_MAX_BODY = 16 << 20
 SERVER_VERSION = "0.1.0"
 RETRY_AFTER = [(b"retry-after", b"1")]
 REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found", 413: "too_large",
+           415: "unsupported_encoding",
            422: "invalid", 503: "overloaded"}
 
 

@@ -3,6 +3,7 @@ response, and errors that become 4xx JSON naming the field at fault."""
 from __future__ import annotations
 
 import re
+import zlib
 
 import msgspec
 
@@ -70,7 +71,25 @@ class Request:
                 raise HTTPError(413, f"request body exceeds the limit of {self.max_body} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                encoding = self.headers.get(b"content-encoding")
+                return body if encoding in (None, b"identity") else self._decompress(body, encoding)
+
+    def _decompress(self, body: bytes, encoding: bytes) -> bytes:
+        """gzip/deflate request bodies (tritonclient can send them), bounded like plain ones."""
+        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding.strip().lower())
+        if wbits is None:
+            raise HTTPError(415, f"content-encoding {encoding.decode('latin-1')!r} is not supported "
+                                 "(gzip, deflate or identity)", "content-encoding")
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, self.max_body + 1)
+        except zlib.error as exc:
+            raise HTTPError(400, f"content-encoding {encoding.decode('latin-1')}: corrupt body ({exc})",
+                            "content-encoding") from None
+        if len(out) > self.max_body or inflater.unconsumed_tail:
+            raise HTTPError(413, f"decompressed request body exceeds the limit of {self.max_body} bytes")
+        return out
 
 
 async def send(send_fn, status: int, body: bytes, content_type: bytes = JSON, headers: list | None = None) -> None:

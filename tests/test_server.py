@@ -252,6 +252,20 @@ def wait_for_status(env, payload, key, status, timeout=5.0):
         time.sleep(0.05)
 
 
+def test_compressed_bodies(env):
+    import gzip
+
+    payload = json.dumps({"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}]}).encode()
+    gz = {"Content-Encoding": "gzip"}
+    assert env.server.post("/v1/score", gzip.compress(payload), env.keys["acme"], headers=gz)[0] == 200
+    status, body, _ = env.server.post("/v1/score", b"not gzip", env.keys["acme"], headers=gz)
+    assert status == 400 and body["field"] == "content-encoding"
+    status, body, _ = env.server.post("/v1/score", payload, env.keys["acme"], headers={"Content-Encoding": "br"})
+    assert status == 415 and body["field"] == "content-encoding"
+    bomb = gzip.compress(b"[" + b"0," * 300_000 + b"0]")  # small on the wire, 600 kB inflated
+    assert len(bomb) < 200_000 and env.server.post("/v1/score", bomb, env.keys["acme"], headers=gz)[0] == 413
+
+
 def test_oversized_body_is_413(env):
     big = {"tenant": "acme", "intent": "fraud", "events": [{"features": [0.123456789] * 6}] * 5000}
     status, body, _ = env.server.post("/v1/score", big, env.keys["acme"])
@@ -311,6 +325,12 @@ def test_tritonclient_end_to_end(env):
         expected = expected_fraud(env, X.astype(dtype).astype(np.float64), "acme")
         np.testing.assert_allclose(result.as_numpy("score"), expected, rtol=1e-12)
         assert result.get_response()["model_version"] == "1"
+    for algorithm in ("gzip", "deflate"):
+        tensor = httpclient.InferInput("features", list(X.shape), "FP64")
+        tensor.set_data_from_numpy(X)
+        result = client.infer("fraud", [tensor], headers=dict(auth), request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("score"), expected_fraud(env, X, "acme"), rtol=1e-12)
     # no outputs requested: tritonclient asks for binary; tenant given as a parameter by an admin key
     tensor = httpclient.InferInput("features", list(X.shape), "FP64")
     tensor.set_data_from_numpy(X)
