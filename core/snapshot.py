@@ -37,15 +37,25 @@ class ModelPool:
         self.on_batch = None  # given to every batcher: a metrics hook (model key, rows, waits)
 
     def batcher(self, ref: str, batching: BatchingSpec) -> ModelBatcher:
+        """The shared batcher of ``ref``, loading the model on first use.  A new one takes
+        ``batching`` now; one already serving keeps its settings until ``configure``, so a
+        deployment that is refused later never changes what is live."""
         with self._lock:
             b = self._batchers.get(ref)
             if b is None:
                 model = self.registry.load_model(ref)
                 b = ModelBatcher(model, self.executor)
                 b.on_batch = self.on_batch
+                _apply(b, batching)
                 self._batchers[ref] = b
-            b.configure(batching.max_rows, batching.max_wait_us, batching.max_queue_rows, batching.inline_max_us)
             return b
+
+    def configure(self, snapshot: "Snapshot") -> None:
+        """Apply a snapshot's batching settings to the batchers it uses (when it goes live)."""
+        used = {ref for p in snapshot.spec.predictors for ref in p.models}
+        with self._lock:
+            for ref in used & self._batchers.keys():
+                _apply(self._batchers[ref], snapshot.spec.batching.get(ref, BatchingSpec()))
 
     def release_unused(self, keep: set[str]) -> list[str]:
         """Drop models no snapshot in ``keep`` uses; in-flight calls hold their own reference."""
@@ -54,6 +64,10 @@ class ModelPool:
             for ref in gone:
                 del self._batchers[ref]
             return gone
+
+
+def _apply(b: ModelBatcher, c: BatchingSpec) -> None:
+    b.configure(c.max_rows, c.max_wait_us, c.max_queue_rows, c.inline_max_us)
 
 
 @dataclass(frozen=True)

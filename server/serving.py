@@ -96,6 +96,7 @@ class Serving:
         return snap
 
     def install(self, snap: Snapshot) -> None:
+        self.pool.configure(snap)
         self.snapshot = snap
         self.last_error = None
         self.pool.release_unused(snap.model_refs)
