@@ -25,11 +25,13 @@ from .errors import ModelFormatError
 from .frontends import SourceModel
 
 ENTRY_SOURCE = pathlib.Path(__file__).with_name("muse_entry.c")
-# -Os, by measurement (500-tree model, tree blocking on, same process): batch 1 in 10 us against
-# 27 us at -O3 and 30 us at -O2, batched 18.0 against 20.5 us/row.  The trees are branchy code
-# far bigger than the instruction cache: smaller code is faster code.
-DEFAULT_FLAGS = ("-Os", "-fPIC", "-std=c99", "-fno-semantic-interposition")
-# Measured on the 500-tree, 63-leaf, 100-feature model (bench/kernel.py), tree blocking on:
+DEFAULT_FLAGS = ("-O3", "-fPIC", "-std=c99", "-fno-semantic-interposition")
+# Tree units are built for size, by measurement (500-tree model, tree blocking on, same process):
+# batch 1 in 10 us against 27 us at -O3 and 30 us at -O2, batched 18.0 against 20.5 us/row.  The
+# trees are branchy code far bigger than the instruction cache: smaller code is faster code.  The
+# entry point's loops stay at -O3 (at -Os the one-tree model's batches ran 1.7x slower).
+TREE_UNIT_FLAGS = ("-Os",)
+# Measured on the 500-tree, 63-leaf, 100-feature model (bench/kernel.py), tree blocking on, at -O3:
 # 2 trees per unit ran batch 1 in ~32 us against ~40 at 4 and ~50 at 8-16 (smaller functions
 # optimise better); 64-row blocks ran batches at ~20 us/row against ~24 at 16-27 rows.
 TREES_PER_UNIT = 2
@@ -177,7 +179,8 @@ def build_library(
     objects = [src.with_suffix(".o") for src in sources]
 
     def one(src: pathlib.Path, obj: pathlib.Path) -> None:
-        _run([compiler(), *all_flags, "-c", str(src), "-o", str(obj)], src)
+        extra = TREE_UNIT_FLAGS if _is_tree_unit(src) else ()
+        _run([compiler(), *all_flags, *extra, "-c", str(src), "-o", str(obj)], src)  # the last -O wins
 
     done = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -188,7 +191,13 @@ def build_library(
             if progress:
                 progress(done, len(sources))
     _run([compiler(), "-shared", *flags, "-o", str(output), *map(str, objects), "-lm"], output)
+    if any(_is_tree_unit(src) for src in sources):
+        return [*all_flags, *(f"{f} (tree units)" for f in TREE_UNIT_FLAGS)]
     return all_flags
+
+
+def _is_tree_unit(src: pathlib.Path) -> bool:
+    return re.fullmatch(r"tu\d+\.c", src.name) is not None
 
 
 def _run(cmd: list[str], subject: pathlib.Path) -> None:
