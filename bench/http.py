@@ -14,11 +14,9 @@ coordinated omission).  Every request is batch 1: one event of 100 features.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +25,10 @@ import time
 
 from muse.bench.models import fraud_like_matrix, train_lightgbm
 from muse.bench.timing import print_table
+from muse.server import local
 
 HERE = pathlib.Path(__file__).parent
 RATES = (1000, 2000, 4000, 6000, 8000, 10000, 12500, 15000, 20000, 25000, 30000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_loadgen(workdir: pathlib.Path) -> pathlib.Path:
@@ -111,22 +104,14 @@ def request_file(workdir: pathlib.Path, port: int, key: str) -> pathlib.Path:
 
 
 class Process:
-    def __init__(self, argv: list[str], port: int, env: dict | None = None):
+    def __init__(self, argv: list[str], port: int):
         self.port = port
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/v2/health/ready")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{argv} did not become ready")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            local.wait_for(port, timeout=120, process=self.proc)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -190,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         table, peaks = [], {}
         for label, start in servers.items():
-            port = free_port()
+            port = local.free_port()
             print(f"{label}:", file=sys.stderr, flush=True)
             server = start(port)
             try:

@@ -28,6 +28,15 @@ class ReferenceError(ValueError):
     """A reference distribution that violates its invariants."""
 
 
+def _anchored(p: list[float], v: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, score) knots of a reference, pinned to (0, 0) and (1, 1) where they stop short."""
+    if p[0] > 0.0:
+        p, v = [0.0, *p], [0.0, *v]
+    if p[-1] < 1.0:
+        p, v = [*p, 1.0], [*v, 1.0]
+    return np.array(p), np.array(v)
+
+
 class AlertRateCurve(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="alert_rate"):
     edges: list[float]
     rates: list[float]
@@ -54,13 +63,7 @@ class AlertRateCurve(msgspec.Struct, frozen=True, forbid_unknown_fields=True, ta
         return self
 
     def knots(self) -> tuple[np.ndarray, np.ndarray]:
-        p = [1.0 - r for r in self.rates]
-        v = list(self.edges)
-        if p[0] > 0.0:
-            p, v = [0.0, *p], [0.0, *v]
-        if p[-1] < 1.0:
-            p, v = [*p, 1.0], [*v, 1.0]
-        return np.array(p), np.array(v)
+        return _anchored([1.0 - r for r in self.rates], list(self.edges))
 
     def edge_rates(self) -> list[tuple[float, float]]:
         return list(zip(self.edges, self.rates))
@@ -91,12 +94,7 @@ class QuantileTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
         return self
 
     def knots(self) -> tuple[np.ndarray, np.ndarray]:
-        p, v = list(self.probabilities), list(self.values)
-        if p[0] > 0.0:
-            p, v = [0.0, *p], [0.0, *v]
-        if p[-1] < 1.0:
-            p, v = [*p, 1.0], [*v, 1.0]
-        return np.array(p), np.array(v)
+        return _anchored(list(self.probabilities), list(self.values))
 
     def edge_rates(self) -> list[tuple[float, float]]:
         """Interior (score, fraction at or above) pairs, for reports."""

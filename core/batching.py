@@ -77,8 +77,6 @@ class ModelBatcher:
         self._draining = False
         self._idle_since = 0.0  # when the last native call returned
         self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
-        self.batches = 0
-        self.rows = 0
         self.on_batch: Callable[[str, int, list[float]], None] | None = None  # (model, rows, waits), on the loop
 
     def configure(self, max_rows: int, max_wait_us: int, max_queue_rows: int, inline_max_us: int) -> None:
@@ -86,10 +84,6 @@ class ModelBatcher:
         self.max_wait = max_wait_us / 1e6
         self.max_queue_rows = max_queue_rows
         self.inline_max = inline_max_us / 1e6
-
-    @property
-    def queued_rows(self) -> int:
-        return self._queued_rows
 
     async def submit(self, X: np.ndarray, table: MapTable | None = None, map_index: int = 0) -> BatchResult:
         """Margins for X; with a map table, also corrected and mapped scores (map ``map_index``)."""
@@ -99,11 +93,7 @@ class ModelBatcher:
         idle = not self._draining and now - self._idle_since > BURST_GAP
         if idle and not self.max_wait and len(X) * self.seconds_per_row <= self.inline_max:
             result = self._run([_Item(X, None, table, map_index, now)], len(X))[0]
-            self._idle_since = time.perf_counter()
-            self.batches += 1
-            self.rows += len(X)
-            if self.on_batch is not None:
-                self.on_batch(self.model.key, len(X), [0.0])
+            self._done(len(X), [0.0])
             return result
         loop = asyncio.get_running_loop()
         item = _Item(X, loop.create_future(), table, map_index)
@@ -137,18 +127,20 @@ class ModelBatcher:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
-                self.batches += 1
-                self.rows += rows
                 waits = [started - item.enqueued for item in items]
                 for item, result, wait in zip(items, results, waits):
                     result.queue_wait = wait
                     if not item.future.done():  # the caller may have gone away
                         item.future.set_result(result)
-                if self.on_batch is not None:
-                    self.on_batch(self.model.key, rows, waits)
+                self._done(rows, waits)
         finally:
             self._draining = False
             self._idle_since = time.perf_counter()
+
+    def _done(self, rows: int, waits: list[float]) -> None:
+        self._idle_since = time.perf_counter()
+        if self.on_batch is not None:
+            self.on_batch(self.model.key, rows, waits)
 
     def _run(self, items: list[_Item], rows: int) -> list[BatchResult]:
         X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
@@ -156,21 +148,35 @@ class ModelBatcher:
         margins = self.model.predict(X, margin=True)
         per_row = (time.perf_counter() - t0) / rows
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
-        corrected = mapped = None
-        table = items[0].table
-        if table is not None and all(item.table is table for item in items):
-            if len(items) == 1:
-                index = np.full(rows, items[0].map_index, dtype=np.int64)
-            else:
-                index = np.repeat(np.array([i.map_index for i in items], dtype=np.int64), [len(i.X) for i in items])
-            m = self.model.manifest
-            corrected, mapped = table.calibrate(margins, index, m.beta, m.margin_kind)
-        out, start = [], 0
+        bounds = [0]
         for item in items:
-            stop = start + len(item.X)
-            part = BatchResult(margins[start:stop], batch_rows=rows)
-            if corrected is not None:
-                part.corrected, part.mapped = corrected[start:stop], mapped[start:stop]
+            bounds.append(bounds[-1] + len(item.X))
+        calibrated = self._calibrate(items, margins, bounds)
+        out = []
+        for k, item in enumerate(items):
+            part = BatchResult(margins[bounds[k]:bounds[k + 1]], batch_rows=rows)
+            if calibrated[k] is not None:
+                part.corrected, part.mapped = calibrated[k]
             out.append(part)
-            start = stop
+        return out
+
+    def _calibrate(self, items: list[_Item], margins: np.ndarray, bounds: list[int]) -> list:
+        """(corrected, mapped) per item: one kernel call per map table in the batch -- one, except
+        while a deployment swap mixes generations; None for items that asked for margins only."""
+        groups: dict[int, list[int]] = {}
+        for k, item in enumerate(items):
+            if item.table is not None:
+                groups.setdefault(id(item.table), []).append(k)
+        out: list = [None] * len(items)
+        m = self.model.manifest
+        for ks in groups.values():
+            sizes = [bounds[k + 1] - bounds[k] for k in ks]
+            rows = slice(None) if len(ks) == len(items) else np.concatenate(
+                [np.arange(bounds[k], bounds[k + 1]) for k in ks])
+            index = np.repeat(np.array([items[k].map_index for k in ks], dtype=np.int64), sizes)
+            corrected, mapped = items[ks[0]].table.calibrate(margins[rows], index, m.beta, m.margin_kind)
+            start = 0
+            for k, n in zip(ks, sizes):
+                out[k] = corrected[start:start + n], mapped[start:start + n]
+                start += n
         return out

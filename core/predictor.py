@@ -52,10 +52,6 @@ class Predictor:
     def num_feature(self) -> int:
         return len(self.feature_names)
 
-    @property
-    def models(self):
-        return [b.model for b in self.batchers]
-
     def map_index(self, tenant: str) -> int:
         return self.maps.get(tenant, self.maps[None])
 
@@ -85,9 +81,6 @@ class Predictor:
         idx = self.map_index(tenant)
         if len(self.batchers) == 1:
             r = await self.batchers[0].submit(X, self.table, idx)
-            if r.mapped is None:  # the batch mixed map tables (a deployment swap): calibrate here
-                m = self.batchers[0].model.manifest
-                r.corrected, r.mapped = self.table.calibrate(r.margins, np.full(len(X), idx), m.beta, m.margin_kind)
             return Scores(r.margins, r.corrected, r.mapped, r.batch_rows, r.queue_wait)
         results: list[BatchResult] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
         margins, corrected = self._combine([r.margins for r in results])

@@ -31,6 +31,17 @@ def _versions(directory: pathlib.Path) -> list[str]:
     return sorted(names, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
 
 
+def _version_dir(base: pathlib.Path, kind: str, name: str, version: str | None, fix: str) -> pathlib.Path:
+    """base/name/version, the highest version when none is given; errors say what exists."""
+    versions = _versions(base / name)
+    if not versions:
+        raise RegistryError(f"{kind} {name!r} is not in {base}; {fix}")
+    version = version or versions[-1]
+    if version not in versions:
+        raise RegistryError(f"{kind} {name!r} has no version {version!r} (have: {', '.join(versions)})")
+    return base / name / version
+
+
 class Registry:
     def __init__(self, root: str | pathlib.Path):
         self.root = pathlib.Path(root)
@@ -54,13 +65,7 @@ class Registry:
 
     # -- models ------------------------------------------------------------
     def model_dir(self, name: str, version: str | None = None) -> pathlib.Path:
-        versions = _versions(self.models_dir / name)
-        if not versions:
-            raise RegistryError(f"model {name!r} is not in {self.models_dir}; compile it with `muse compile`")
-        version = version or versions[-1]
-        if version not in versions:
-            raise RegistryError(f"model {name!r} has no version {version!r} (have: {', '.join(versions)})")
-        return self.models_dir / name / version
+        return _version_dir(self.models_dir, "model", name, version, "compile it with `muse compile`")
 
     def load_model(self, ref: str) -> CompiledModel:
         """``ref`` is NAME or NAME/VERSION."""
@@ -82,13 +87,7 @@ class Registry:
 
     # -- calibrations --------------------------------------------------------
     def calibration_dir(self, name: str, version: str | None = None) -> pathlib.Path:
-        versions = _versions(self.calibrations_dir / name)
-        if not versions:
-            raise RegistryError(f"calibration {name!r} is not in {self.calibrations_dir}; fit it with `muse calib fit`")
-        version = version or versions[-1]
-        if version not in versions:
-            raise RegistryError(f"calibration {name!r} has no version {version!r} (have: {', '.join(versions)})")
-        return self.calibrations_dir / name / version
+        return _version_dir(self.calibrations_dir, "calibration", name, version, "fit it with `muse calib fit`")
 
     def next_calibration_version(self, name: str) -> str:
         numeric = [int(v) for v in _versions(self.calibrations_dir / name) if v.isdigit()]

@@ -7,7 +7,6 @@ field at fault.  Anything else is a 500 that is logged and counted, and it
 fails only its own request."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -52,7 +51,6 @@ class MuseApp:
                  poll_interval: float = 0.25, shadow_queue: int = 8192, score_log: ScoreLog | None = None):
         self.registry = Registry(registry)
         self.metrics = Metrics()
-        self.score_log = score_log
         self.auth = Authenticator(keys_path(self.registry.root) if auth else None)
         self.serving = Serving(self.registry, self.metrics, poll_interval, shadow_queue, score_log=score_log,
                                on_poll=self.auth.reload)  # added and revoked keys apply within a poll
@@ -215,12 +213,9 @@ class MuseApp:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
 
     def _after_scoring(self, route, tenant: str, X, scores, generation: int) -> None:
-        """Off the response's path in cost: a ring write, a list append, a queue put."""
-        p = route.active
-        self.metrics.drift.observe(tenant, route.intent, p.name, scores.mapped)
-        if self.score_log is not None:
-            self.score_log.record(tenant, route.intent, p.name, p.version, "active", generation,
-                                  scores.margins, scores.corrected, scores.mapped)
+        """Off the response's path in cost: a ring write, a column store, a queue put."""
+        self.serving.record(tenant, route.active, "active", generation, scores.margins, scores.corrected,
+                            scores.mapped)
         if route.shadows:
             self.serving.shadow(route, X, tenant, generation)
 
@@ -358,7 +353,7 @@ class MuseApp:
 
     async def _in_loader(self, fn, *args):
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.serving._loader, fn, *args)
+            return await self.serving.in_background(fn, *args)
         except SpecError as exc:
             raise HTTPError(422, str(exc), "$") from None
 

@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from muse.calib import AlertRateCurve, MapTable, ReferenceFile, alert_rates
 from muse.calib.reference import encode_reference
 from muse.core import simulate
 from muse.core.registry import Registry
+from muse.server import local
 
 REFERENCE = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
 REVIEW = AlertRateCurve([0.5, 0.9], [0.05, 0.01])
@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         with contextlib.redirect_stdout(out):
             run(["keys", "add", "--registry", R, "--tenant", tenant])
         keys[tenant] = out.getvalue().strip().splitlines()[-1]
-    port = _free_port()
+    port = local.free_port()
     print(f"$ muse serve --registry {R} --port {port}")
     # The log flushes every second here (default 10 s) so the demo can fit from it without waiting.
     server = subprocess.Popen([sys.executable, "-m", "muse.server.cli", "serve", "--registry", R, "--port", str(port)],
@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                               env={**os.environ, "MUSE_SCORE_LOG_FLUSH_SECONDS": "1"})
     try:
         client = DemoClient(port, keys)
-        client.wait_ready()
+        client.wait_generation(None)
         serve_and_compare(client, reg, work, rows, R)
     finally:
         server.terminate()  # SIGTERM: the server flushes its score log before exiting
@@ -266,12 +266,6 @@ BATCH = 64
 CONCURRENCY = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _features(row) -> list:
     return [None if np.isnan(v) else round(float(v), 6) for v in row]
 
@@ -307,20 +301,11 @@ class DemoClient:
             del self._local.conn
             raise
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        self.wait_generation(None, timeout)
-
-    def wait_generation(self, generation: int | None, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                status, body = self._call("GET", "/v2/health/ready")
-                if status == 200 and (generation is None or json.loads(body)["generation"] == generation):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit(f"demo: the server did not serve generation {generation} in time")
+    def wait_generation(self, generation: int | None, timeout: float = 120) -> None:
+        try:
+            local.wait_for(self.port, generation=generation, timeout=timeout)
+        except TimeoutError as exc:
+            raise SystemExit(f"demo: {exc}") from None
 
     def score(self, payload: dict) -> tuple[int, dict]:
         status, body = self._call("POST", "/v1/score", json.dumps(payload).encode(), self.keys[payload["tenant"]])
@@ -351,10 +336,4 @@ class DemoClient:
         return out
 
     def metrics(self) -> dict[str, float]:
-        _, raw = self._call("GET", "/metrics")
-        samples = {}
-        for line in raw.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return local.scrape(self.port)

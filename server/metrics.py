@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import multiprocess, values
 
 from .drift import DriftMonitor
 
@@ -23,6 +23,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if self.multiprocess:
+            # prometheus_client picks file-backed values when it is first imported; a worker forked
+            # from a parent that imported it before `muse serve` set the directory would otherwise
+            # keep values in memory, and /metrics would be empty.  Decide again, here.
+            values.ValueClass = values.get_value_class()
         # A private registry per app: tests run several apps in one process.
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -83,7 +83,6 @@ class ScoreLog:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._rng = random.Random()
-        self.written_rows = 0
 
     def record(self, tenant: str, intent: str, predictor: str, version: str, role: str, generation: int,
                margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
@@ -147,7 +146,6 @@ class ScoreLog:
                 tmp = self.dir / f".{name}.tmp"
                 b.frame(labels).write_parquet(tmp)
                 os.replace(tmp, self.dir / name)
-                self.written_rows += b.rows
                 written.append(self.dir / name)
             if written:
                 self._enforce_budget()

@@ -43,15 +43,12 @@ class Serving:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="muse-loader")
         self.snapshot: Snapshot | None = None
         self.last_error: str | None = None
+        self._refused_generation: int | None = None  # not retried until `current` moves on
         self._shadows: asyncio.Queue | None = None
         self._shadow_capacity = shadow_queue
         self._tasks: list[asyncio.Task] = []
         self.score_log = score_log
         self.on_poll = on_poll  # called on the loader thread at every poll (e.g. reload API keys)
-
-    @property
-    def ready(self) -> bool:
-        return self.snapshot is not None
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -69,6 +66,10 @@ class Serving:
         if self.score_log is not None:
             self.score_log.flush()  # nothing logged is lost on a clean shutdown
 
+    async def in_background(self, fn, *args):
+        """Run ``fn`` on the background thread (loading, shadows, log writes, admin work)."""
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+
     async def refresh(self) -> bool:
         """Swap to the generation `current` names if it differs; False if there is nothing new."""
         try:
@@ -77,13 +78,13 @@ class Serving:
             return self._refused(str(exc))
         if generation is None or (self.snapshot and self.snapshot.generation == generation):
             return False
-        if self.last_error and self.last_error.startswith(f"generation {generation}:"):
-            return False  # already refused; wait for the next one
-        loop = asyncio.get_running_loop()
+        if generation == self._refused_generation:
+            return False
         started = time.perf_counter()
         try:
-            snap = await loop.run_in_executor(self._loader, self._load, generation)
+            snap = await self.in_background(self._load, generation)
         except (SpecError, OSError) as exc:
+            self._refused_generation = generation
             return self._refused(f"generation {generation}: {exc}")
         self.install(snap)
         log.info("serving generation %d (loaded in %.2f s)", generation, time.perf_counter() - started)
@@ -112,15 +113,14 @@ class Serving:
         return False
 
     async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self.refresh()
                 if self.on_poll is not None:
-                    await loop.run_in_executor(self._loader, self.on_poll)
+                    await self.in_background(self.on_poll)
                 if self.score_log is not None and self.score_log.due:
-                    await loop.run_in_executor(self._loader, self.score_log.flush)
+                    await self.in_background(self.score_log.flush)
             except Exception:  # the watcher must outlive any one bad deployment or full disk
                 log.exception("deployment watcher")
 
@@ -134,13 +134,12 @@ class Serving:
                 self.metrics.shadow_dropped.labels(route.intent).inc()
 
     async def _shadow_worker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             work = [await self._shadows.get()]
             while not self._shadows.empty() and len(work) < 256:
                 work.append(self._shadows.get_nowait())
             try:
-                await loop.run_in_executor(self._loader, self._score_shadows, work)
+                await self.in_background(self._score_shadows, work)
             except Exception:
                 log.exception("shadow scoring")
 
@@ -158,8 +157,13 @@ class Serving:
             for (tenant, _, generation), n in zip(items, sizes):
                 part = slice(start, start + n)
                 start += n
-                self.metrics.drift.observe(tenant, predictor.intent, predictor.name, scores.mapped[part])
-                if self.score_log is not None:
-                    self.score_log.record(tenant, predictor.intent, predictor.name, predictor.version, "shadow",
-                                          generation, scores.margins[part], scores.corrected[part],
-                                          scores.mapped[part])
+                self.record(tenant, predictor, "shadow", generation,
+                            scores.margins[part], scores.corrected[part], scores.mapped[part])
+
+    def record(self, tenant: str, predictor: Predictor, role: str, generation: int,
+               margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
+        """Scores that were served (role "active") or shadowed: into the drift window and the score log."""
+        self.metrics.drift.observe(tenant, predictor.intent, predictor.name, mapped)
+        if self.score_log is not None:
+            self.score_log.record(tenant, predictor.intent, predictor.name, predictor.version, role, generation,
+                                  margins, corrected, mapped)

@@ -6,10 +6,8 @@ import http.client
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -17,14 +15,9 @@ from conftest import training_data
 from muse.calib import AlertRateCurve, ModelIdentity, ReferenceFile, correct_margins, fit_quantile_map, make_calibration
 from muse.calib.reference import encode_reference
 from muse.core.registry import Registry
+from muse.server import local
 
 CURVE = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_registry(root: pathlib.Path, cases: dict) -> Registry:
@@ -56,7 +49,7 @@ def calibrate(reg: Registry, model_name: str, tenants: dict[str, int], name: str
 
 class Server:
     def __init__(self, registry: pathlib.Path, *extra: str, workers: int = 1):
-        self.port = free_port()
+        self.port = local.free_port()
         self.registry = registry
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.log = open(registry / f"server-{self.port}.log", "wb")
@@ -68,25 +61,16 @@ class Server:
         self.wait_live()
 
     def wait_live(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if self.get("/v2/health/live")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError(f"server not live after {timeout} s: {self.output()}")
+        try:
+            local.wait_for(self.port, "/v2/health/live", timeout=timeout, process=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}: {self.output()}") from None
 
     def wait_ready(self, generation: int | None = None, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, body, _ = self.get("/v2/health/ready")
-            if status == 200 and (generation is None or body["generation"] == generation):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"server not ready for generation {generation}: {self.output()}")
+        try:
+            local.wait_for(self.port, generation=generation, timeout=timeout, process=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
         self.log.flush()
@@ -114,14 +98,7 @@ class Server:
         return self.request("POST", path, body, h)
 
     def metrics(self) -> dict[str, float]:
-        """Samples of /metrics as {'name{labels}': value}."""
-        _, raw, _ = self.get("/metrics")
-        out = {}
-        for line in raw.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return local.scrape(self.port)
 
     def stop(self) -> None:
         self.proc.terminate()
