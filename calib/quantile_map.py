@@ -63,7 +63,7 @@ class QuantileMap:
             self._table = MapTable([self])
         s = np.ascontiguousarray(scores, dtype=np.float64)
         flat = s.reshape(-1)
-        return self._table.apply(flat, np.zeros(flat.size, dtype=np.int64)).reshape(s.shape)
+        return self._table.apply(flat, 0).reshape(s.shape)
 
     def __len__(self) -> int:
         return self.xs.size

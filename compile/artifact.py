@@ -17,7 +17,7 @@ import tl2cgen
 import treelite
 
 from . import codegen
-from ._native import NativeLibrary, NativeLoadError
+from ._native import NativeLibrary, NativeLoadError, NativeWorker
 from .errors import ArtifactError, ModelFormatError
 from .frontends import load_source_model
 from .manifest import Manifest, read_manifest, sha256_file, write_manifest
@@ -122,6 +122,17 @@ class CompiledModel:
     def predict(self, X: np.ndarray, margin: bool = False) -> np.ndarray:
         """Probabilities (or raw margins) for a [rows, features] float32/float64 matrix."""
         return self._lib.predict(X, margin)
+
+    def submit(self, worker: NativeWorker, X: np.ndarray, margin: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
+        """Queue ``predict`` on a native worker thread: (call id, input, the output it will fill).
+        Keep both arrays referenced until ``worker.completed()`` reports the id, and pass its
+        code to ``check``."""
+        X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
+        out = np.empty(len(X))
+        return worker.submit(self._lib, X, out, margin), X, out
+
+    def check(self, rc: int, rows: int) -> None:
+        self._lib.check(rc, rows)
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.key}, {self.manifest.num_tree} trees, {self.num_feature} features)"

@@ -1,40 +1,37 @@
 """Micro-batching: rows for one model from concurrent requests of any tenant
 coalesce into one native call.
 
-A request that finds its model idle -- nothing in flight and no call
-returned in the last 50 us -- is scored at once on its own task: no queue,
-no future, no extra turn of the event loop, which saves ~40 us per request
-(measured in-process on the 500-tree model: 131 us against 170 us).  A
-request that arrives while a batch is in flight or right behind one is part
-of a burst: it queues, and when the batch returns everything queued (up to
-``max_rows``) goes out in the next native call.  So batches grow with load
+Model calls run on a native thread (``ModelThread``), off the event loop's
+thread -- and, on a machine with a core to spare, off its core: a 500-tree
+model's code is larger than a core's L2, and sharing one core made both the
+model (27 us in situ against 9 in a tight loop) and the Python around it
+several times slower (measured in bench/request_path.py).  The thread never
+takes the GIL; it signals completions on an eventfd the loop watches, so a
+hand-off costs the loop a few microseconds and no GIL hand-over.
+
+A request that finds its model idle is sent at once.  Requests that arrive
+while a call is in flight queue, and when it returns everything queued (up
+to ``max_rows``) goes out in the next call.  So batches grow with load
 without a timer, and a lone request never sits out a window.
 ``max_wait_us`` adds an optional linger for callers that prefer bigger
-batches to lower latency.
+batches to lower latency.  A batch whose predicted cost is at most
+``inline_max_us`` runs on the loop itself instead (0, the default, never).
 
-Big batches run on a worker thread (the library releases the GIL), so the
-event loop never waits long on a model.  A batch whose predicted cost (rows
-times the measured time per row) is under ``inline_max_us`` runs on the loop
-itself: handing a batch to a thread and back costs a queue, a futex wake and
-a self-pipe write, and measured end to end (bench/http.py, 500-tree model,
-batch-1 requests) the thread hop capped throughput at ~5,000 req/s where
-running inline reached ~8,000 at a lower p99.  Each batch is calibrated in the
-same call, with one kernel call for all rows that share a map table."""
+Each batch is calibrated on the loop as it returns, with one kernel call for
+all rows that share a map table."""
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from muse.calib import MapTable
-from muse.compile import CompiledModel
+from muse.compile import CompiledModel, NativeWorker
 
-
-BURST_GAP = 50e-6  # a request this soon after a call returned is part of a burst: queue it to coalesce
+_NO_WAIT = [0.0]
 
 
 class Overloaded(RuntimeError):
@@ -59,23 +56,60 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class ModelThread:
+    """Native model calls on one worker thread, awaited on the running event loop."""
+
+    def __init__(self) -> None:
+        self._worker: NativeWorker | None = None
+        self._calls: dict[int, tuple] = {}  # id -> (future, model, input, output): alive until done
+
+    def predict(self, model: CompiledModel, X: np.ndarray) -> asyncio.Future:
+        """Margins for X, computed on the thread."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._worker = NativeWorker()
+            loop.add_reader(self._worker.fileno(), self._completed)
+        call, X, out = model.submit(self._worker, X, margin=True)
+        future = loop.create_future()
+        self._calls[call] = (future, model, X, out)
+        return future
+
+    def _completed(self) -> None:
+        for call, rc in self._worker.completed():
+            future, model, X, out = self._calls.pop(call)
+            if future.done():  # the caller went away
+                continue
+            try:
+                model.check(rc, len(X))
+                future.set_result(out)
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Finish calls in flight, then stop the thread (call on the loop's thread)."""
+        if self._worker is not None:
+            asyncio.get_running_loop().remove_reader(self._worker.fileno())
+            self._worker.close()
+            self._completed()
+            self._worker = None
+
+
 class ModelBatcher:
     def __init__(
         self,
         model: CompiledModel,
-        executor: Executor,
+        thread: ModelThread,
         max_rows: int = 256,
         max_wait_us: int = 0,
         max_queue_rows: int = 16384,
-        inline_max_us: int = 2000,
+        inline_max_us: int = 0,
     ):
         self.model = model
-        self.executor = executor
+        self.thread = thread
         self.configure(max_rows, max_wait_us, max_queue_rows, inline_max_us)
         self._pending: list[_Item] = []
         self._queued_rows = 0
         self._draining = False
-        self._idle_since = 0.0  # when the last native call returned
         self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
         self.on_batch: Callable[[str, int, list[float]], None] | None = None  # (model, rows, waits), on the loop
 
@@ -89,12 +123,8 @@ class ModelBatcher:
         """Margins for X; with a map table, also corrected and mapped scores (map ``map_index``)."""
         if self._queued_rows and self._queued_rows + len(X) > self.max_queue_rows:  # an idle model takes any batch
             raise Overloaded(f"model {self.model.key} has {self._queued_rows} rows queued")
-        now = time.perf_counter()
-        idle = not self._draining and now - self._idle_since > BURST_GAP
-        if idle and not self.max_wait and len(X) * self.seconds_per_row <= self.inline_max:
-            result = self._run([_Item(X, None, table, map_index, now)], len(X))[0]
-            self._done(len(X), [0.0])
-            return result
+        if not self._draining and not self.max_wait:
+            return await self._alone(X, table, map_index)
         loop = asyncio.get_running_loop()
         item = _Item(X, loop.create_future(), table, map_index)
         self._pending.append(item)
@@ -104,8 +134,27 @@ class ModelBatcher:
             loop.create_task(self._drain())
         return await item.future
 
+    async def _alone(self, X: np.ndarray, table: MapTable | None, map_index: int) -> BatchResult:
+        """The model is idle: this request's rows go out at once, from its own task (no queue,
+        no drain task).  Requests arriving meanwhile queue; a drain task takes them after."""
+        self._draining = True
+        try:
+            if len(X) * self.seconds_per_row <= self.inline_max:
+                margins = self._predict(X)
+            else:
+                started = time.perf_counter()
+                margins = await self.thread.predict(self.model, X)
+                self._learn_cost(len(X), time.perf_counter() - started)
+            result = self._run_one(X, table, map_index, margins)
+        finally:
+            if self._pending:
+                asyncio.get_running_loop().create_task(self._drain())
+            else:
+                self._draining = False
+        self._done(len(X), _NO_WAIT)
+        return result
+
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 if self.max_wait and self._queued_rows < self.max_rows:
@@ -118,10 +167,13 @@ class ModelBatcher:
                 self._queued_rows -= rows
                 started = time.perf_counter()
                 try:
+                    X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
                     if rows * self.seconds_per_row <= self.inline_max:
-                        results = self._run(items, rows)
+                        margins = self._predict(X)
                     else:
-                        results = await loop.run_in_executor(self.executor, self._run, items, rows)
+                        margins = await self.thread.predict(self.model, X)
+                        self._learn_cost(rows, time.perf_counter() - started)
+                    results = self._split(items, margins, rows)
                 except Exception as exc:  # a failed batch fails its own requests only
                     for item in items:
                         if not item.future.done():
@@ -135,19 +187,33 @@ class ModelBatcher:
                 self._done(rows, waits)
         finally:
             self._draining = False
-            self._idle_since = time.perf_counter()
 
     def _done(self, rows: int, waits: list[float]) -> None:
-        self._idle_since = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(self.model.key, rows, waits)
 
-    def _run(self, items: list[_Item], rows: int) -> list[BatchResult]:
-        X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
+    def _predict(self, X: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         margins = self.model.predict(X, margin=True)
-        per_row = (time.perf_counter() - t0) / rows
+        self._learn_cost(len(X), time.perf_counter() - t0)
+        return margins
+
+    def _learn_cost(self, rows: int, seconds: float) -> None:
+        per_row = seconds / rows
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
+
+    def _run_one(self, X: np.ndarray, table: MapTable | None, map_index: int, margins=None) -> BatchResult:
+        """One request's rows, alone: the common case under light load, so the short path."""
+        result = BatchResult(self._predict(X) if margins is None else margins, batch_rows=len(X))
+        if table is not None:
+            m = self.model.manifest
+            result.corrected, result.mapped = table.calibrate(result.margins, map_index, m.beta, m.margin_kind)
+        return result
+
+    def _split(self, items: list[_Item], margins: np.ndarray, rows: int) -> list[BatchResult]:
+        """Each item's share of a batch's margins, calibrated."""
+        if len(items) == 1:
+            return [self._run_one(items[0].X, items[0].table, items[0].map_index, margins)]
         bounds = [0]
         for item in items:
             bounds.append(bounds[-1] + len(item.X))
@@ -173,7 +239,9 @@ class ModelBatcher:
             sizes = [bounds[k + 1] - bounds[k] for k in ks]
             rows = slice(None) if len(ks) == len(items) else np.concatenate(
                 [np.arange(bounds[k], bounds[k + 1]) for k in ks])
-            index = np.repeat(np.array([items[k].map_index for k in ks], dtype=np.int64), sizes)
+            maps = {items[k].map_index for k in ks}
+            index = maps.pop() if len(maps) == 1 else np.repeat(
+                np.array([items[k].map_index for k in ks], dtype=np.int64), sizes)
             corrected, mapped = items[ks[0]].table.calibrate(margins[rows], index, m.beta, m.margin_kind)
             start = 0
             for k, n in zip(ks, sizes):

@@ -84,6 +84,6 @@ class Predictor:
             return Scores(r.margins, r.corrected, r.mapped, r.batch_rows, r.queue_wait)
         results: list[BatchResult] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
         margins, corrected = self._combine([r.margins for r in results])
-        mapped = self.table.apply(corrected, np.full(len(X), idx))
+        mapped = self.table.apply(corrected, idx)
         return Scores(margins, corrected, mapped, max(r.batch_rows for r in results),
                       max(r.queue_wait for r in results))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from muse.calib import CalibrationError, MapTable, ReferenceError, identity_map
 from muse.compile import ArtifactError, CompiledModel
 
-from .batching import ModelBatcher
+from .batching import ModelBatcher, ModelThread
 from .predictor import Predictor, ensemble_identity
 from .registry import Registry, RegistryError
 from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, SpecError
@@ -29,9 +28,9 @@ class RouteError(LookupError):
 class ModelPool:
     """Loaded models and their batchers, keyed by NAME/VERSION, shared across snapshots."""
 
-    def __init__(self, registry: Registry, executor: Executor | None = None):
+    def __init__(self, registry: Registry):
         self.registry = registry
-        self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="muse-model")
+        self.thread = ModelThread()  # every model's calls: one native thread per process
         self._batchers: dict[str, ModelBatcher] = {}
         self._lock = threading.Lock()
         self.on_batch = None  # given to every batcher: a metrics hook (model key, rows, waits)
@@ -44,7 +43,7 @@ class ModelPool:
             b = self._batchers.get(ref)
             if b is None:
                 model = self.registry.load_model(ref)
-                b = ModelBatcher(model, self.executor)
+                b = ModelBatcher(model, self.thread)
                 b.on_batch = self.on_batch
                 _apply(b, batching)
                 self._batchers[ref] = b
@@ -110,12 +109,11 @@ class Snapshot:
             for b in p.batchers:
                 margins = b.model.predict(X[:1], margin=True)
                 m = b.model.manifest
-                self.table.calibrate(margins, np.zeros(1, dtype=np.int64), m.beta, m.margin_kind)
+                self.table.calibrate(margins, 0, m.beta, m.margin_kind)  # also compiles apply()'s kernel
                 if not b.seconds_per_row:  # seed the inline-or-thread estimate before real traffic
                     t0 = time.perf_counter()
                     b.model.predict(X, margin=True)
                     b.seconds_per_row = (time.perf_counter() - t0) / len(X)
-            self.table.apply(np.zeros(1), np.zeros(1, dtype=np.int64))
 
 
 def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, source: str = "deployment") -> Snapshot:

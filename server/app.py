@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from muse.compile import rows_matrix
 from muse.core.batching import Overloaded
 from muse.core.registry import Registry
 from muse.core.snapshot import RouteError, Snapshot
@@ -280,6 +281,7 @@ class MuseApp:
         return 200, encode({"ready": True, "generation": snap.generation}), b"application/json", None
 
     async def render_metrics(self, req: Request):
+        self.serving.record_served()  # the drift windows, up to this request
         snap = self.serving.snapshot
         if snap is not None:
             self.metrics.drift.update({intent: monitor_edges(ref) for intent, ref in snap.references.items()})
@@ -388,7 +390,7 @@ def events_matrix(events, index: dict[str, int], names: tuple[str, ...]) -> np.n
             raise HTTPError(422, f"missing features {', '.join(missing)}; send null for a missing value",
                             f"$.events[{i}].features.{missing[0]}")
         rows.append(row)
-    return np.array(rows, dtype=np.float64)
+    return rows_matrix(rows, width)
 
 
 def decode_infer_request(body: bytes) -> InferRequest:

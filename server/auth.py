@@ -5,7 +5,9 @@ A key reads ``muse_<id>_<secret>``.  The file keeps the id, the tenant (or
 `muse keys add`, and never stored.  Clients send it as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.  The id selects the
 record and the digests are compared with ``hmac.compare_digest``, so timing
-tells an attacker nothing about how much of a secret was right."""
+tells an attacker nothing about how much of a secret was right.  A key that
+verified once is remembered (id -> secret, compared the same way) until
+keys.toml changes: hashing on every request was 3 of a request's ~60 us."""
 from __future__ import annotations
 
 import datetime
@@ -100,7 +102,9 @@ class Authenticator:
     def __init__(self, path: pathlib.Path | None):
         self.path = path  # None: auth off
         self._mtime: int | None = None
-        self._records: dict[str, KeyRecord] = {}
+        # (id -> record, key id -> (secret, principal) verified under those records): replaced as
+        # one pair, so a key verified against records a reload just dropped is not remembered.
+        self._keys: tuple[dict[str, KeyRecord], dict[bytes, tuple[bytes, Principal]]] = ({}, {})
         self.reload()
 
     @property
@@ -116,7 +120,7 @@ class Authenticator:
             mtime = None
         if mtime == self._mtime:
             return False
-        self._records = {k.id: k for k in read_keys(self.path).keys}
+        self._keys = ({k.id: k for k in read_keys(self.path).keys}, {})
         self._mtime = mtime
         return True
 
@@ -125,17 +129,22 @@ class Authenticator:
             return ANONYMOUS
         raw = headers.get(b"authorization")
         if raw is not None:
-            scheme, _, token = raw.decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer":
+            scheme, _, token = raw.partition(b" ")
+            if scheme.lower() != b"bearer":
                 raise AuthError(401, "authorization: expected 'Bearer <key>'")
         else:
-            raw = headers.get(b"x-api-key")
-            if raw is None:
+            token = headers.get(b"x-api-key")
+            if token is None:
                 raise AuthError(401, "authorization: missing credential; send 'Authorization: Bearer <key>'")
-            token = raw.decode("latin-1")
-        prefix, _, rest = token.strip().partition("_")
-        key_id, _, secret = rest.partition("_")
-        record = self._records.get(key_id) if prefix == "muse" else None
-        if record is None or not hmac.compare_digest(_digest(secret), record.sha256):
+        prefix, _, rest = token.strip().partition(b"_")
+        key_id, _, secret = rest.partition(b"_")
+        records, remembered = self._keys
+        verified = remembered.get(key_id)
+        if verified is not None and prefix == b"muse" and hmac.compare_digest(secret, verified[0]):
+            return verified[1]
+        record = records.get(key_id.decode("latin-1")) if prefix == b"muse" else None
+        if record is None or not hmac.compare_digest(hashlib.sha256(secret).hexdigest(), record.sha256):
             raise AuthError(401, "authorization: unknown or revoked key")
-        return Principal(record.id, record.tenant, record.admin)
+        principal = Principal(record.id, record.tenant, record.admin)
+        remembered[key_id] = (secret, principal)
+        return principal

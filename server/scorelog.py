@@ -86,11 +86,19 @@ class ScoreLog:
 
     def record(self, tenant: str, intent: str, predictor: str, version: str, role: str, generation: int,
                margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
-        """Log one request's scores (sampled per request) for one tenant.  Thread-safe, a few us."""
-        if self.sample < 1.0 and self._rng.random() >= self.sample:
-            return
+        """Log one request's scores (sampled per request) for one tenant, timed now."""
+        if self.sampled():
+            self.append(tenant, intent, predictor, version, role, generation, margins, corrected, mapped,
+                        np.full(len(margins), int(time.time() * 1e6)))
+
+    def sampled(self) -> bool:
+        """Whether to keep a request's scores (decided per request)."""
+        return self.sample >= 1.0 or self._rng.random() < self.sample
+
+    def append(self, tenant: str, intent: str, predictor: str, version: str, role: str, generation: int,
+               margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray, at_us: np.ndarray) -> None:
+        """Store rows (already sampled) scored at ``at_us`` (microseconds since the epoch).  Thread-safe."""
         key = (tenant, intent, predictor, version, role)
-        now = int(time.time() * 1e6)
         with self._lock:
             code = self._codes.get(key)
             if code is None:
@@ -100,19 +108,9 @@ class ScoreLog:
             while start < len(margins):
                 b = self._buffer
                 take = min(len(margins) - start, b.capacity - b.rows)
-                if take == 1:  # batch-1 requests: scalar stores cost a fifth of slice stores
-                    i = b.rows
-                    b.time[i], b.label[i], b.generation[i] = now, code, generation
-                    b.margin[i], b.corrected[i], b.mapped[i] = margins[start], corrected[start], mapped[start]
-                    b.rows += 1
-                    start += 1
-                    if b.rows == b.capacity:
-                        self._full.append(b)
-                        self._buffer = _Buffer(self.rows_per_file)
-                    continue
                 rows = slice(b.rows, b.rows + take)
                 part = slice(start, start + take)
-                b.time[rows] = now
+                b.time[rows] = at_us[part]
                 b.label[rows] = code
                 b.generation[rows] = generation
                 b.margin[rows] = margins[part]

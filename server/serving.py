@@ -10,6 +10,8 @@ under them."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,13 +32,13 @@ log = logging.getLogger("muse.serve")
 
 class Serving:
     def __init__(self, registry: Registry, metrics: Metrics, poll_interval: float = 0.25,
-                 shadow_queue: int = 8192, model_threads: int = 2, score_log: ScoreLog | None = None,
+                 shadow_queue: int = 8192, score_log: ScoreLog | None = None,
                  on_poll=None):
         self.registry = registry
         self.store = DeploymentStore(registry)
         self.metrics = metrics
         self.poll_interval = poll_interval
-        self.pool = ModelPool(registry, ThreadPoolExecutor(model_threads, thread_name_prefix="muse-model"))
+        self.pool = ModelPool(registry)
         self.pool.on_batch = metrics.observe_batch
         # One thread for background work: loading generations, shadows, score log writes.
         # (Running it niced was measured no better: it can be descheduled holding the GIL.)
@@ -48,12 +50,17 @@ class Serving:
         self._shadow_capacity = shadow_queue
         self._tasks: list[asyncio.Task] = []
         self.score_log = score_log
+        self._served: collections.deque = collections.deque()  # see record()
         self.on_poll = on_poll  # called on the loader thread at every poll (e.g. reload API keys)
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Load and warm the current generation (if any) before the first request."""
         await self.refresh()
+        # Everything loaded so far (modules, models, kernels) lives as long as the process: keep
+        # it out of the collector's full passes, which otherwise walk it every few thousand
+        # requests (measured: ~10% of the loop's time at 7k req/s went to the collector).
+        gc.freeze()
         self._shadows = asyncio.Queue(self._shadow_capacity)
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._shadow_worker())]
 
@@ -62,7 +69,8 @@ class Serving:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._loader.shutdown(wait=True)  # finishes shadow work already taken
-        self.pool.executor.shutdown(wait=False)
+        self.pool.thread.close()
+        self.record_served()
         if self.score_log is not None:
             self.score_log.flush()  # nothing logged is lost on a clean shutdown
 
@@ -116,6 +124,8 @@ class Serving:
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
+                self.metrics.flush()  # on the loop, where the tallies are written
+                self.record_served()
                 await self.refresh()
                 if self.on_poll is not None:
                     await self.in_background(self.on_poll)
@@ -162,8 +172,32 @@ class Serving:
 
     def record(self, tenant: str, predictor: Predictor, role: str, generation: int,
                margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
-        """Scores that were served (role "active") or shadowed: into the drift window and the score log."""
-        self.metrics.drift.observe(tenant, predictor.intent, predictor.name, mapped)
-        if self.score_log is not None:
-            self.score_log.record(tenant, predictor.intent, predictor.name, predictor.version, role, generation,
-                                  margins, corrected, mapped)
+        """Scores that were served (role "active") or shadowed, for the drift windows and the
+        score log.  Only queued here: ``record_served`` stores them in bulk at each poll, one
+        window update and one log append per series, not per request (~5 us a request saved).
+        Thread-safe (deque appends), as shadows are recorded from the background thread."""
+        self._served.append((tenant, predictor, role, generation, margins, corrected, mapped, time.time()))
+
+    def record_served(self) -> None:
+        """Move the queued scores into the drift windows and the score log."""
+        served = [self._served.popleft() for _ in range(len(self._served))]
+        log = self.score_log
+        windows: dict[tuple, list] = {}
+        logged: dict[tuple, list] = {}
+        for item in served:
+            tenant, predictor = item[0], item[1]
+            windows.setdefault((tenant, id(predictor)), []).append(item)
+            if log is not None and log.sampled():
+                logged.setdefault((tenant, id(predictor), item[2], item[3]), []).append(item)
+        for items in windows.values():
+            tenant, predictor = items[0][0], items[0][1]
+            self.metrics.drift.observe(tenant, predictor.intent, predictor.name, _joined(items, 6))
+        for items in logged.values():
+            tenant, predictor, role, generation = items[0][:4]
+            at_us = np.repeat(np.array([item[7] for item in items]) * 1e6, [len(item[4]) for item in items])
+            log.append(tenant, predictor.intent, predictor.name, predictor.version, role, generation,
+                       _joined(items, 4), _joined(items, 5), _joined(items, 6), at_us.astype(np.int64))
+
+
+def _joined(items: list[tuple], field: int) -> np.ndarray:
+    return items[0][field] if len(items) == 1 else np.concatenate([item[field] for item in items])
