@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -38,22 +37,30 @@ class Overloaded(RuntimeError):
     """The model's queue is full: shed load instead of queueing without bound."""
 
 
-@dataclass
-class BatchResult:
-    margins: np.ndarray
-    corrected: np.ndarray | None = None
-    mapped: np.ndarray | None = None
-    batch_rows: int = 0
-    queue_wait: float = 0.0
+class Scores:
+    """A request's scores: raw margins (its share of a batch) and, with a map table, corrected and
+    mapped scores.  (A slotted class, not a dataclass: one is made per request on the hot path.)"""
+
+    __slots__ = ("margins", "corrected", "mapped", "batch_rows", "queue_wait")
+
+    def __init__(self, margins: np.ndarray, corrected: np.ndarray | None = None, mapped: np.ndarray | None = None,
+                 batch_rows: int = 0, queue_wait: float = 0.0):
+        self.margins = margins
+        self.corrected = corrected
+        self.mapped = mapped
+        self.batch_rows = batch_rows
+        self.queue_wait = queue_wait
 
 
-@dataclass
 class _Item:
-    X: np.ndarray
-    future: asyncio.Future | None  # None: scored at once on the caller's task
-    table: MapTable | None
-    map_index: int
-    enqueued: float = field(default_factory=time.perf_counter)
+    __slots__ = ("X", "future", "table", "map_index", "enqueued")
+
+    def __init__(self, X: np.ndarray, future: asyncio.Future, table: MapTable | None, map_index: int):
+        self.X = X
+        self.future = future
+        self.table = table
+        self.map_index = map_index
+        self.enqueued = time.perf_counter()
 
 
 class ModelThread:
@@ -119,7 +126,7 @@ class ModelBatcher:
         self.max_queue_rows = max_queue_rows
         self.inline_max = inline_max_us / 1e6
 
-    async def submit(self, X: np.ndarray, table: MapTable | None = None, map_index: int = 0) -> BatchResult:
+    async def submit(self, X: np.ndarray, table: MapTable | None = None, map_index: int = 0) -> Scores:
         """Margins for X; with a map table, also corrected and mapped scores (map ``map_index``)."""
         if self._queued_rows and self._queued_rows + len(X) > self.max_queue_rows:  # an idle model takes any batch
             raise Overloaded(f"model {self.model.key} has {self._queued_rows} rows queued")
@@ -134,7 +141,7 @@ class ModelBatcher:
             loop.create_task(self._drain())
         return await item.future
 
-    async def _alone(self, X: np.ndarray, table: MapTable | None, map_index: int) -> BatchResult:
+    async def _alone(self, X: np.ndarray, table: MapTable | None, map_index: int) -> Scores:
         """The model is idle: this request's rows go out at once, from its own task (no queue,
         no drain task).  Requests arriving meanwhile queue; a drain task takes them after."""
         self._draining = True
@@ -202,25 +209,41 @@ class ModelBatcher:
         per_row = seconds / rows
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
 
-    def _run_one(self, X: np.ndarray, table: MapTable | None, map_index: int, margins=None) -> BatchResult:
+    def _run_one(self, X: np.ndarray, table: MapTable | None, map_index: int, margins=None) -> Scores:
         """One request's rows, alone: the common case under light load, so the short path."""
-        result = BatchResult(self._predict(X) if margins is None else margins, batch_rows=len(X))
+        result = Scores(self._predict(X) if margins is None else margins, batch_rows=len(X))
         if table is not None:
             m = self.model.manifest
             result.corrected, result.mapped = table.calibrate(result.margins, map_index, m.beta, m.margin_kind)
         return result
 
-    def _split(self, items: list[_Item], margins: np.ndarray, rows: int) -> list[BatchResult]:
-        """Each item's share of a batch's margins, calibrated."""
+    def _split(self, items: list[_Item], margins: np.ndarray, rows: int) -> list[Scores]:
+        """Each item's share of a batch's margins, calibrated: one kernel call when the items share
+        a map table and map (the steady state), else one per table."""
+        first = items[0]
         if len(items) == 1:
-            return [self._run_one(items[0].X, items[0].table, items[0].map_index, margins)]
+            return [self._run_one(first.X, first.table, first.map_index, margins)]
+        table, index = first.table, first.map_index
+        if all(item.table is table and item.map_index == index for item in items):
+            if table is None:
+                corrected = mapped = None
+            else:
+                m = self.model.manifest
+                corrected, mapped = table.calibrate(margins, index, m.beta, m.margin_kind)
+            out, start = [], 0
+            for item in items:
+                end = start + len(item.X)
+                out.append(Scores(margins[start:end], corrected if corrected is None else corrected[start:end],
+                                       mapped if mapped is None else mapped[start:end], rows))
+                start = end
+            return out
         bounds = [0]
         for item in items:
             bounds.append(bounds[-1] + len(item.X))
         calibrated = self._calibrate(items, margins, bounds)
         out = []
         for k, item in enumerate(items):
-            part = BatchResult(margins[bounds[k]:bounds[k + 1]], batch_rows=rows)
+            part = Scores(margins[bounds[k]:bounds[k + 1]], batch_rows=rows)
             if calibrated[k] is not None:
                 part.corrected, part.mapped = calibrated[k]
             out.append(part)
@@ -239,9 +262,7 @@ class ModelBatcher:
             sizes = [bounds[k + 1] - bounds[k] for k in ks]
             rows = slice(None) if len(ks) == len(items) else np.concatenate(
                 [np.arange(bounds[k], bounds[k + 1]) for k in ks])
-            maps = {items[k].map_index for k in ks}
-            index = maps.pop() if len(maps) == 1 else np.repeat(
-                np.array([items[k].map_index for k in ks], dtype=np.int64), sizes)
+            index = np.repeat(np.array([items[k].map_index for k in ks], dtype=np.int64), sizes)
             corrected, mapped = items[ks[0]].table.calibrate(margins[rows], index, m.beta, m.margin_kind)
             start = 0
             for k, n in zip(ks, sizes):

@@ -14,16 +14,7 @@ import numpy as np
 from muse.calib import MapTable, ModelIdentity
 from muse.calib.posterior import correct_margins, correct_probabilities
 
-from .batching import BatchResult, ModelBatcher
-
-
-@dataclass(frozen=True)
-class Scores:
-    margins: np.ndarray  # the (combined) raw model output
-    corrected: np.ndarray
-    mapped: np.ndarray
-    batch_rows: int
-    queue_wait: float
+from .batching import ModelBatcher, Scores
 
 
 def ensemble_identity(name: str, version: str, library_hashes: list[str]) -> ModelIdentity:
@@ -80,9 +71,8 @@ class Predictor:
     async def score(self, X: np.ndarray, tenant: str) -> Scores:
         idx = self.map_index(tenant)
         if len(self.batchers) == 1:
-            r = await self.batchers[0].submit(X, self.table, idx)
-            return Scores(r.margins, r.corrected, r.mapped, r.batch_rows, r.queue_wait)
-        results: list[BatchResult] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
+            return await self.batchers[0].submit(X, self.table, idx)
+        results: list[Scores] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
         margins, corrected = self._combine([r.margins for r in results])
         mapped = self.table.apply(corrected, idx)
         return Scores(margins, corrected, mapped, max(r.batch_rows for r in results),
