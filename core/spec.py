@@ -18,7 +18,7 @@
     max_rows = 256
     max_wait_us = 0
     max_queue_rows = 16384
-    inline_max_us = 0
+    inline_max_us = 2000
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     max_rows: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256  # rows per native call
     max_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0  # linger for a fuller batch
     max_queue_rows: Annotated[int, msgspec.Meta(ge=1)] = 16384  # beyond this: 503, not a longer queue
-    inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 0  # batches predicted cheaper run on the event loop
+    inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 2000  # a lone request predicted cheaper runs on the loop
 
 
 class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

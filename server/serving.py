@@ -125,7 +125,8 @@ class Serving:
             await asyncio.sleep(self.poll_interval)
             try:
                 self.metrics.flush()  # on the loop, where the tallies are written
-                self.record_served()
+                while self.record_served(limit=256):  # ~0.2 ms a slice: requests run in between
+                    await asyncio.sleep(0)
                 await self.refresh()
                 if self.on_poll is not None:
                     await self.in_background(self.on_poll)
@@ -178,9 +179,10 @@ class Serving:
         Thread-safe (deque appends), as shadows are recorded from the background thread."""
         self._served.append((tenant, predictor, role, generation, margins, corrected, mapped, time.time()))
 
-    def record_served(self) -> None:
-        """Move the queued scores into the drift windows and the score log."""
-        served = [self._served.popleft() for _ in range(len(self._served))]
+    def record_served(self, limit: int | None = None) -> bool:
+        """Move queued scores (up to ``limit`` requests') into the drift windows and the score log;
+        True if more remain queued."""
+        served = [self._served.popleft() for _ in range(min(len(self._served), limit or len(self._served)))]
         log = self.score_log
         windows: dict[tuple, list] = {}
         logged: dict[tuple, list] = {}
@@ -197,6 +199,7 @@ class Serving:
             at_us = np.repeat(np.array([item[7] for item in items]) * 1e6, [len(item[4]) for item in items])
             log.append(tenant, predictor.intent, predictor.name, predictor.version, role, generation,
                        _joined(items, 4), _joined(items, 5), _joined(items, 6), at_us.astype(np.int64))
+        return bool(self._served)
 
 
 def _joined(items: list[tuple], field: int) -> np.ndarray:
