@@ -32,7 +32,7 @@ class _Tally:
 
     Flushing a histogram adds each bucket's count to the child's bucket values; that is
     prometheus_client's own storage layout (``_buckets``, ``_sum``), which observe() writes
-    one observation at a time.  tests/test_server.py checks a flushed tally against observe()."""
+    one observation at a time.  tests/test_request_path.py checks a flushed tally against observe()."""
 
     __slots__ = ("child", "bounds", "counts", "total")
 
