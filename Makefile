@@ -25,6 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m muse.bench.kernel
 	$(BIN)/python -m muse.bench.calib_kernels
+	$(BIN)/python -m muse.bench.request_path
 	$(BIN)/python -m muse.bench.http
 
 clean:
