@@ -94,21 +94,21 @@ _NO_INDEX = np.zeros(0, dtype=np.int64)
 class MapTable:
     """Many quantile maps packed for the mixed-batch kernels.  Immutable."""
 
-    __slots__ = ("xs", "ys", "slopes", "knots", "offsets", "grids")
+    __slots__ = ("knots", "offsets", "grids")
 
     def __init__(self, maps):
         maps = list(maps)
-        sizes = [len(m.xs) for m in maps]
         self.offsets = np.zeros(len(maps) + 1, dtype=np.int64)
-        self.offsets[1:] = np.cumsum(sizes)
-        self.xs = np.concatenate([m.xs for m in maps]) if maps else np.zeros(0)
-        self.ys = np.concatenate([m.ys for m in maps]) if maps else np.zeros(0)
-        # Per-segment slopes (0 after each map's last knot) spare a division per score.
-        self.slopes = np.concatenate([np.append(np.diff(m.ys) / np.diff(m.xs), 0.0) for m in maps]) if maps else np.zeros(0)
+        self.offsets[1:] = np.cumsum([len(m.xs) for m in maps])
+        # Rows: x, y, and the slope to the next knot (0 after each map's last), which spares a
+        # division per score.
+        self.knots = np.zeros((3, 0))
+        if maps:
+            self.knots = np.stack([np.concatenate([m.xs for m in maps]), np.concatenate([m.ys for m in maps]),
+                                   np.concatenate([np.append(np.diff(m.ys) / np.diff(m.xs), 0.0) for m in maps])])
         grids = [build_grid(m.xs) for m in maps]
         self.grids = np.concatenate(grids) if grids else np.zeros(0, dtype=np.int16)
-        self.knots = np.stack([self.xs, self.ys, self.slopes])
-        for arr in (self.xs, self.ys, self.slopes, self.knots, self.offsets, self.grids):
+        for arr in (self.knots, self.offsets, self.grids):
             arr.setflags(write=False)
 
     def __len__(self) -> int:

@@ -5,15 +5,16 @@ Model calls run on a native thread (``ModelThread``), off the event loop's
 thread -- and, on a machine with a core to spare, off its core: a 500-tree
 model's code is larger than a core's L2, and sharing one core made both the
 model (27 us in situ against 9 in a tight loop) and the Python around it
-several times slower (measured in bench/request_path.py).  The thread never
+several times slower (measured in-process; bench/request_path.py shows what
+is left on the loop).  The thread never
 takes the GIL; it signals completions on an eventfd the loop watches, so a
 hand-off costs the loop a few microseconds and no GIL hand-over.
 
 A request that finds its model idle is sent at once; if nothing else is
 happening (no call returned in the last 50 us) and it is predicted cheaper
 than ``inline_max_us``, it runs on the loop itself: at light load the
-hand-off's two wake-ups cost more latency than the model (measured, bench/
-http.py: p99 1.7 ms inline against 2.2 ms handed off at 2,600 req/s).
+hand-off's two wake-ups cost more latency than the model (measured with
+bench/loadgen.c at 2,600 req/s: p99 1.7 ms inline, 2.2 ms handed off).
 Requests that arrive while a call is in flight queue, and when it returns
 everything queued (up to ``max_rows``) goes to the thread in the next call.
 So batches grow with load without a timer, a lone request never sits out a
@@ -154,13 +155,8 @@ class ModelBatcher:
         no drain task).  Requests arriving meanwhile queue; a drain task takes them after."""
         self._draining = True
         try:
-            if inline:
-                margins = self._predict(X)
-            else:
-                started = time.perf_counter()
-                margins = await self.thread.predict(self.model, X)
-                self._learn_cost(len(X), time.perf_counter() - started)
-            result = self._run_one(X, table, map_index, margins)
+            margins = self._predict(X) if inline else await self.thread.predict(self.model, X)
+            result = self._run_one(margins, table, map_index)
         finally:
             if self._pending:
                 asyncio.get_running_loop().create_task(self._drain())
@@ -184,7 +180,6 @@ class ModelBatcher:
                 try:
                     X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
                     margins = await self.thread.predict(self.model, X)
-                    self._learn_cost(rows, time.perf_counter() - started)
                     results = self._split(items, margins, rows)
                 except Exception as exc:  # a failed batch fails its own requests only
                     for item in items:
@@ -206,72 +201,45 @@ class ModelBatcher:
             self.on_batch(self.model.key, rows, waits)
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
+        """Margins on the loop's thread; their cost per row (not the thread's round trip, which
+        is mostly waiting) is what decides whether a lone request runs here."""
         t0 = time.perf_counter()
         margins = self.model.predict(X, margin=True)
-        self._learn_cost(len(X), time.perf_counter() - t0)
+        per_row = (time.perf_counter() - t0) / len(X)
+        self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         return margins
 
-    def _learn_cost(self, rows: int, seconds: float) -> None:
-        per_row = seconds / rows
-        self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
-
-    def _run_one(self, X: np.ndarray, table: MapTable | None, map_index: int, margins=None) -> Scores:
-        """One request's rows, alone: the common case under light load, so the short path."""
-        result = Scores(self._predict(X) if margins is None else margins, batch_rows=len(X))
+    def _run_one(self, margins: np.ndarray, table: MapTable | None, map_index: int) -> Scores:
+        """One request's margins, calibrated: the common case under light load, so the short path."""
+        result = Scores(margins, batch_rows=len(margins))
         if table is not None:
             m = self.model.manifest
-            result.corrected, result.mapped = table.calibrate(result.margins, map_index, m.beta, m.margin_kind)
+            result.corrected, result.mapped = table.calibrate(margins, map_index, m.beta, m.margin_kind)
         return result
 
     def _split(self, items: list[_Item], margins: np.ndarray, rows: int) -> list[Scores]:
-        """Each item's share of a batch's margins, calibrated: one kernel call when the items share
-        a map table and map (the steady state), else one per table."""
-        first = items[0]
+        """Each item's share of a batch's margins, calibrated with one kernel call per map table in
+        the batch (one, except while a deployment swap mixes generations), and one map index for
+        all rows when the table's items share a map (the steady state)."""
         if len(items) == 1:
-            return [self._run_one(first.X, first.table, first.map_index, margins)]
-        table, index = first.table, first.map_index
-        if all(item.table is table and item.map_index == index for item in items):
-            if table is None:
-                corrected = mapped = None
-            else:
-                m = self.model.manifest
-                corrected, mapped = table.calibrate(margins, index, m.beta, m.margin_kind)
-            out, start = [], 0
-            for item in items:
-                end = start + len(item.X)
-                out.append(Scores(margins[start:end], corrected if corrected is None else corrected[start:end],
-                                       mapped if mapped is None else mapped[start:end], rows))
-                start = end
-            return out
-        bounds = [0]
+            return [self._run_one(margins, items[0].table, items[0].map_index)]
+        out, start = [], 0
         for item in items:
-            bounds.append(bounds[-1] + len(item.X))
-        calibrated = self._calibrate(items, margins, bounds)
-        out = []
-        for k, item in enumerate(items):
-            part = Scores(margins[bounds[k]:bounds[k + 1]], batch_rows=rows)
-            if calibrated[k] is not None:
-                part.corrected, part.mapped = calibrated[k]
-            out.append(part)
-        return out
-
-    def _calibrate(self, items: list[_Item], margins: np.ndarray, bounds: list[int]) -> list:
-        """(corrected, mapped) per item: one kernel call per map table in the batch -- one, except
-        while a deployment swap mixes generations; None for items that asked for margins only."""
+            out.append(Scores(margins[start:start + len(item.X)], batch_rows=rows))
+            start += len(item.X)
         groups: dict[int, list[int]] = {}
         for k, item in enumerate(items):
             if item.table is not None:
                 groups.setdefault(id(item.table), []).append(k)
-        out: list = [None] * len(items)
         m = self.model.manifest
         for ks in groups.values():
-            sizes = [bounds[k + 1] - bounds[k] for k in ks]
-            rows = slice(None) if len(ks) == len(items) else np.concatenate(
-                [np.arange(bounds[k], bounds[k + 1]) for k in ks])
-            index = np.repeat(np.array([items[k].map_index for k in ks], dtype=np.int64), sizes)
-            corrected, mapped = items[ks[0]].table.calibrate(margins[rows], index, m.beta, m.margin_kind)
+            parts = [out[k].margins for k in ks]
+            maps = {items[k].map_index for k in ks}
+            index = maps.pop() if len(maps) == 1 else np.repeat([items[k].map_index for k in ks], [len(p) for p in parts])
+            raw = margins if len(ks) == len(items) else np.concatenate(parts)
+            corrected, mapped = items[ks[0]].table.calibrate(raw, index, m.beta, m.margin_kind)
             start = 0
-            for k, n in zip(ks, sizes):
-                out[k] = corrected[start:start + n], mapped[start:start + n]
-                start += n
+            for k, part in zip(ks, parts):
+                out[k].corrected, out[k].mapped = corrected[start:start + len(part)], mapped[start:start + len(part)]
+                start += len(part)
         return out

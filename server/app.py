@@ -214,7 +214,7 @@ class MuseApp:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
 
     def _after_scoring(self, route, tenant: str, X, scores, generation: int) -> None:
-        """Off the response's path in cost: a ring write, a column store, a queue put."""
+        """Off the response's path in cost: two queue appends (scores to record, rows to shadow)."""
         self.serving.record(tenant, route.active, "active", generation, scores.margins, scores.corrected,
                             scores.mapped)
         if route.shadows:

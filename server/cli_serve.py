@@ -37,11 +37,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # Polars (the score log) would start a thread per core in every worker and compete with the
     # request path for the CPU; one background thread per worker is plenty.
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
-    # Likewise OpenBLAS (numpy's, and scipy's if imported): its idle threads spin after any call
-    # that used them, and nothing on the request path needs a parallel BLAS (measured: ~5% of
-    # a core per pool under load).
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
     metrics_dir = None
     if args.workers > 1:  # every worker writes its metrics here; /metrics merges them
         metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")

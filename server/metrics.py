@@ -8,8 +8,8 @@ answers it.
 The per-request series are tallied in plain Python on the event loop and
 added to prometheus_client's series in bulk by ``flush()`` (on every scrape
 and every poll of the deployment watcher): prometheus_client's own observe() takes a lock per bucket
-and sum, and five of them per request cost ~8 us of a batch-1 request's
-~60 (measured in bench/request_path.py); a tally costs a list increment."""
+and sum, and the five per request cost ~8 us of a batch-1 request (measured
+in-process); a tally costs a list increment."""
 from __future__ import annotations
 
 import os

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,10 +56,6 @@ class Serving:
     async def start(self) -> None:
         """Load and warm the current generation (if any) before the first request."""
         await self.refresh()
-        # Everything loaded so far (modules, models, kernels) lives as long as the process: keep
-        # it out of the collector's full passes, which otherwise walk it every few thousand
-        # requests (measured: ~10% of the loop's time at 7k req/s went to the collector).
-        gc.freeze()
         self._shadows = asyncio.Queue(self._shadow_capacity)
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._shadow_worker())]
 
