@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         work = pathlib.Path(tmp)
         loadgen = build_loadgen(work)
         registry, key = build_registry(work, args.results, args.batching.replace(";", "\n"))
-        granian = [sys.executable, "-m", "granian", "--interface", "asgi", "--workers", str(args.workers),
-                   "--backlog", "2048", "--no-ws"]
+        granian = [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop",
+                   "--workers", str(args.workers), "--backlog", "2048", "--no-ws"]  # as `muse serve` runs it
         servers = {
             "no-op granian+msgspec": lambda port: Process(
                 [*granian, "--port", str(port), "muse.bench.noop_app:app"], port),

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+import uvloop
 
 from muse.bench.http import build_registry
 from muse.bench.models import fraud_like_matrix
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         registry, key = build_registry(pathlib.Path(tmp), args.results)
-        rows = asyncio.run(measure(registry, key, [int(c) for c in args.clients.split(",")], args.seconds,
+        rows = uvloop.run(measure(  # the loop `muse serve` runsregistry, key, [int(c) for c in args.clients.split(",")], args.seconds,
                                    args.repeats))
     print_table(["app", "concurrent callers", "loop CPU us/request (median)", "requests/s in-process"], rows)
 

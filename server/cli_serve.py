@@ -15,7 +15,7 @@ from muse.core.spec import SpecError, encode_spec
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import Interfaces, Loops
 
     from .auth import keys_path, read_keys
 
@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         Granian(
-            "muse.server.app:create_app", factory=True, interface=Interfaces.ASGI,
+            "muse.server.app:create_app", factory=True, interface=Interfaces.ASGI, loop=Loops.uvloop,
             address=args.host, port=args.port, workers=args.workers, backlog=args.backlog,
             log_access=args.access_log, websockets=False,
         ).serve()

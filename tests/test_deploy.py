@@ -124,3 +124,51 @@ models = ["lightgbm/1", "lightgbm-copy/1"]
     np.testing.assert_allclose(b.score_now(X, index).mapped, expected, rtol=1e-12)
     np.testing.assert_allclose(ens.score_now(X, index).mapped, expected, rtol=1e-12)
     assert a.map_index("acme") != a.map_index("someone-else") == a.maps[None]
+
+
+def test_a_replaced_generation_is_freed_without_the_cycle_collector(reg):
+    """Serving freezes what it has loaded (gc.freeze); that is only safe while snapshots hold no
+    reference cycles, so a model no generation names must go with its last reference."""
+    import asyncio
+    import gc
+    import weakref
+
+    from muse.server.metrics import Metrics
+    from muse.server.serving import Serving
+
+    other = """
+[[predictors]]
+name = "x"
+version = "1"
+intent = "fraud"
+models = ["xgboost-json/1"]
+
+[[routes]]
+tenant = "*"
+intent = "fraud"
+active = "x"
+"""
+    store = DeploymentStore(reg)
+
+    async def run():
+        store.apply(spec(BASE))
+        serving = Serving(reg, Metrics())
+        await serving.start()
+        try:
+            route = serving.snapshot.route("acme", "fraud")
+            await route.active.score(rows(3, seed=2), "acme")  # through the batcher and model thread
+            batcher, snapshot = weakref.ref(route.active.batchers[0]), weakref.ref(serving.snapshot)
+            del route
+            store.apply(spec(other))
+            assert await serving.refresh()
+            return batcher, snapshot
+        finally:
+            await serving.stop()
+
+    gc.disable()  # only reference counting may free it
+    try:
+        batcher, snapshot = asyncio.run(run())
+        assert snapshot() is None and batcher() is None  # and with the batcher, its model
+    finally:
+        gc.enable()
+        gc.unfreeze()
