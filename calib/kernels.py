@@ -41,6 +41,12 @@ def build_grid(xs: np.ndarray) -> np.ndarray:
 IDENTITY, LOGIT, PROBABILITY = 0, 1, 2  # what calibrate_rows does before mapping
 
 
+def correction(beta: float, margin_kind: str) -> tuple[int, float]:
+    """calibrate_rows' (kind, param) for a model's raw outputs: margins ("logit") are shifted
+    by ln beta, probabilities corrected with beta itself."""
+    return (LOGIT, math.log(beta)) if margin_kind == "logit" else (PROBABILITY, beta)
+
+
 # FMA contraction only, as in posterior.py: it lets the correction loop vectorize.
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def calibrate_rows(raw, kind, param, single, map_index, offsets, knots, grids, out):
@@ -86,6 +92,25 @@ def calibrate_rows(raw, kind, param, single, map_index, offsets, knots, grids, o
         else:
             mapped[i] = ys[lo] if s == s else s  # below the first knot; NaN stays NaN
     return -1
+
+
+_p = numba.types.CPointer
+
+
+# The same kernel as a C function, for callers that hold no GIL (the native model thread) or
+# cannot afford a Numba dispatch (~10 us in the server, for 9 arguments): compile/_native.pyx
+# calls it through ``calibrate_rows_c.address`` with this signature.  The scores are read from
+# ``raw`` and written to ``out`` as [2, n] (corrected, mapped); ``index`` is read only when
+# ``single`` < 0; the table is MapTable's arrays.
+@numba.cfunc(numba.int64(_p(numba.float64), numba.int64, numba.int64, numba.float64, numba.int64, _p(numba.int64),
+                         _p(numba.int64), numba.int64, _p(numba.float64), numba.int64, _p(numba.int16),
+                         _p(numba.float64)),
+             nopython=True, cache=True, error_model="numpy")
+def calibrate_rows_c(raw, n, kind, param, single, index, offsets, maps, knots, nknots, grids, out):
+    return calibrate_rows(numba.carray(raw, (n,)), kind, param, single,
+                          numba.carray(index, (n if single < 0 else 0,)), numba.carray(offsets, (maps + 1,)),
+                          numba.carray(knots, (3, nknots)), numba.carray(grids, (maps * (GRID_SIZE + 1),)),
+                          numba.carray(out, (2, n)))
 
 
 _NO_INDEX = np.zeros(0, dtype=np.int64)
@@ -135,10 +160,8 @@ class MapTable:
     def calibrate(self, raw: np.ndarray, map_index, beta: float, margin_kind: str, out=None):
         """(corrected, mapped) for one model's raw outputs; ``map_index`` is one map for all rows
         (an int) or one per row.  ``out`` may pass a preallocated float64 [2, rows] array to reuse."""
-        raw = np.ascontiguousarray(raw, dtype=np.float64)
-        if margin_kind == "logit":
-            return self._run(raw, LOGIT, math.log(beta), map_index, out)
-        return self._run(raw, PROBABILITY, beta, map_index, out)
+        kind, param = correction(beta, margin_kind)
+        return self._run(np.ascontiguousarray(raw, dtype=np.float64), kind, param, map_index, out)
 
     def _run(self, raw: np.ndarray, kind: int, param: float, map_index, out):
         single, idx = self._index(map_index, raw.shape[0])

@@ -16,8 +16,10 @@ import numpy as np
 import tl2cgen
 import treelite
 
+from muse.calib.kernels import correction
+
 from . import codegen
-from ._native import NativeLibrary, NativeLoadError, NativeWorker
+from ._native import Calibrator, NativeLibrary, NativeLoadError, NativeWorker
 from .errors import ArtifactError, ModelFormatError
 from .frontends import load_source_model
 from .manifest import Manifest, read_manifest, sha256_file, write_manifest
@@ -104,12 +106,13 @@ def build_artifact(
 class CompiledModel:
     """A verified, loaded artifact.  ``predict`` is thread-safe and releases the GIL."""
 
-    __slots__ = ("manifest", "directory", "_lib")
+    __slots__ = ("manifest", "directory", "_lib", "_correction")
 
     def __init__(self, directory: pathlib.Path, manifest: Manifest, lib: NativeLibrary):
         self.directory = directory
         self.manifest = manifest
         self._lib = lib
+        self._correction = correction(manifest.beta, manifest.margin_kind)
 
     @property
     def key(self) -> str:
@@ -123,19 +126,34 @@ class CompiledModel:
         """Probabilities (or raw margins) for a [rows, features] float32/float64 matrix."""
         return self._lib.predict(X, margin)
 
-    def submit(self, worker: NativeWorker, X: np.ndarray, margin: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
-        """Queue ``predict`` on a native worker thread: (call id, input, the output it will fill).
-        Keep both arrays referenced until ``worker.completed()`` reports the id, and pass its
-        code to ``check``."""
-        X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
-        out = np.empty(len(X))
-        return worker.submit(self._lib, X, out, margin), X, out
+    def score(self, X: np.ndarray, calibrator: Calibrator, map_index=0) -> np.ndarray:
+        """[3, rows]: margins, posterior-corrected scores (this model's beta) and mapped scores
+        through ``calibrator``'s map ``map_index`` (an int, or an int64 vector with one per row),
+        in one native call on this thread."""
+        X = _features(X)
+        out = np.empty((3, len(X)))
+        self._lib.run(X, out, True, calibrator, *self._correction, map_index)
+        return out
+
+    def submit(self, worker: NativeWorker, X: np.ndarray, calibrator: Calibrator | None = None,
+               map_index=0) -> tuple[int, tuple]:
+        """Queue a call on a native worker thread: margins [rows], or with ``calibrator`` what
+        ``score`` returns.  Returns (call id, (input, output, map index)): keep that tuple until
+        ``worker.completed()`` reports the id, then pass its code to ``check``."""
+        X = _features(X)
+        out = np.empty((3, len(X)) if calibrator is not None else len(X))
+        call = worker.submit(self._lib, X, out, True, calibrator, *self._correction, map_index)
+        return call, (X, out, map_index)
 
     def check(self, rc: int, rows: int) -> None:
         self._lib.check(rc, rows)
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.key}, {self.manifest.num_tree} trees, {self.num_feature} features)"
+
+
+def _features(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
 
 
 def load_artifact(directory: str | pathlib.Path) -> CompiledModel:

@@ -22,8 +22,10 @@ window, and under load the loop only decodes, routes and answers.
 ``max_wait_us`` adds an optional linger for callers that prefer bigger
 batches to lower latency.
 
-Each batch is calibrated on the loop as it returns, with one kernel call for
-all rows that share a map table."""
+Calibration runs in the same native call, right after the model (see
+muse.compile.calibrated): a batch's rows share one map table (a batch is cut
+where the table changes, as it does once during a deployment swap) and go
+through one map, or one map per row when tenants with their own maps mix."""
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from muse.calib import MapTable
-from muse.compile import CompiledModel, NativeWorker
+from muse.compile import Calibrator, CompiledModel, NativeWorker
 
 _NO_WAIT = [0.0]
 BURST_GAP = 50e-6  # a request this soon after a call returned is part of a burst: hand it off
@@ -59,12 +60,12 @@ class Scores:
 
 
 class _Item:
-    __slots__ = ("X", "future", "table", "map_index", "enqueued")
+    __slots__ = ("X", "future", "calibrator", "map_index", "enqueued")
 
-    def __init__(self, X: np.ndarray, future: asyncio.Future, table: MapTable | None, map_index: int):
+    def __init__(self, X: np.ndarray, future: asyncio.Future, calibrator: Calibrator | None, map_index: int):
         self.X = X
         self.future = future
-        self.table = table
+        self.calibrator = calibrator
         self.map_index = map_index
         self.enqueued = time.perf_counter()
 
@@ -74,27 +75,28 @@ class ModelThread:
 
     def __init__(self) -> None:
         self._worker: NativeWorker | None = None
-        self._calls: dict[int, tuple] = {}  # id -> (future, model, input, output): alive until done
+        self._calls: dict[int, tuple] = {}  # id -> (future, model, (input, output, map index)): alive until done
 
-    def predict(self, model: CompiledModel, X: np.ndarray) -> asyncio.Future:
-        """Margins for X, computed on the thread."""
+    def run(self, model: CompiledModel, X: np.ndarray, calibrator: Calibrator | None = None,
+            map_index=0) -> asyncio.Future:
+        """What ``model.submit`` computes (margins, or margins, corrected and mapped scores), on the thread."""
         loop = asyncio.get_running_loop()
         if self._worker is None:
             self._worker = NativeWorker()
             loop.add_reader(self._worker.fileno(), self._completed)
-        call, X, out = model.submit(self._worker, X, margin=True)
+        call, keep = model.submit(self._worker, X, calibrator, map_index)
         future = loop.create_future()
-        self._calls[call] = (future, model, X, out)
+        self._calls[call] = (future, model, keep)
         return future
 
     def _completed(self) -> None:
         for call, rc in self._worker.completed():
-            future, model, X, out = self._calls.pop(call)
+            future, model, keep = self._calls.pop(call)
             if future.done():  # the caller went away
                 continue
             try:
-                model.check(rc, len(X))
-                future.set_result(out)
+                model.check(rc, len(keep[0]))
+                future.set_result(keep[1])
             except Exception as exc:
                 future.set_exception(exc)
 
@@ -133,16 +135,14 @@ class ModelBatcher:
         self.max_queue_rows = max_queue_rows
         self.inline_max = inline_max_us / 1e6
 
-    async def submit(self, X: np.ndarray, table: MapTable | None = None, map_index: int = 0) -> Scores:
-        """Margins for X; with a map table, also corrected and mapped scores (map ``map_index``)."""
+    async def submit(self, X: np.ndarray, calibrator: Calibrator | None = None, map_index: int = 0) -> Scores:
+        """Margins for X; with a calibrator, also corrected and mapped scores (map ``map_index``)."""
         if self._queued_rows and self._queued_rows + len(X) > self.max_queue_rows:  # an idle model takes any batch
             raise Overloaded(f"model {self.model.key} has {self._queued_rows} rows queued")
         if not self._draining and not self.max_wait:
-            inline = (time.perf_counter() - self._idle_since > BURST_GAP
-                      and len(X) * self.seconds_per_row <= self.inline_max)
-            return await self._alone(X, table, map_index, inline)
+            return await self._alone(X, calibrator, map_index)
         loop = asyncio.get_running_loop()
-        item = _Item(X, loop.create_future(), table, map_index)
+        item = _Item(X, loop.create_future(), calibrator, map_index)
         self._pending.append(item)
         self._queued_rows += len(X)
         if not self._draining:
@@ -150,96 +150,93 @@ class ModelBatcher:
             loop.create_task(self._drain())
         return await item.future
 
-    async def _alone(self, X: np.ndarray, table: MapTable | None, map_index: int, inline: bool) -> Scores:
+    async def _alone(self, X: np.ndarray, calibrator: Calibrator | None, map_index: int) -> Scores:
         """The model is idle: this request's rows go out at once, from its own task (no queue,
-        no drain task).  Requests arriving meanwhile queue; a drain task takes them after."""
+        no drain task), on the loop if nothing else is happening and they are cheap enough, else
+        on the thread.  Requests arriving meanwhile queue; a drain task takes them after."""
         self._draining = True
         try:
-            margins = self._predict(X) if inline else await self.thread.predict(self.model, X)
-            result = self._run_one(margins, table, map_index)
+            if (time.perf_counter() - self._idle_since > BURST_GAP
+                    and len(X) * self.seconds_per_row <= self.inline_max):
+                out = self._run_here(X, calibrator, map_index)
+            else:
+                out = await self.thread.run(self.model, X, calibrator, map_index)
         finally:
             if self._pending:
                 asyncio.get_running_loop().create_task(self._drain())
             else:
                 self._draining = False
         self._done(len(X), _NO_WAIT)
-        return result
+        return _scores(out, calibrator is not None, len(X))
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 if self.max_wait and self._queued_rows < self.max_rows:
                     await asyncio.sleep(self.max_wait)
-                take, rows = 0, 0
-                while take < len(self._pending) and (take == 0 or rows + len(self._pending[take].X) <= self.max_rows):
-                    rows += len(self._pending[take].X)
-                    take += 1
-                items, self._pending = self._pending[:take], self._pending[take:]
-                self._queued_rows -= rows
+                items, rows = self._take()
                 started = time.perf_counter()
+                calibrator = items[0].calibrator
                 try:
                     X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
-                    margins = await self.thread.predict(self.model, X)
-                    results = self._split(items, margins, rows)
+                    out = await self.thread.run(self.model, X, calibrator, _map_index(items) if calibrator else 0)
                 except Exception as exc:  # a failed batch fails its own requests only
                     for item in items:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
                 waits = [started - item.enqueued for item in items]
-                for item, result, wait in zip(items, results, waits):
+                start = 0
+                for item, wait in zip(items, waits):
+                    end = start + len(item.X)
+                    result = _scores(out[..., start:end], calibrator is not None, rows)
                     result.queue_wait = wait
+                    start = end
                     if not item.future.done():  # the caller may have gone away
                         item.future.set_result(result)
                 self._done(rows, waits)
         finally:
             self._draining = False
 
+    def _take(self) -> tuple[list[_Item], int]:
+        """The next batch: queued items in order, up to ``max_rows``, that share the first one's
+        map table (one native call calibrates with one table)."""
+        pending = self._pending
+        calibrator = pending[0].calibrator
+        take, rows = 1, len(pending[0].X)
+        while take < len(pending) and pending[take].calibrator is calibrator \
+                and rows + len(pending[take].X) <= self.max_rows:
+            rows += len(pending[take].X)
+            take += 1
+        items, self._pending = pending[:take], pending[take:]
+        self._queued_rows -= rows
+        return items, rows
+
     def _done(self, rows: int, waits: list[float]) -> None:
         self._idle_since = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(self.model.key, rows, waits)
 
-    def _predict(self, X: np.ndarray) -> np.ndarray:
-        """Margins on the loop's thread; their cost per row (not the thread's round trip, which
+    def _run_here(self, X: np.ndarray, calibrator: Calibrator | None, map_index: int) -> np.ndarray:
+        """The call on the loop's thread; its cost per row (not the thread's round trip, which
         is mostly waiting) is what decides whether a lone request runs here."""
         t0 = time.perf_counter()
-        margins = self.model.predict(X, margin=True)
+        out = self.model.score(X, calibrator, map_index) if calibrator is not None else \
+            self.model.predict(X, margin=True)
         per_row = (time.perf_counter() - t0) / len(X)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
-        return margins
-
-    def _run_one(self, margins: np.ndarray, table: MapTable | None, map_index: int) -> Scores:
-        """One request's margins, calibrated: the common case under light load, so the short path."""
-        result = Scores(margins, batch_rows=len(margins))
-        if table is not None:
-            m = self.model.manifest
-            result.corrected, result.mapped = table.calibrate(margins, map_index, m.beta, m.margin_kind)
-        return result
-
-    def _split(self, items: list[_Item], margins: np.ndarray, rows: int) -> list[Scores]:
-        """Each item's share of a batch's margins, calibrated with one kernel call per map table in
-        the batch (one, except while a deployment swap mixes generations), and one map index for
-        all rows when the table's items share a map (the steady state)."""
-        if len(items) == 1:
-            return [self._run_one(margins, items[0].table, items[0].map_index)]
-        out, start = [], 0
-        for item in items:
-            out.append(Scores(margins[start:start + len(item.X)], batch_rows=rows))
-            start += len(item.X)
-        groups: dict[int, list[int]] = {}
-        for k, item in enumerate(items):
-            if item.table is not None:
-                groups.setdefault(id(item.table), []).append(k)
-        m = self.model.manifest
-        for ks in groups.values():
-            parts = [out[k].margins for k in ks]
-            maps = {items[k].map_index for k in ks}
-            index = maps.pop() if len(maps) == 1 else np.repeat([items[k].map_index for k in ks], [len(p) for p in parts])
-            raw = margins if len(ks) == len(items) else np.concatenate(parts)
-            corrected, mapped = items[ks[0]].table.calibrate(raw, index, m.beta, m.margin_kind)
-            start = 0
-            for k, part in zip(ks, parts):
-                out[k].corrected, out[k].mapped = corrected[start:start + len(part)], mapped[start:start + len(part)]
-                start += len(part)
         return out
+
+
+def _map_index(items: list[_Item]):
+    """One map for the whole batch when its items share one (the steady state), else one per row."""
+    first = items[0].map_index
+    if all(item.map_index == first for item in items):
+        return first
+    return np.repeat(np.array([item.map_index for item in items], dtype=np.int64), [len(item.X) for item in items])
+
+
+def _scores(out: np.ndarray, calibrated: bool, batch_rows: int) -> Scores:
+    if calibrated:
+        return Scores(out[0], out[1], out[2], batch_rows)
+    return Scores(out, batch_rows=batch_rows)

@@ -13,6 +13,7 @@ import numpy as np
 
 from muse.calib import MapTable, ModelIdentity
 from muse.calib.posterior import correct_margins, correct_probabilities
+from muse.compile import Calibrator
 
 from .batching import ModelBatcher, Scores
 
@@ -35,6 +36,7 @@ class Predictor:
     maps: dict  # tenant (or None for all traffic) -> map index in table
     calibration: str | None
     feature_index: dict = field(init=False, repr=False, compare=False)  # name -> column
+    calibrator: Calibrator | None = field(default=None, repr=False, compare=False)  # table's native handle
 
     def __post_init__(self):
         object.__setattr__(self, "feature_index", {n: i for i, n in enumerate(self.feature_names)})
@@ -49,10 +51,8 @@ class Predictor:
     def score_now(self, X: np.ndarray, map_index: np.ndarray) -> Scores:
         """Score on the calling thread, bypassing the batchers (shadow work: never queue beside live rows)."""
         if len(self.batchers) == 1:
-            m = self.batchers[0].model
-            margins = m.predict(X, margin=True)
-            corrected, mapped = self.table.calibrate(margins, map_index, m.manifest.beta, m.manifest.margin_kind)
-            return Scores(margins, corrected, mapped, len(X), 0.0)
+            out = self.batchers[0].model.score(X, self.calibrator, map_index)
+            return Scores(out[0], out[1], out[2], len(X), 0.0)
         margins, corrected = self._combine([b.model.predict(X, margin=True) for b in self.batchers])
         return Scores(margins, corrected, self.table.apply(corrected, map_index), len(X), 0.0)
 
@@ -71,7 +71,7 @@ class Predictor:
     async def score(self, X: np.ndarray, tenant: str) -> Scores:
         idx = self.map_index(tenant)
         if len(self.batchers) == 1:
-            return await self.batchers[0].submit(X, self.table, idx)
+            return await self.batchers[0].submit(X, self.calibrator, idx)
         results: list[Scores] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
         margins, corrected = self._combine([r.margins for r in results])
         mapped = self.table.apply(corrected, idx)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from muse.calib import CalibrationError, MapTable, ReferenceError, identity_map
-from muse.compile import ArtifactError, CompiledModel
+from muse.compile import ArtifactError, Calibrator, CompiledModel, calibrator
 
 from .batching import ModelBatcher, ModelThread
 from .predictor import Predictor, ensemble_identity
@@ -107,9 +107,9 @@ class Snapshot:
         for p in self.predictors.values():
             X = np.zeros((64, p.num_feature))
             for b in p.batchers:
-                margins = b.model.predict(X[:1], margin=True)
+                margins = b.model.score(X[:1], p.calibrator, 0)[0]
                 m = b.model.manifest
-                self.table.calibrate(margins, 0, m.beta, m.margin_kind)  # also compiles apply()'s kernel
+                self.table.calibrate(margins, 0, m.beta, m.margin_kind)  # the kernel ensembles use, apply()
                 if not b.seconds_per_row:  # seed the inline-or-thread estimate before real traffic
                     t0 = time.perf_counter()
                     b.model.predict(X, margin=True)
@@ -145,7 +145,8 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
         predictors[p.name] = Predictor(p.name, p.version, p.intent, tuple(batchers), p.combine, tuple(names),
                                        None, tenant_maps, p.calibration)  # table set below
     table = MapTable(maps)
-    predictors = {k: _with_table(v, table) for k, v in predictors.items()}
+    native = calibrator(table)
+    predictors = {k: _with_table(v, table, native) for k, v in predictors.items()}
     routes: dict[tuple[str, str], Route] = {}
     for i, r in enumerate(spec.routes):
         where = f"{source}: routes[{i}] (tenant {r.tenant!r}, intent {r.intent!r})"
@@ -170,8 +171,8 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
     return Snapshot(generation, spec, predictors, routes, table, references)
 
 
-def _with_table(p: Predictor, table: MapTable) -> Predictor:
-    return replace(p, table=table)
+def _with_table(p: Predictor, table: MapTable, native: Calibrator) -> Predictor:
+    return replace(p, table=table, calibrator=native)
 
 
 def _load_maps(reg: Registry, p, members, maps: list, where: str) -> dict:

@@ -1,5 +1,5 @@
 """The request path's fast pieces against their plain equivalents: the native model
-thread, the row conversion and the metric tallies."""
+thread and its calibration, the row conversion and the metric tallies."""
 from __future__ import annotations
 
 import asyncio
@@ -11,33 +11,62 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from conftest import training_data
-from muse.compile import NativeWorker, rows_matrix
+from muse.calib import MapTable, QuantileMap, identity_map
+from muse.compile import NativeWorker, calibrator, rows_matrix
 from muse.core.batching import ModelBatcher, ModelThread
 from muse.server.metrics import LATENCY_BUCKETS, _Tally
 
 
-def test_model_thread_scores_like_predict(lgb_case):
+def _tables() -> tuple[MapTable, MapTable]:
+    """Two map tables of the shape a snapshot builds: the identity first, then fitted-like maps."""
+    bent = QuantileMap([0.0, 0.01, 0.05, 0.3, 1.0], [0.0, 0.4, 0.8, 0.95, 1.0])
+    steep = QuantileMap([0.0, 0.2, 1.0], [0.0, 0.9, 1.0])
+    return MapTable([identity_map(), bent, steep]), MapTable([identity_map(), steep])
+
+
+def _expected(model, X, table: MapTable, index) -> np.ndarray:
+    margins = model.predict(X, margin=True)
+    m = model.manifest
+    return np.stack([margins, *table.calibrate(margins, index, m.beta, m.margin_kind)])
+
+
+def test_model_thread_scores_and_calibrates_like_predict(lgb_case):
+    """Margins alone, and margins with corrected and mapped scores computed in the same native call
+    (one map for all rows, one map per row), against predict and the Numba kernel."""
     X, _ = training_data(rows=700, seed=4)
     model = lgb_case.model
+    table = _tables()[0]
+    native = calibrator(table)
+    per_row = np.arange(len(X), dtype=np.int64) % len(table)
 
     async def run():
         thread = ModelThread()
         try:
-            parts = await asyncio.gather(*(thread.predict(model, X[i::5]) for i in range(5)))
+            margins = await asyncio.gather(*(thread.run(model, X[i::5]) for i in range(5)))
+            one_map = await thread.run(model, X, native, 1)
+            each_row = await thread.run(model, X, native, per_row)
         finally:
             thread.close()
-        return parts
+        return margins, one_map, each_row
 
-    parts = asyncio.run(run())
-    for i, part in enumerate(parts):
+    margins, one_map, each_row = asyncio.run(run())
+    for i, part in enumerate(margins):
         assert np.array_equal(part, model.predict(X[i::5], margin=True))
+    np.testing.assert_allclose(one_map, _expected(model, X, table, 1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(each_row, _expected(model, X, table, per_row), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(model.score(X, native, per_row), each_row, rtol=0, atol=0)
 
 
 def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
-    """Inline (lone request), handed off (alone, not inline) and coalesced (queued behind a call)."""
+    """Inline (lone request), handed off (alone, not inline) and coalesced (queued behind a call),
+    with tenants of different maps and a second table (a deployment swap) in one burst: each
+    request gets what scoring it alone gives, and no batch mixes tables."""
     X, _ = training_data(rows=64, seed=5)
     model = lgb_case.model
-    want = model.predict(X, margin=True)
+    tables = _tables()
+    natives = [calibrator(t) for t in tables]
+    tables_of = [k % 2 if k < 40 else 1 for k in range(len(X))]
+    plan = [(t, k % len(tables[t])) for k, t in enumerate(tables_of)]  # (table, map)
 
     async def run(inline_max_us):
         b = ModelBatcher(model, ModelThread(), inline_max_us=inline_max_us)
@@ -45,26 +74,44 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
         batches = []
         b.on_batch = lambda key, rows, waits: batches.append(rows)
         try:
-            results = await asyncio.gather(*(b.submit(X[i:i + 1]) for i in range(len(X))))
+            results = await asyncio.gather(*(b.submit(X[k:k + 1], natives[t], m) for k, (t, m) in enumerate(plan)))
+            margins_only = await asyncio.gather(*(b.submit(X[k:k + 1]) for k in range(len(X))))
         finally:
             b.thread.close()
-        return np.concatenate([r.margins for r in results]), batches
+        return results, margins_only, batches
 
     for inline_max_us in (0, 2000):
-        got, batches = asyncio.run(run(inline_max_us))
-        assert np.array_equal(got, want)
-        assert sum(batches) == len(X) and max(batches) > 1  # the burst coalesced behind the first call
+        results, margins_only, batches = asyncio.run(run(inline_max_us))
+        for k, (t, m) in enumerate(plan):
+            got = np.stack([results[k].margins, results[k].corrected, results[k].mapped])
+            np.testing.assert_allclose(got, _expected(model, X[k:k + 1], tables[t], m), rtol=1e-12, atol=1e-15)
+        assert np.array_equal(np.concatenate([r.margins for r in margins_only]), model.predict(X, margin=True))
+        assert sum(batches) == 2 * len(X) and max(batches) > 1  # bursts coalesced behind the first call
+        # Tables alternate in the first 40 requests: those batches are cut at every change.
+        assert max(r.batch_rows for r in results[:39]) == 1 and max(r.batch_rows for r in results[39:]) > 1
 
 
-def test_worker_refuses_a_wrong_matrix(lgb_case):
+def test_worker_refuses_a_wrong_call(lgb_case):
+    model = lgb_case.model
+    lib, width = model._lib, model.num_feature
+    native = calibrator(_tables()[1])
+    X = np.zeros((2, width))
     worker = NativeWorker()
     try:
         with pytest.raises(ValueError, match="C-contiguous"):
-            worker.submit(lgb_case.model._lib, np.zeros((2, 3)), np.empty(2))
+            worker.submit(lib, np.zeros((2, 3)), np.empty(2))
         with pytest.raises(ValueError, match="out must be"):
-            worker.submit(lgb_case.model._lib, np.zeros((2, lgb_case.model.num_feature)), np.empty(3))
+            worker.submit(lib, X, np.empty(3))
+        with pytest.raises(ValueError, match="out must be"):
+            worker.submit(lib, X, np.empty(2), True, native)  # calibrating needs [3, rows]
+        with pytest.raises(IndexError, match=r"in \[0, 2\), got 2"):
+            worker.submit(lib, X, np.empty((3, 2)), True, native, 1, 0.0, 2)
+        with pytest.raises(ValueError, match="map_index"):
+            worker.submit(lib, X, np.empty((3, 2)), True, native, 1, 0.0, np.zeros(2, dtype=np.int32))
     finally:
         worker.close()
+    with pytest.raises(IndexError, match="row 1: map index out of range"):  # checked in the kernel
+        model.score(X, native, np.array([1, 7], dtype=np.int64))
 
 
 values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-2**53, 2**53))
