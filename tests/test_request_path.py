@@ -71,17 +71,20 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
     async def run(inline_max_us):
         b = ModelBatcher(model, ModelThread(), inline_max_us=inline_max_us)
         b.seconds_per_row = 1e-6
-        batches = []
+        batches, inline = [], []
         b.on_batch = lambda key, rows, waits: batches.append(rows)
+        run_here = b._run_here
+        b._run_here = lambda *args: inline.append(1) or run_here(*args)
         try:
             results = await asyncio.gather(*(b.submit(X[k:k + 1], natives[t], m) for k, (t, m) in enumerate(plan)))
             margins_only = await asyncio.gather(*(b.submit(X[k:k + 1]) for k in range(len(X))))
         finally:
             b.thread.close()
-        return results, margins_only, batches
+        return results, margins_only, batches, len(inline)
 
     for inline_max_us in (0, 2000):
-        results, margins_only, batches = asyncio.run(run(inline_max_us))
+        results, margins_only, batches, inline = asyncio.run(run(inline_max_us))
+        assert (inline > 0) == (inline_max_us > 0)  # the burst's first calls, before it looks busy
         for k, (t, m) in enumerate(plan):
             got = np.stack([results[k].margins, results[k].corrected, results[k].mapped])
             np.testing.assert_allclose(got, _expected(model, X[k:k + 1], tables[t], m), rtol=1e-12, atol=1e-15)
