@@ -69,11 +69,11 @@ async def drive(app, scope: dict, message: dict, clients: int, seconds: float) -
 
 
 class InstantThread:
-    """Stands in for the native model thread: margins at once, no model run."""
+    """Stands in for the native model thread: scores at once, no model run."""
 
-    def predict(self, model, X):
+    def run(self, model, X, calibrator=None, map_index=0):
         future = asyncio.get_running_loop().create_future()
-        future.set_result(np.full(len(X), -2.0))
+        future.set_result(np.full((3, len(X)) if calibrator is not None else len(X), 0.1))
         return future
 
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         registry, key = build_registry(pathlib.Path(tmp), args.results)
-        rows = uvloop.run(measure(  # the loop `muse serve` runsregistry, key, [int(c) for c in args.clients.split(",")], args.seconds,
+        # uvloop: the loop `muse serve` runs
+        rows = uvloop.run(measure(registry, key, [int(c) for c in args.clients.split(",")], args.seconds,
                                    args.repeats))
     print_table(["app", "concurrent callers", "loop CPU us/request (median)", "requests/s in-process"], rows)
 

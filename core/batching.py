@@ -159,7 +159,7 @@ class ModelBatcher:
 
     async def _alone(self, X: np.ndarray, calibrator: Calibrator | None, map_index: int) -> Scores:
         """The model is idle: this request's rows go out at once, from its own task (no queue,
-        no drain task), on the loop if nothing else is happening and they are cheap enough, else
+        no drain task): on the loop while the model's share of it stays under INLINE_SHARE, else
         on the thread.  Requests arriving meanwhile queue; a drain task takes them after."""
         self._draining = True
         try:

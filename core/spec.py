@@ -51,7 +51,7 @@ class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     max_rows: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256  # rows per native call
     max_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0  # linger for a fuller batch
     max_queue_rows: Annotated[int, msgspec.Meta(ge=1)] = 16384  # beyond this: 503, not a longer queue
-    inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 2000  # a lone request predicted cheaper runs on the loop
+    inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 2000  # at light load, calls cheaper than this run on the loop
 
 
 class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
