@@ -112,7 +112,7 @@ class Serving:
         # What is loaded by now (modules, kernels, models, this snapshot) lives on: keep it out of
         # the cyclic collector's full passes, which walked all of it (29 ms each; one showed as a
         # 54 ms stall in bench/http.py).  Snapshots hold no reference cycles, so one that is
-        # replaced later is still freed by reference counting (tests/test_serving.py checks).
+        # replaced later is still freed by reference counting (tests/test_deploy.py checks).
         gc.freeze()
 
     def _refused(self, message: str) -> bool:
