@@ -48,7 +48,7 @@ cdef class Calibrator:
     arrays it points into."""
     cdef calibrate_t fn
     cdef const int64_t* offsets
-    cdef int64_t maps
+    cdef readonly int64_t maps
     cdef const double* knots
     cdef int64_t nknots
     cdef const int16_t* grids
@@ -75,10 +75,6 @@ cdef class Calibrator:
         self.nknots = knots.shape[1]
         self.grids = <const int16_t*>cnp.PyArray_DATA(grids)
         self.arrays = (offsets, knots, grids)
-
-    @property
-    def maps(self) -> int:
-        return self.maps
 
 
 cdef struct Job:
@@ -196,7 +192,8 @@ cdef class NativeLibrary:
             self._handle = NULL
 
     def predict(self, X, bint margin=False):
-        """Score a 2-D float32/float64 matrix (NaN = missing); returns float64 [n]."""
+        """Score a 2-D float32/float64 matrix (NaN = missing); returns float64 [n].  Converts
+        what it can (other numeric dtypes, non-contiguous arrays, nested lists); ``run`` does not."""
         cdef cnp.ndarray arr
         if cnp.PyArray_Check(X):
             arr = <cnp.ndarray>X
@@ -219,17 +216,7 @@ cdef class NativeLibrary:
         cdef cnp.npy_intp dims[1]
         dims[0] = nrow
         cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)
-        cdef double* out_p = <double*>cnp.PyArray_DATA(out)
-        cdef void* x_p = cnp.PyArray_DATA(arr)
-        cdef int32_t m = 1 if margin else 0
-        cdef int32_t rc
-        if typenum == cnp.NPY_FLOAT64:
-            with nogil:
-                rc = self._f64(<const double*>x_p, nrow, ncol, m, out_p)
-        else:
-            with nogil:
-                rc = self._f32(<const float*>x_p, nrow, ncol, m, out_p)
-        self.check(rc, nrow)
+        self.run(arr, out, margin)
         return out
 
     def run(self, cnp.ndarray X, cnp.ndarray out, bint margin=False, Calibrator calibrator=None, int kind=0,

@@ -126,20 +126,20 @@ class CompiledModel:
         """Probabilities (or raw margins) for a [rows, features] float32/float64 matrix."""
         return self._lib.predict(X, margin)
 
-    def score(self, X: np.ndarray, calibrator: Calibrator, map_index=0) -> np.ndarray:
-        """[3, rows]: margins, posterior-corrected scores (this model's beta) and mapped scores
-        through ``calibrator``'s map ``map_index`` (an int, or an int64 vector with one per row),
-        in one native call on this thread."""
+    def score(self, X: np.ndarray, calibrator: Calibrator | None = None, map_index=0) -> np.ndarray:
+        """Margins [rows], or with ``calibrator`` [3, rows]: margins, posterior-corrected scores
+        (this model's beta) and mapped scores through the calibrator's map ``map_index`` (an int,
+        or an int64 vector with one per row); one native call on this thread."""
         X = _features(X)
-        out = np.empty((3, len(X)))
+        out = np.empty((3, len(X)) if calibrator is not None else len(X))
         self._lib.run(X, out, True, calibrator, *self._correction, map_index)
         return out
 
     def submit(self, worker: NativeWorker, X: np.ndarray, calibrator: Calibrator | None = None,
                map_index=0) -> tuple[int, tuple]:
-        """Queue a call on a native worker thread: margins [rows], or with ``calibrator`` what
-        ``score`` returns.  Returns (call id, (input, output, map index)): keep that tuple until
-        ``worker.completed()`` reports the id, then pass its code to ``check``."""
+        """Queue what ``score`` computes on a native worker thread.  Returns (call id, (input,
+        output, map index)): keep that tuple until ``worker.completed()`` reports the id, then
+        pass its code to ``check``."""
         X = _features(X)
         out = np.empty((3, len(X)) if calibrator is not None else len(X))
         call = worker.submit(self._lib, X, out, True, calibrator, *self._correction, map_index)

@@ -227,8 +227,7 @@ class ModelBatcher:
         """The call on the loop's thread; its cost per row (not the thread's round trip, which
         is mostly waiting) is what decides whether a lone request runs here."""
         t0 = time.perf_counter()
-        out = self.model.score(X, calibrator, map_index) if calibrator is not None else \
-            self.model.predict(X, margin=True)
+        out = self.model.score(X, calibrator, map_index)
         per_row = (time.perf_counter() - t0) / len(X)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         return out
