@@ -33,13 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
-
 import numpy as np
 
 from muse.compile import Calibrator, CompiledModel, NativeWorker
 
-_NO_WAIT = [0.0]
 INLINE_SHARE = 0.05  # inline calls may take this share of the loop's time, at most
 
 
@@ -47,30 +44,34 @@ class Overloaded(RuntimeError):
     """The model's queue is full: shed load instead of queueing without bound."""
 
 
-class Scores:
-    """A request's scores: raw margins (its share of a batch) and, with a map table, corrected and
-    mapped scores.  (A slotted class, not a dataclass: one is made per request on the hot path.)"""
+class BatchStats:
+    """One model's native calls since the server last collected them: rows per call and each
+    request's wait for its call.  Plain lists, appended on the event loop and handed over whole
+    by ``take`` (the server bins them into metrics in bulk: a per-request histogram update
+    cost more than the rest of the batcher)."""
 
-    __slots__ = ("margins", "corrected", "mapped", "batch_rows", "queue_wait")
+    __slots__ = ("rows", "waits")
 
-    def __init__(self, margins: np.ndarray, corrected: np.ndarray | None = None, mapped: np.ndarray | None = None,
-                 batch_rows: int = 0, queue_wait: float = 0.0):
-        self.margins = margins
-        self.corrected = corrected
-        self.mapped = mapped
-        self.batch_rows = batch_rows
-        self.queue_wait = queue_wait
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.waits: list[float] = []
+
+    def take(self) -> tuple[list[int], list[float]]:
+        rows, waits = self.rows, self.waits
+        self.rows, self.waits = [], []
+        return rows, waits
 
 
 class _Item:
     __slots__ = ("X", "future", "calibrator", "map_index", "enqueued")
 
-    def __init__(self, X: np.ndarray, future: asyncio.Future, calibrator: Calibrator | None, map_index: int):
+    def __init__(self, X: np.ndarray, future: asyncio.Future, calibrator: Calibrator | None, map_index: int,
+                 enqueued: float):
         self.X = X
         self.future = future
         self.calibrator = calibrator
         self.map_index = map_index
-        self.enqueued = time.perf_counter()
+        self.enqueued = enqueued
 
 
 class ModelThread:
@@ -117,6 +118,7 @@ class ModelBatcher:
         self,
         model: CompiledModel,
         thread: ModelThread,
+        stats: BatchStats | None = None,
         max_rows: int = 256,
         max_wait_us: int = 0,
         max_queue_rows: int = 16384,
@@ -124,6 +126,7 @@ class ModelBatcher:
     ):
         self.model = model
         self.thread = thread
+        self.stats = stats if stats is not None else BatchStats()
         self.configure(max_rows, max_wait_us, max_queue_rows, inline_max_us)
         self._pending: list[_Item] = []
         self._queued_rows = 0
@@ -131,7 +134,6 @@ class ModelBatcher:
         self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
         self._last_arrival = 0.0
         self._gap = 0.0  # running mean of the time between requests
-        self.on_batch: Callable[[str, int, list[float]], None] | None = None  # (model, rows, waits), on the loop
 
     def configure(self, max_rows: int, max_wait_us: int, max_queue_rows: int, inline_max_us: int) -> None:
         self.max_rows = max_rows
@@ -139,28 +141,27 @@ class ModelBatcher:
         self.max_queue_rows = max_queue_rows
         self.inline_max = inline_max_us / 1e6
 
-    async def submit(self, X: np.ndarray, calibrator: Calibrator | None = None, map_index: int = 0) -> Scores:
-        """Margins for X; with a calibrator, also corrected and mapped scores (map ``map_index``)."""
+    async def submit(self, X: np.ndarray, calibrator: Calibrator | None = None, map_index: int = 0) -> np.ndarray:
+        """What the native call returns for X: margins [n]; with a calibrator, [3, n] (margins,
+        corrected and mapped scores through map ``map_index``).
+
+        A request that finds the model idle goes out at once from its own task (no queue, no
+        drain task): on the loop while the model's share of it stays under INLINE_SHARE, else on
+        the thread.  Requests arriving meanwhile queue; a drain task takes them after."""
         if self._queued_rows and self._queued_rows + len(X) > self.max_queue_rows:  # an idle model takes any batch
             raise Overloaded(f"model {self.model.key} has {self._queued_rows} rows queued")
         now = time.perf_counter()  # quick to follow a burst: ~10 requests from idle to busy
         self._gap = 0.75 * self._gap + 0.25 * min(now - self._last_arrival, 0.01)
         self._last_arrival = now
-        if not self._draining and not self.max_wait:
-            return await self._alone(X, calibrator, map_index)
-        loop = asyncio.get_running_loop()
-        item = _Item(X, loop.create_future(), calibrator, map_index)
-        self._pending.append(item)
-        self._queued_rows += len(X)
-        if not self._draining:
-            self._draining = True
-            loop.create_task(self._drain())
-        return await item.future
-
-    async def _alone(self, X: np.ndarray, calibrator: Calibrator | None, map_index: int) -> Scores:
-        """The model is idle: this request's rows go out at once, from its own task (no queue,
-        no drain task): on the loop while the model's share of it stays under INLINE_SHARE, else
-        on the thread.  Requests arriving meanwhile queue; a drain task takes them after."""
+        if self._draining or self.max_wait:
+            loop = asyncio.get_running_loop()
+            item = _Item(X, loop.create_future(), calibrator, map_index, now)
+            self._pending.append(item)
+            self._queued_rows += len(X)
+            if not self._draining:
+                self._draining = True
+                loop.create_task(self._drain())
+            return await item.future
         self._draining = True
         try:
             cost = len(X) * self.seconds_per_row
@@ -173,8 +174,9 @@ class ModelBatcher:
                 asyncio.get_running_loop().create_task(self._drain())
             else:
                 self._draining = False
-        self._done(len(X), _NO_WAIT)
-        return _scores(out, calibrator is not None, len(X))
+        self.stats.rows.append(len(X))
+        self.stats.waits.append(0.0)
+        return out
 
     async def _drain(self) -> None:
         try:
@@ -192,16 +194,14 @@ class ModelBatcher:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
-                waits = [started - item.enqueued for item in items]
                 start = 0
-                for item, wait in zip(items, waits):
+                for item in items:
                     end = start + len(item.X)
-                    result = _scores(out[..., start:end], calibrator is not None, rows)
-                    result.queue_wait = wait
-                    start = end
                     if not item.future.done():  # the caller may have gone away
-                        item.future.set_result(result)
-                self._done(rows, waits)
+                        item.future.set_result(out[..., start:end])
+                    start = end
+                self.stats.rows.append(rows)
+                self.stats.waits.extend([started - item.enqueued for item in items])
         finally:
             self._draining = False
 
@@ -219,10 +219,6 @@ class ModelBatcher:
         self._queued_rows -= rows
         return items, rows
 
-    def _done(self, rows: int, waits: list[float]) -> None:
-        if self.on_batch is not None:
-            self.on_batch(self.model.key, rows, waits)
-
     def _run_here(self, X: np.ndarray, calibrator: Calibrator | None, map_index: int) -> np.ndarray:
         """The call on the loop's thread; its cost per row (not the thread's round trip, which
         is mostly waiting) is what decides whether a lone request runs here."""
@@ -239,9 +235,3 @@ def _map_index(items: list[_Item]):
     if all(item.map_index == first for item in items):
         return first
     return np.repeat(np.array([item.map_index for item in items], dtype=np.int64), [len(item.X) for item in items])
-
-
-def _scores(out: np.ndarray, calibrated: bool, batch_rows: int) -> Scores:
-    if calibrated:
-        return Scores(out[0], out[1], out[2], batch_rows)
-    return Scores(out, batch_rows=batch_rows)

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Awaitable
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from muse.calib import MapTable, ModelIdentity
 from muse.calib.posterior import correct_margins, correct_probabilities
 from muse.compile import Calibrator
 
-from .batching import ModelBatcher, Scores
+from .batching import ModelBatcher
 
 
 def ensemble_identity(name: str, version: str, library_hashes: list[str]) -> ModelIdentity:
@@ -48,13 +49,11 @@ class Predictor:
     def map_index(self, tenant: str) -> int:
         return self.maps.get(tenant, self.maps[None])
 
-    def score_now(self, X: np.ndarray, map_index: np.ndarray) -> Scores:
-        """Score on the calling thread, bypassing the batchers (shadow work: never queue beside live rows)."""
+    def score_now(self, X: np.ndarray, map_index: np.ndarray) -> np.ndarray:
+        """[3, n] on the calling thread, bypassing the batchers (shadow work: never queue beside live rows)."""
         if len(self.batchers) == 1:
-            out = self.batchers[0].model.score(X, self.calibrator, map_index)
-            return Scores(out[0], out[1], out[2], len(X), 0.0)
-        margins, corrected = self._combine([b.model.predict(X, margin=True) for b in self.batchers])
-        return Scores(margins, corrected, self.table.apply(corrected, map_index), len(X), 0.0)
+            return self.batchers[0].model.score(X, self.calibrator, map_index)
+        return self._finish(self._combine([b.model.predict(X, margin=True) for b in self.batchers]), map_index)
 
     def _combine(self, member_margins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """An ensemble's (combined margin, corrected score) from its members' raw outputs."""
@@ -68,12 +67,18 @@ class Predictor:
         margins = np.mean(probs, axis=0)
         return margins, margins
 
-    async def score(self, X: np.ndarray, tenant: str) -> Scores:
-        idx = self.map_index(tenant)
-        if len(self.batchers) == 1:
-            return await self.batchers[0].submit(X, self.calibrator, idx)
-        results: list[Scores] = await asyncio.gather(*(b.submit(X) for b in self.batchers))
-        margins, corrected = self._combine([r.margins for r in results])
-        mapped = self.table.apply(corrected, idx)
-        return Scores(margins, corrected, mapped, max(r.batch_rows for r in results),
-                      max(r.queue_wait for r in results))
+    def _finish(self, combined: tuple[np.ndarray, np.ndarray], map_index) -> np.ndarray:
+        margins, corrected = combined
+        return np.stack([margins, corrected, self.table.apply(corrected, map_index)])
+
+    def score(self, X: np.ndarray, map_index: int) -> Awaitable[np.ndarray]:
+        """[3, n]: margins, corrected and mapped scores (map ``map_index`` of the table).  A plain
+        function returning the batcher's coroutine, not a coroutine of its own: one frame less
+        per request."""
+        if len(self.batchers) == 1:  # calibrated in the model's native call
+            return self.batchers[0].submit(X, self.calibrator, map_index)
+        return self._score_members(X, map_index)
+
+    async def _score_members(self, X: np.ndarray, map_index: int) -> np.ndarray:
+        margins = await asyncio.gather(*(b.submit(X) for b in self.batchers))
+        return self._finish(self._combine(margins), map_index)

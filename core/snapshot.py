@@ -15,7 +15,7 @@ import numpy as np
 from muse.calib import CalibrationError, MapTable, ReferenceError, identity_map
 from muse.compile import ArtifactError, Calibrator, CompiledModel, calibrator
 
-from .batching import ModelBatcher, ModelThread
+from .batching import BatchStats, ModelBatcher, ModelThread
 from .predictor import Predictor, ensemble_identity
 from .registry import Registry, RegistryError
 from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, SpecError
@@ -33,7 +33,8 @@ class ModelPool:
         self.thread = ModelThread()  # every model's calls: one native thread per process
         self._batchers: dict[str, ModelBatcher] = {}
         self._lock = threading.Lock()
-        self.on_batch = None  # given to every batcher: a metrics hook (model key, rows, waits)
+        # Per model key, kept when its batcher is released, so nothing observed is dropped.
+        self.stats: dict[str, BatchStats] = {}
 
     def batcher(self, ref: str, batching: BatchingSpec) -> ModelBatcher:
         """The shared batcher of ``ref``, loading the model on first use.  A new one takes
@@ -43,8 +44,7 @@ class ModelPool:
             b = self._batchers.get(ref)
             if b is None:
                 model = self.registry.load_model(ref)
-                b = ModelBatcher(model, self.thread)
-                b.on_batch = self.on_batch
+                b = ModelBatcher(model, self.thread, self.stats.setdefault(ref, BatchStats()))
                 _apply(b, batching)
                 self._batchers[ref] = b
             return b

@@ -33,7 +33,7 @@ from .schemas import (
     ScoreResponse, ServerMetadata, TensorMeta,
 )
 from .scorelog import ScoreLog
-from .serving import Serving
+from .serving import Lane, Serving
 
 log = logging.getLogger("muse.serve")
 
@@ -136,7 +136,11 @@ class MuseApp:
             return await self.infer(req, intent, version)
         principal = self._authenticate(req)
         snap = self._snapshot()
-        predictor = self._route(snap, principal.tenant or "*", intent, version, "$.intent").active
+        try:
+            predictor = snap.route(principal.tenant or "*", intent).active
+        except RouteError as exc:
+            raise _no_route(exc, snap, intent, "$.intent") from None
+        _check_version(predictor, intent, version)
         if action == "ready":
             return 200, encode({"name": intent, "ready": True}), b"application/json", None
         meta = ModelMetadata(
@@ -158,20 +162,18 @@ class MuseApp:
     def _snapshot(self) -> Snapshot:
         snap = self.serving.snapshot
         if snap is None:
-            raise HTTPError(503, "not ready: no deployment is loaded yet (`muse deploy apply`)", None, RETRY_AFTER)
+            raise _not_ready()
         return snap
 
-    @staticmethod
-    def _route(snap: Snapshot, tenant: str, intent: str, version: str | None, intent_field: str):
+    def _lane(self, tenant: str, intent: str, version: str | None, intent_field: str) -> Lane:
         try:
-            route = snap.route(tenant, intent)
+            lane = self.serving.lane(tenant, intent)
         except RouteError as exc:
-            unknown_intent = intent not in snap.intents
-            raise HTTPError(404, str(exc), intent_field if unknown_intent else "$.tenant") from None
-        if version is not None and version != route.active.version:
-            raise HTTPError(404, f"intent {intent!r} is served by version {route.active.version!r}, not {version!r}",
-                            "version")
-        return route
+            raise _no_route(exc, self.serving.snapshot, intent, intent_field) from None
+        if lane is None:
+            raise _not_ready()
+        _check_version(lane.predictor, intent, version)
+        return lane
 
     def _check_tenant(self, principal: Principal, tenant: str, field: str) -> None:
         if principal.tenant is not None and tenant != principal.tenant:
@@ -190,35 +192,29 @@ class MuseApp:
                 raise validation_error(exc) from None
             tenant, intent = r.tenant, r.intent
             self._check_tenant(principal, tenant, "$.tenant")
-            snap = self._snapshot()
-            route = self._route(snap, tenant, intent, None, "$.intent")
-            predictor = route.active
+            lane = self._lane(tenant, intent, None, "$.intent")
+            predictor = lane.predictor
             predictor_name = predictor.name
             X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
-            scores = await self._score(predictor, X, tenant)
-            self._after_scoring(route, tenant, X, scores, snap.generation)
-            ids = [e.id for e in r.events]
-            body = encode(ScoreResponse(predictor.name, predictor.version, snap.generation, scores.mapped.tolist(),
-                                        ids if any(i is not None for i in ids) else None))
+            scores = await self._score(lane, X)
+            body = encode(ScoreResponse(predictor.name, predictor.version, lane.snapshot.generation,
+                                        scores[2].tolist(), _ids(r.events)))
         except HTTPError as exc:
             self.metrics.observe_error(tenant, intent, predictor_name, exc.status, REASONS.get(exc.status, "error"))
             raise
-        self.metrics.observe_success(tenant, intent, predictor_name, len(X), time.perf_counter() - started)
+        lane.metrics.observe(len(X), time.perf_counter() - started)
         return 200, body, b"application/json", None
 
-    @staticmethod
-    async def _score(predictor, X, tenant):
+    async def _score(self, lane: Lane, X: np.ndarray) -> np.ndarray:
+        """[3, n] scores of X on the lane's active predictor, recorded, and X queued for its shadows."""
         try:
-            return await predictor.score(X, tenant)
+            scores = await lane.predictor.score(X, lane.map_index)
         except Overloaded as exc:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
-
-    def _after_scoring(self, route, tenant: str, X, scores, generation: int) -> None:
-        """Off the response's path in cost: two queue appends (scores to record, rows to shadow)."""
-        self.serving.record(tenant, route.active, "active", generation, scores.margins, scores.corrected,
-                            scores.mapped)
-        if route.shadows:
-            self.serving.shadow(route, X, tenant, generation)
+        lane.served.add(scores)
+        if lane.route.shadows:
+            self.serving.shadow(lane.route, X, lane.tenant, lane.snapshot.generation)
+        return scores
 
     # -- Open Inference Protocol -------------------------------------------------------
     async def infer(self, req: Request, intent: str, version: str | None):
@@ -242,27 +238,25 @@ class MuseApp:
                 raise HTTPError(422, "parameters.tenant: required (a string) unless the key belongs to a tenant",
                                 "$.parameters.tenant")
             self._check_tenant(principal, r.parameters.get("tenant", tenant), "$.parameters.tenant")
-            snap = self._snapshot()
-            route = self._route(snap, tenant, intent, version, "model_name")
-            predictor = route.active
+            lane = self._lane(tenant, intent, version, "model_name")
+            predictor = lane.predictor
             predictor_name = predictor.name
             X = infer_matrix(r, binary, predictor.num_feature)
             binary_out = _wants_binary(r)
-            scores = await self._score(predictor, X, tenant)
-            self._after_scoring(route, tenant, X, scores, snap.generation)
-            params = {"predictor": predictor.name, "generation": snap.generation}
+            scores = await self._score(lane, X)
+            params = {"predictor": predictor.name, "generation": lane.snapshot.generation}
             if binary_out:
-                raw = scores.mapped.astype("<f8").tobytes()
+                raw = scores[2].astype("<f8").tobytes()
                 output = InferOutput("score", [len(X)], "FP64", parameters={"binary_data_size": len(raw)})
             else:
                 raw = b""
-                output = InferOutput("score", [len(X)], "FP64", data=scores.mapped.tolist())
+                output = InferOutput("score", [len(X)], "FP64", data=scores[2].tolist())
             header = encode(InferResponse(intent, [output], predictor.version, r.id, params))
         except HTTPError as exc:
             self.metrics.observe_error(tenant or "", intent, predictor_name, exc.status,
                                        REASONS.get(exc.status, "error"))
             raise
-        self.metrics.observe_success(tenant, intent, predictor_name, len(X), time.perf_counter() - started)
+        lane.metrics.observe(len(X), time.perf_counter() - started)
         if binary_out:
             return 200, header + raw, b"application/octet-stream", [
                 (b"inference-header-content-length", str(len(header)).encode())]
@@ -364,6 +358,28 @@ def _not_allowed(req: Request, allowed: list[str]) -> HTTPError:
     methods = allowed + (["HEAD"] if "GET" in allowed else [])
     return HTTPError(405, f"method {req.method} not allowed on {req.path} (allowed: {', '.join(methods)})",
                      None, [(b"allow", ", ".join(methods).encode())])
+
+
+def _not_ready() -> HTTPError:
+    return HTTPError(503, "not ready: no deployment is loaded yet (`muse deploy apply`)", None, RETRY_AFTER)
+
+
+def _no_route(exc: RouteError, snap: Snapshot, intent: str, intent_field: str) -> HTTPError:
+    return HTTPError(404, str(exc), intent_field if intent not in snap.intents else "$.tenant")
+
+
+def _check_version(predictor, intent: str, version: str | None) -> None:
+    if version is not None and version != predictor.version:
+        raise HTTPError(404, f"intent {intent!r} is served by version {predictor.version!r}, not {version!r}",
+                        "version")
+
+
+def _ids(events) -> list | None:
+    """The events' ids in order, or None when no event has one (the usual case: nothing to echo)."""
+    for event in events:
+        if event.id is not None:
+            return [e.id for e in events]
+    return None
 
 
 def events_matrix(events, index: dict[str, int], names: tuple[str, ...]) -> np.ndarray:

@@ -9,7 +9,6 @@ in-flight requests still hold their own references, so nothing is unloaded
 under them."""
 from __future__ import annotations
 
-import array
 import asyncio
 import gc
 import logging
@@ -25,10 +24,11 @@ from muse.core.registry import Registry
 from muse.core.snapshot import ModelPool, Route, Snapshot, build_snapshot
 from muse.core.spec import SpecError
 
-from .metrics import Metrics
+from .metrics import Metrics, RequestSeries
 from .scorelog import ScoreLog
 
 log = logging.getLogger("muse.serve")
+MAX_LANES = 4096
 
 
 class Serving:
@@ -40,11 +40,12 @@ class Serving:
         self.metrics = metrics
         self.poll_interval = poll_interval
         self.pool = ModelPool(registry)
-        self.pool.on_batch = metrics.observe_batch
+        metrics.batch_stats = self.pool.stats
         # One thread for background work: loading generations, shadows, score log writes.
         # (Running it niced was measured no better: it can be descheduled holding the GIL.)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="muse-loader")
         self.snapshot: Snapshot | None = None
+        self._lanes: tuple[Snapshot | None, dict[tuple[str, str], Lane]] = (None, {})
         self.last_error: str | None = None
         self._refused_generation: int | None = None  # not retried until `current` moves on
         self._shadows: asyncio.Queue | None = None
@@ -104,6 +105,7 @@ class Serving:
 
     def install(self, snap: Snapshot) -> None:
         self.pool.configure(snap)
+        self._lanes = (snap, {})
         self.snapshot = snap
         self.last_error = None
         self.pool.release_unused(snap.model_refs)
@@ -137,6 +139,23 @@ class Serving:
             except Exception:  # the watcher must outlive any one bad deployment or full disk
                 log.exception("deployment watcher")
 
+    # -- lanes -----------------------------------------------------------------
+    def lane(self, tenant: str, intent: str) -> Lane:
+        """The current generation's lane for (tenant, intent); RouteError if it has no route.
+        None before the first generation is served."""
+        snap, lanes = self._lanes
+        lane = lanes.get((tenant, intent))
+        if lane is None and snap is not None:
+            route = snap.route(tenant, intent)
+            predictor = route.active
+            with self._record_lock:
+                served = self._series_for(tenant, predictor, "active", snap.generation)
+            lane = Lane(snap, route, predictor.map_index(tenant),
+                        self.metrics.request_series(tenant, intent, predictor.name), served)
+            if len(lanes) < MAX_LANES:  # tenant names are the client's: bound what is kept
+                lanes[(tenant, intent)] = lane
+        return lane
+
     # -- shadows ---------------------------------------------------------------
     def shadow(self, route: Route, X: np.ndarray, tenant: str, generation: int) -> None:
         """Queue a copy of live rows for the route's shadows; drop (and count) when full."""
@@ -167,62 +186,83 @@ class Serving:
             scores = predictor.score_now(X, index)
             self.metrics.shadow_events.labels(predictor.intent, predictor.name).inc(len(X))
             start = 0
-            for (tenant, _, generation), n in zip(items, sizes):
-                part = slice(start, start + n)
-                start += n
-                self.record(tenant, predictor, "shadow", generation,
-                            scores.margins[part], scores.corrected[part], scores.mapped[part])
+            with self._record_lock:
+                for (tenant, _, generation), n in zip(items, sizes):
+                    self._series_for(tenant, predictor, "shadow", generation).add(scores[:, start:start + n])
+                    start += n
 
-    def record(self, tenant: str, predictor: Predictor, role: str, generation: int,
-               margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
-        """Scores that were served (role "active") or shadowed, for the drift windows and the
-        score log: appended to their series' columns here (a dict lookup and a few array
-        appends), stored in bulk at each poll by ``record_served``.  Thread-safe, as shadows
-        are recorded from the background thread."""
+    # -- served scores -----------------------------------------------------------
+    def _series_for(self, tenant: str, predictor: Predictor, role: str, generation: int) -> _Series:
+        """(Under the record lock.)"""
         key = (tenant, id(predictor), role, generation)
-        with self._record_lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = _Series(tenant, predictor, role, generation)
-            series.add(margins, corrected, mapped, self.score_log is not None and self.score_log.sampled())
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(tenant, predictor, role, generation,
+                                                 self.score_log.sampled if self.score_log is not None else None)
+        return series
 
     def record_served(self) -> None:
-        """Store what ``record`` collected since the last call: one drift-window update and one
-        score-log append per series, whatever the number of requests."""
+        """Store the scores served (by lanes) and shadowed since the last call: one drift-window
+        update and one score-log append per series, whatever the number of requests.  On the
+        event loop, where lanes append (so no append falls between taking a series' lists and
+        emptying them); shadows append under the lock, on the background thread."""
         with self._record_lock:
-            collected, self._series = self._series, {}
-        for series in collected.values():
+            current = self.snapshot.generation if self.snapshot is not None else None
+            taken = []
+            for key, series in list(self._series.items()):
+                outs, logged = series.take()
+                if outs:
+                    taken.append((series, outs, logged))
+                    series.idle = 0
+                elif series.generation != current:
+                    series.idle += 1
+                    if series.idle > 2:  # an old generation's lanes are gone, requests in flight done
+                        del self._series[key]
+        for series, outs, logged in taken:
             predictor = series.predictor
-            if series.drift:
-                self.metrics.drift.observe(series.tenant, predictor.intent, predictor.name,
-                                           np.frombuffer(series.drift))
-            if series.times:
+            scores = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+            self.metrics.drift.observe(series.tenant, predictor.intent, predictor.name, scores[2])
+            if logged:
+                rows = [outs[i] for i, _ in logged]
+                kept = np.concatenate(rows, axis=1)
+                at_us = np.repeat(np.array([at for _, at in logged], dtype=np.int64), [r.shape[1] for r in rows])
                 self.score_log.append(series.tenant, predictor.intent, predictor.name, predictor.version,
-                                      series.role, series.generation, np.frombuffer(series.margins),
-                                      np.frombuffer(series.corrected), np.frombuffer(series.mapped),
-                                      np.frombuffer(series.times, dtype=np.int64))
+                                      series.role, series.generation, kept[0], kept[1], kept[2], at_us)
+
+
+class Lane:
+    """What serving one (tenant, intent) takes, resolved once per generation: the route, its
+    active predictor and the tenant's map, and where the requests' metrics and scores go.  A
+    request looks up one lane (a dict lookup) instead of routing, mapping and finding series."""
+
+    __slots__ = ("snapshot", "route", "predictor", "tenant", "map_index", "metrics", "served")
+
+    def __init__(self, snapshot: Snapshot, route: Route, map_index: int, metrics: RequestSeries,
+                 served: _Series):
+        self.snapshot, self.route, self.predictor = snapshot, route, route.active
+        self.tenant = served.tenant
+        self.map_index, self.metrics, self.served = map_index, metrics, served
 
 
 class _Series:
-    """One (tenant, predictor, role, generation)'s scores since the last poll: every mapped
-    score for the drift window, and the sampled requests' rows for the score log."""
+    """One (tenant, predictor, role, generation)'s scores since they were last stored: each
+    request's [3, n] scores (margins, corrected, mapped), and which of them the score log keeps."""
 
-    __slots__ = ("tenant", "predictor", "role", "generation", "drift", "margins", "corrected", "mapped", "times")
+    __slots__ = ("tenant", "predictor", "role", "generation", "outs", "logged", "sampled", "idle")
 
-    def __init__(self, tenant: str, predictor: Predictor, role: str, generation: int):
+    def __init__(self, tenant: str, predictor: Predictor, role: str, generation: int, sampled):
         self.tenant, self.predictor, self.role, self.generation = tenant, predictor, role, generation
-        self.drift, self.margins, self.corrected, self.mapped = (array.array("d") for _ in range(4))
-        self.times = array.array("q")  # microseconds since the epoch
+        self.outs: list[np.ndarray] = []
+        self.logged: list[tuple[int, int]] = []  # (index in outs, microseconds since the epoch)
+        self.sampled = sampled  # the score log's per-request sampler, or None without a log
+        self.idle = 0  # polls with nothing recorded
 
-    def add(self, margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray, logged: bool) -> None:
-        # frombytes takes byte buffers only; tobytes is the cheapest way there (~0.1 us).
-        self.drift.frombytes(mapped.tobytes())
-        if logged:
-            self.margins.frombytes(margins.tobytes())
-            self.corrected.frombytes(corrected.tobytes())
-            self.mapped.frombytes(mapped.tobytes())
-            now = int(time.time() * 1e6)
-            if len(mapped) == 1:
-                self.times.append(now)
-            else:
-                self.times.extend([now] * len(mapped))
+    def add(self, out: np.ndarray) -> None:
+        self.outs.append(out)
+        if self.sampled is not None and self.sampled():
+            self.logged.append((len(self.outs) - 1, int(time.time() * 1e6)))
+
+    def take(self) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        outs, logged = self.outs, self.logged
+        self.outs, self.logged = [], []
+        return outs, logged

@@ -14,7 +14,7 @@ from conftest import training_data
 from muse.calib import MapTable, QuantileMap, identity_map
 from muse.compile import NativeWorker, calibrator, rows_matrix
 from muse.core.batching import ModelBatcher, ModelThread
-from muse.server.metrics import LATENCY_BUCKETS, _Tally
+from muse.server.metrics import LATENCY_BUCKETS, add_to_histogram
 
 
 def _tables() -> tuple[MapTable, MapTable]:
@@ -71,27 +71,28 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
     async def run(inline_max_us):
         b = ModelBatcher(model, ModelThread(), inline_max_us=inline_max_us)
         b.seconds_per_row = 1e-6
-        batches, inline = [], []
-        b.on_batch = lambda key, rows, waits: batches.append(rows)
+        inline = []
         run_here = b._run_here
         b._run_here = lambda *args: inline.append(1) or run_here(*args)
         try:
             results = await asyncio.gather(*(b.submit(X[k:k + 1], natives[t], m) for k, (t, m) in enumerate(plan)))
+            calibrated_batches, waits = b.stats.take()
             margins_only = await asyncio.gather(*(b.submit(X[k:k + 1]) for k in range(len(X))))
         finally:
             b.thread.close()
-        return results, margins_only, batches, len(inline)
+        return results, margins_only, calibrated_batches, waits, b.stats.rows, len(inline)
 
     for inline_max_us in (0, 2000):
-        results, margins_only, batches, inline = asyncio.run(run(inline_max_us))
+        results, margins_only, batches, waits, margin_batches, inline = asyncio.run(run(inline_max_us))
         assert (inline > 0) == (inline_max_us > 0)  # the burst's first calls, before it looks busy
         for k, (t, m) in enumerate(plan):
-            got = np.stack([results[k].margins, results[k].corrected, results[k].mapped])
-            np.testing.assert_allclose(got, _expected(model, X[k:k + 1], tables[t], m), rtol=1e-12, atol=1e-15)
-        assert np.array_equal(np.concatenate([r.margins for r in margins_only]), model.predict(X, margin=True))
-        assert sum(batches) == 2 * len(X) and max(batches) > 1  # bursts coalesced behind the first call
-        # Tables alternate in the first 40 requests: those batches are cut at every change.
-        assert max(r.batch_rows for r in results[:39]) == 1 and max(r.batch_rows for r in results[39:]) > 1
+            np.testing.assert_allclose(results[k], _expected(model, X[k:k + 1], tables[t], m), rtol=1e-12, atol=1e-15)
+        assert np.array_equal(np.concatenate(margins_only), model.predict(X, margin=True))
+        assert sum(batches) == sum(margin_batches) == len(X) and len(waits) == len(X)  # each call, each request
+        assert max(batches) > 1 and max(margin_batches) > 1  # bursts coalesced behind the first call
+        # Tables alternate in the first 40 requests: the batches holding them are cut at every change.
+        first = np.cumsum(batches) <= 39
+        assert set(np.array(batches)[first]) == {1} and max(np.array(batches)[~first]) > 1
 
 
 def test_worker_refuses_a_wrong_call(lgb_case):
@@ -134,18 +135,18 @@ def test_rows_matrix_refuses_bad_rows():
 
 
 @settings(max_examples=50)
-@given(st.lists(st.floats(min_value=0, max_value=10, allow_nan=False), max_size=40))
-def test_tally_flush_equals_observe(observations):
-    """A flushed tally exposes exactly what observing each value would have (this relies on
+@given(st.lists(st.one_of(st.floats(min_value=0, max_value=10, allow_nan=False), st.sampled_from(LATENCY_BUCKETS)),
+                max_size=40))  # bounds themselves too: a value on a bound counts in its bucket
+def test_histogram_in_bulk_equals_observe(observations):
+    """Values added in bulk expose exactly what observing each would have (this relies on
     prometheus_client's histogram storage, so a change there fails here)."""
     direct, tallied = CollectorRegistry(), CollectorRegistry()
     h_direct = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=direct)
-    tally = _Tally(Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=tallied), LATENCY_BUCKETS)
+    h_bulk = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=tallied)
     for v in observations:
         h_direct.observe(v)
-        tally.observe(v)
-    tally.flush()
-    tally.flush()  # a second flush adds nothing
+    add_to_histogram(h_bulk, LATENCY_BUCKETS, observations)
+    add_to_histogram(h_bulk, LATENCY_BUCKETS, [])  # adding nothing changes nothing
 
     def samples(registry):
         return [line for line in generate_latest(registry).decode().splitlines()
