@@ -16,11 +16,12 @@ _JSON = [(b"content-type", b"application/json")]
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    length = next((int(v) for k, v in scope["headers"] if k == b"content-length"), -1)
     body = b""
-    while True:
+    while True:  # complete at content-length bytes, as muse.server.asgi.Request.body reads it
         message = await receive()
         body += message.get("body", b"")
-        if not message.get("more_body"):
+        if len(body) == length or not message.get("more_body"):
             break
     if scope["path"] == "/v1/score":
         r = _decoder.decode(body)

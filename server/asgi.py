@@ -54,12 +54,18 @@ class Request:
         self.max_body = max_body
 
     async def body(self) -> bytes:
+        """The request body, bounded by max_body.  It is complete once content-length bytes have
+        arrived: Granian marks its first chunk more_body=True whatever its size, and the receive
+        that would say there is no more is another hand-off between Granian's thread and the
+        loop (bench/http.py: p50 at 8,000 req/s 1.6 ms with it, 0.8 ms without)."""
         declared = self.headers.get(b"content-length")
+        length = -1  # unknown (chunked): read until more_body is false
         if declared is not None:
             if not declared.isdigit():
                 raise HTTPError(400, "content-length: not a number", "content-length")
-            if int(declared) > self.max_body:
-                raise HTTPError(413, f"request body of {int(declared)} bytes exceeds the limit of {self.max_body}")
+            length = int(declared)
+            if length > self.max_body:
+                raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {self.max_body}")
         chunks, size = [], 0
         while True:
             message = await self.receive()
@@ -70,7 +76,7 @@ class Request:
             if size > self.max_body:  # chunked uploads have no content-length to check up front
                 raise HTTPError(413, f"request body exceeds the limit of {self.max_body} bytes")
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if size == length or not message.get("more_body", False):
                 body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 encoding = self.headers.get(b"content-encoding")
                 return body if encoding in (None, b"identity") else self._decompress(body, encoding)

@@ -267,6 +267,43 @@ def test_compressed_bodies(env):
     assert len(bomb) < 200_000 and env.server.post("/v1/score", bomb, env.keys["acme"], headers=gz)[0] == 413
 
 
+def test_bodies_in_pieces_and_chunked_on_one_connection(env):
+    """A body is complete at content-length bytes (the server does not wait for Granian's
+    end-of-body message): one sent in two pieces, one chunked (no length), then a plain one, all on
+    one keep-alive connection, score alike."""
+    import http.client
+
+    payload = json.dumps({"tenant": "acme", "intent": "fraud", "events": [{"features": as_json_rows(rows(1, 9))[0]}]})
+    raw = payload.encode()
+    auth = {"Authorization": f"Bearer {env.keys['acme']}", "Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", env.server.port, timeout=10)
+
+    def answer():
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    def in_two_pieces():
+        conn.putrequest("POST", "/v1/score")
+        for k, v in {**auth, "Content-Length": str(len(raw))}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        conn.send(raw[:40])
+        time.sleep(0.05)  # the rest arrives as a second chunk
+        conn.send(raw[40:])
+        return answer()
+
+    def post(body, **kwargs):
+        conn.request("POST", "/v1/score", body=body, headers=auth, **kwargs)
+        return answer()
+
+    try:
+        results = [in_two_pieces(), post(iter([raw[:30], raw[30:]]), encode_chunked=True), post(raw)]
+    finally:
+        conn.close()
+    assert [status for status, _ in results] == [200, 200, 200], results
+    assert results[0][1]["scores"] == results[1][1]["scores"] == results[2][1]["scores"]
+
+
 def test_oversized_body_is_413(env):
     big = {"tenant": "acme", "intent": "fraud", "events": [{"features": [0.123456789] * 6}] * 5000}
     status, body, _ = env.server.post("/v1/score", big, env.keys["acme"])
