@@ -113,10 +113,10 @@ class Metrics:
         return tenant
 
     def request_series(self, tenant: str, intent: str, predictor: str) -> RequestSeries:
-        series = self._request_series.get((tenant, intent, predictor))
+        values = (self.tenant_label(tenant), intent, predictor)
+        series = self._request_series.get(values)
         if series is None:  # labels() costs microseconds: resolve each series once
-            values = (self.tenant_label(tenant), intent, predictor)
-            series = self._request_series[(tenant, intent, predictor)] = RequestSeries(
+            series = self._request_series[values] = RequestSeries(
                 self.requests.labels(*values, "200"), self.events.labels(*values), self.latency.labels(*values))
         return series
 

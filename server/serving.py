@@ -29,6 +29,7 @@ from .scorelog import ScoreLog
 
 log = logging.getLogger("muse.serve")
 MAX_LANES = 4096
+IDLE_POLLS = 8  # a series (and its lane) unused this many polls is dropped; made again on use
 
 
 class Serving:
@@ -205,19 +206,23 @@ class Serving:
         """Store the scores served (by lanes) and shadowed since the last call: one drift-window
         update and one score-log append per series, whatever the number of requests.  On the
         event loop, where lanes append (so no append falls between taking a series' lists and
-        emptying them); shadows append under the lock, on the background thread."""
+        emptying them, and a lane is never dropped under a request); shadows append under the
+        lock, on the background thread."""
         with self._record_lock:
-            current = self.snapshot.generation if self.snapshot is not None else None
             taken = []
             for key, series in list(self._series.items()):
                 outs, logged = series.take()
                 if outs:
                     taken.append((series, outs, logged))
                     series.idle = 0
-                elif series.generation != current:
-                    series.idle += 1
-                    if series.idle > 2:  # an old generation's lanes are gone, requests in flight done
-                        del self._series[key]
+                    continue
+                series.idle += 1
+                if series.idle > IDLE_POLLS:  # tenant names are the client's: keep only what is in use
+                    del self._series[key]
+                    lanes = self._lanes[1]
+                    lane = lanes.get((series.tenant, series.predictor.intent))
+                    if lane is not None and lane.served is series:
+                        del lanes[(series.tenant, series.predictor.intent)]
         for series, outs, logged in taken:
             predictor = series.predictor
             scores = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

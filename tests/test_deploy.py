@@ -11,7 +11,7 @@ from muse.core.deploy import DeploymentStore
 from muse.core.snapshot import ModelPool, build_snapshot
 from muse.core.spec import SpecError, decode_spec
 from muse.server.cli import main as cli
-from servers import calibrate, make_registry, rows
+from servers import as_json_rows, calibrate, make_registry, rows
 
 BASE = """
 [[predictors]]
@@ -172,3 +172,61 @@ active = "x"
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path):
+    """Through the app's ASGI entry, in process: each response's scores reach the drift window and
+    the score log once, per tenant; a lane unused for IDLE_POLLS polls is dropped, and made
+    again, recording as before, on the tenant's next request."""
+    import asyncio
+    import json
+
+    import polars as pl
+
+    from muse.server.app import MuseApp
+    from muse.server.scorelog import ScoreLog
+    from muse.server.serving import IDLE_POLLS
+
+    DeploymentStore(reg).apply(spec(BASE))
+    log = ScoreLog(tmp_path / "log")
+
+    async def post(app, tenant, X):
+        body = json.dumps({"tenant": tenant, "intent": "fraud", "events": [{"features": r} for r in as_json_rows(X)]})
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body.encode(), "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/score",
+                 "headers": [(b"content-length", str(len(body)).encode())]}
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200, sent
+        return json.loads(sent[1]["body"])["scores"]
+
+    async def run():
+        app = MuseApp(reg.root, auth=False, poll_interval=3600, score_log=log)  # polls by hand below
+        await app.serving.start()
+        try:
+            served = [(t, await post(app, t, rows(n, seed=n))) for t, n in (("acme", 3), ("acme", 1), ("globex", 2))]
+            app.serving.record_served()
+            lane = app.serving.lane("acme", "fraud")
+            for _ in range(IDLE_POLLS):
+                app.serving.record_served()
+            kept = app.serving.lane("acme", "fraud") is lane
+            app.serving.record_served()
+            dropped = app.serving.lane("acme", "fraud") is not lane
+            served.append(("acme", await post(app, "acme", rows(2, seed=7))))
+        finally:
+            await app.serving.stop()  # stores what is left and flushes the log
+        return served, kept, dropped, app.metrics.drift
+
+    served, kept, dropped, drift = asyncio.run(run())
+    assert kept and dropped
+    frame = pl.concat([pl.read_parquet(f) for f in sorted((tmp_path / "log").rglob("*.parquet"))])
+    for tenant in ("acme", "globex"):
+        want = [s for t, scores in served if t == tenant for s in scores]
+        assert frame.filter(pl.col("tenant") == tenant)["mapped"].to_list() == want
+        np.testing.assert_array_equal(drift._rings[(tenant, "fraud", "a")].current(), want)
