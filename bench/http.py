@@ -1,15 +1,16 @@
 """HTTP scoring benchmark: open-loop load at rising rates against `muse serve`
 (fraud-shaped 500-tree model, calibrated, auth on) and against a no-op
-Granian + msgspec endpoint that decodes the same request, in the same run;
-then, at half of MUSE's peak, the same load with a promotion to a newly
-loaded library in the middle, against the steady run.
+Granian + msgspec endpoint that decodes the same request, in the same run
+(rounds alternate the two, and the peak ratio is the median of the rounds');
+then, at half of each one's peak, steady load, and for MUSE the same load with a
+promotion to a newly loaded library in the middle.
 
 Load comes from bench/loadgen.c (compiled here with the C compiler): constant
 arrival rate over keep-alive connections, latency from each request's
 intended send time, so a stalled server cannot hide its queue (no
 coordinated omission).  Every request is batch 1: one event of 100 features.
 
-    python -m muse.bench.http [--seconds 4] [--workers 1] [--connections 64]
+    python -m muse.bench.http [--seconds 4] [--rounds 3] [--workers 1] [--connections 64]
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,7 @@ from muse.bench.timing import print_table
 from muse.server import local
 
 HERE = pathlib.Path(__file__).parent
-RATES = (1000, 2000, 4000, 6000, 8000, 10000, 12500, 15000, 20000, 25000, 30000)
+RATES = (1000, 2000, 4000, 6000, 8000, 10000, 12500, 15000, 17500, 20000, 22500, 25000, 30000)
 
 
 def build_loadgen(workdir: pathlib.Path) -> pathlib.Path:
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("bench/results"))
     parser.add_argument("--batching", default="", help='TOML lines for the model, e.g. "inline_max_us = 0"')
     parser.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated request rates")
+    parser.add_argument("--rounds", type=int, default=3, help="peak sweeps of each server, alternating")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
@@ -173,41 +176,59 @@ def main(argv: list[str] | None = None) -> None:
                 [sys.executable, "-m", "muse.server.cli", "serve", "--registry", str(registry), "--port", str(port),
                  "--workers", str(args.workers)], port),
         }
-        table, peaks = [], {}
-        for label, start in servers.items():
-            port = local.free_port()
-            print(f"{label}:", file=sys.stderr, flush=True)
-            server = start(port)
-            try:
-                req = request_file(work, port, key)
-                results = sweep(loadgen, req, port, args.seconds, args.connections,
-                                [float(r) for r in args.rates.split(",")])
-                peaks[label] = max(r["achieved_rps"] for r in results)
-                if results[0]["errors"]:
-                    raise RuntimeError(f"{label}: {results[0]['errors']} failed requests at the lowest rate")
-                half = run_load(loadgen, req, port, peaks[label] / 2, args.seconds, args.connections)
-                if label.startswith("muse"):
-                    swap = load_with_promotion(loadgen, req, port, peaks[label] / 2, args.seconds,
-                                               args.connections, registry)
-            finally:
+        started = {}
+        try:
+            for label, start in servers.items():
+                started[label] = start(local.free_port())
+            reqs = {label: request_file(work, server.port, key) for label, server in started.items()}
+            rates = [float(r) for r in args.rates.split(",")]
+            # Rounds alternate the two servers, so that both see the same moments of a shared,
+            # noisy machine; the ratio is taken within each round, and its median reported.
+            sweeps: dict[str, list[list[dict]]] = {label: [] for label in servers}
+            for n in range(args.rounds):
+                for label, server in started.items():
+                    print(f"{label}, round {n + 1}:", file=sys.stderr, flush=True)
+                    results = sweep(loadgen, reqs[label], server.port, args.seconds, args.connections, rates)
+                    if results[0]["errors"]:
+                        raise RuntimeError(f"{label}: {results[0]['errors']} failed requests at the lowest rate")
+                    sweeps[label].append(results)
+            peaks = {label: [max(r["achieved_rps"] for r in results) for results in runs]
+                     for label, runs in sweeps.items()}
+            half = {}
+            for label, server in started.items():
+                rate = statistics.median(peaks[label]) / 2
+                half[label] = run_load(loadgen, reqs[label], server.port, rate, args.seconds, args.connections)
+            muse_server = started["muse /v1/score"]
+            swap = load_with_promotion(loadgen, reqs["muse /v1/score"], muse_server.port,
+                                       statistics.median(peaks["muse /v1/score"]) / 2, args.seconds,
+                                       args.connections, registry)
+        finally:
+            for server in started.values():
                 server.stop()
-            for r in results:
-                table.append([label, f"{r['target_rps']:,.0f}", f"{r['achieved_rps']:,.0f}", f"{r['p50_us']:,.0f}",
-                              f"{r['p99_us']:,.0f}", f"{r['p999_us']:,.0f}", r["errors"]])
-            table.append([label + " @ half peak", f"{half['target_rps']:,.0f}", f"{half['achieved_rps']:,.0f}",
-                          f"{half['p50_us']:,.0f}", f"{half['p99_us']:,.0f}", f"{half['p999_us']:,.0f}",
-                          half["errors"]])
-    table.append(["muse, promotion during the run", f"{swap['target_rps']:,.0f}", f"{swap['achieved_rps']:,.0f}",
-                  f"{swap['p50_us']:,.0f}", f"{swap['p99_us']:,.0f}", f"{swap['p999_us']:,.0f}", swap["errors"]])
-    print()
-    print_table(["server", "target req/s", "achieved req/s", "p50 us", "p99 us", "p99.9 us", "errors"], table)
-    steady = [r for r in table if r[0] == "muse /v1/score @ half peak"][0]
-    print(f"hot swap: p99 {swap['p99_us']:,.0f} us with a promotion (new library loaded) during the run, "
-          f"{steady[4]} us steady: {swap['p99_us'] / float(steady[4].replace(',', '')):.2f}x; "
-          f"{swap['errors']} failed requests")
-    noop, muse = peaks["no-op granian+msgspec"], peaks["muse /v1/score"]
-    print(f"\npeak: muse {muse:,.0f} req/s, no-op {noop:,.0f} req/s: muse = {muse / noop:.0%} of no-op")
 
+    def row(label: str, r: dict) -> list:
+        return [label, f"{r['target_rps']:,.0f}", f"{r['achieved_rps']:,.0f}", f"{r['p50_us']:,.0f}",
+                f"{r['p99_us']:,.0f}", f"{r['p999_us']:,.0f}", r["errors"]]
+
+    noop, muse = peaks["no-op granian+msgspec"], peaks["muse /v1/score"]
+    ratios = [m / o for m, o in zip(muse, noop)]
+    shown = ratios.index(sorted(ratios)[len(ratios) // 2])  # the round of the median ratio
+    table = [row(label, r) for label, runs in sweeps.items() for r in runs[shown]]
+    table += [row(label + " @ half peak", r) for label, r in half.items()]
+    table.append(row("muse, promotion during the run", swap))
+    print()
+    print(f"sweeps of round {shown + 1} of {args.rounds} (the round of the median ratio):")
+    print_table(["server", "target req/s", "achieved req/s", "p50 us", "p99 us", "p99.9 us", "errors"], table)
+    steady = half["muse /v1/score"]
+    print(f"hot swap: p99 {swap['p99_us']:,.0f} us with a promotion (new library loaded) during the run, "
+          f"{steady['p99_us']:,.0f} us steady: {swap['p99_us'] / steady['p99_us']:.2f}x; "
+          f"{swap['errors']} failed requests")
+    print()
+    print_table(["round", "no-op peak req/s", "muse peak req/s", "muse / no-op"],
+                [[n + 1, f"{o:,.0f}", f"{m:,.0f}", f"{r:.0%}"] for n, (o, m, r) in enumerate(zip(noop, muse, ratios))])
+    print(f"\npeak: muse {statistics.median(muse):,.0f} req/s, no-op {statistics.median(noop):,.0f} req/s "
+          f"(medians of {args.rounds} rounds); median of the rounds' ratios: muse = {statistics.median(ratios):.0%} "
+          f"of no-op")
 
 if __name__ == "__main__":
     main()
