@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+
 import numpy as np
 
 from muse.compile import Calibrator, CompiledModel, NativeWorker

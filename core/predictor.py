@@ -53,7 +53,7 @@ class Predictor:
         """[3, n] on the calling thread, bypassing the batchers (shadow work: never queue beside live rows)."""
         if len(self.batchers) == 1:
             return self.batchers[0].model.score(X, self.calibrator, map_index)
-        return self._finish(self._combine([b.model.predict(X, margin=True) for b in self.batchers]), map_index)
+        return self._stack(*self._combine([b.model.predict(X, margin=True) for b in self.batchers]), map_index)
 
     def _combine(self, member_margins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """An ensemble's (combined margin, corrected score) from its members' raw outputs."""
@@ -67,8 +67,7 @@ class Predictor:
         margins = np.mean(probs, axis=0)
         return margins, margins
 
-    def _finish(self, combined: tuple[np.ndarray, np.ndarray], map_index) -> np.ndarray:
-        margins, corrected = combined
+    def _stack(self, margins: np.ndarray, corrected: np.ndarray, map_index) -> np.ndarray:
         return np.stack([margins, corrected, self.table.apply(corrected, map_index)])
 
     def score(self, X: np.ndarray, map_index: int) -> Awaitable[np.ndarray]:
@@ -81,4 +80,4 @@ class Predictor:
 
     async def _score_members(self, X: np.ndarray, map_index: int) -> np.ndarray:
         margins = await asyncio.gather(*(b.submit(X) for b in self.batchers))
-        return self._finish(self._combine(margins), map_index)
+        return self._stack(*self._combine(margins), map_index)

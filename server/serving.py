@@ -1,8 +1,10 @@
 """What one server process serves: the current snapshot, how it follows
-`deployments/current`, and the shadow queue.
+`deployments/current`, the lanes requests are served through, the served
+scores' recording, and the shadow queue.
 
-A request reads ``serving.snapshot`` once and uses only that object, so it is
-served entirely by one generation however many swaps happen meanwhile.  A new
+A request looks up one lane (tenant, intent) of the current generation and
+uses only what that lane holds, so it is served entirely by one generation
+however many swaps happen meanwhile.  A new
 generation is loaded, validated and warmed on a loader thread, then swapped
 in by one assignment; models no longer named are dropped from the pool, and
 in-flight requests still hold their own references, so nothing is unloaded
