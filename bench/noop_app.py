@@ -16,7 +16,7 @@ _JSON = [(b"content-type", b"application/json")]
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    length = next((int(v) for k, v in scope["headers"] if k == b"content-length"), -1)
+    length = int(dict(scope["headers"]).get(b"content-length", -1))
     body = b""
     while True:  # complete at content-length bytes, as muse.server.asgi.Request.body reads it
         message = await receive()
