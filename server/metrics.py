@@ -13,8 +13,8 @@ lock per bucket and sum, and the five per request cost ~8 us of a batch-1
 request (measured in-process); a list append costs ~30 ns."""
 from __future__ import annotations
 
-import os
 import math
+import os
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest

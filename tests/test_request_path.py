@@ -1,5 +1,5 @@
 """The request path's fast pieces against their plain equivalents: the native model
-thread and its calibration, the row conversion and the metric tallies."""
+thread and its calibration, the row conversion and histograms filled in bulk."""
 from __future__ import annotations
 
 import asyncio
