@@ -130,8 +130,7 @@ class CompiledModel:
         """Margins [rows], or with ``calibrator`` [3, rows]: margins, posterior-corrected scores
         (this model's beta) and mapped scores through the calibrator's map ``map_index`` (an int,
         or an int64 vector with one per row); one native call on this thread."""
-        X = _features(X)
-        out = np.empty((3, len(X)) if calibrator is not None else len(X))
+        X, out = _call_arrays(X, calibrator)
         self._lib.run(X, out, True, calibrator, *self._correction, map_index)
         return out
 
@@ -140,8 +139,7 @@ class CompiledModel:
         """Queue what ``score`` computes on a native worker thread.  Returns (call id, (input,
         output, map index)): keep that tuple until ``worker.completed()`` reports the id, then
         pass its code to ``check``."""
-        X = _features(X)
-        out = np.empty((3, len(X)) if calibrator is not None else len(X))
+        X, out = _call_arrays(X, calibrator)
         call = worker.submit(self._lib, X, out, True, calibrator, *self._correction, map_index)
         return call, (X, out, map_index)
 
@@ -152,8 +150,10 @@ class CompiledModel:
         return f"CompiledModel({self.key}, {self.manifest.num_tree} trees, {self.num_feature} features)"
 
 
-def _features(X: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
+def _call_arrays(X: np.ndarray, calibrator: Calibrator | None) -> tuple[np.ndarray, np.ndarray]:
+    """(features as the native call takes them, its output: margins [rows], or [3, rows] calibrated)."""
+    X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
+    return X, np.empty((3, len(X)) if calibrator is not None else len(X))
 
 
 def load_artifact(directory: str | pathlib.Path) -> CompiledModel:

@@ -197,7 +197,7 @@ class MuseApp:
             predictor_name = predictor.name
             X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
             scores = await self._score(lane, X)
-            body = encode(ScoreResponse(predictor.name, predictor.version, lane.snapshot.generation,
+            body = encode(ScoreResponse(predictor.name, predictor.version, lane.generation,
                                         scores[2].tolist(), _ids(r.events)))
         except HTTPError as exc:
             self.metrics.observe_error(tenant, intent, predictor_name, exc.status, REASONS.get(exc.status, "error"))
@@ -213,7 +213,7 @@ class MuseApp:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
         lane.served.add(scores)
         if lane.route.shadows:
-            self.serving.shadow(lane.route, X, lane.tenant, lane.snapshot.generation)
+            self.serving.shadow(lane.route, X, lane.tenant, lane.generation)
         return scores
 
     # -- Open Inference Protocol -------------------------------------------------------
@@ -244,7 +244,7 @@ class MuseApp:
             X = infer_matrix(r, binary, predictor.num_feature)
             binary_out = _wants_binary(r)
             scores = await self._score(lane, X)
-            params = {"predictor": predictor.name, "generation": lane.snapshot.generation}
+            params = {"predictor": predictor.name, "generation": lane.generation}
             if binary_out:
                 raw = scores[2].astype("<f8").tobytes()
                 output = InferOutput("score", [len(X)], "FP64", parameters={"binary_data_size": len(raw)})

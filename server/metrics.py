@@ -31,19 +31,19 @@ OTHER = "_other"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def add_to_histogram(child, bounds: tuple[float, ...], values: list[float]) -> None:
-    """Add ``values`` to a prometheus_client histogram series at once: each bucket's count goes
+def add_to_histogram(child, bounds: tuple[float, ...], observations: list[float]) -> None:
+    """Add ``observations`` to a prometheus_client histogram series at once: each bucket's count goes
     into the child's bucket values, prometheus_client's own storage layout (``_buckets``,
     ``_sum``), which observe() writes one value at a time.  tests/test_request_path.py checks
     the result against observe()."""
-    if not values:
+    if not observations:
         return
     # side="left": a value equal to a bound counts in that bound's bucket (Prometheus' `le`).
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds) + 1)
+    counts = np.bincount(np.searchsorted(bounds, observations, side="left"), minlength=len(bounds) + 1)
     for bucket, n in zip(child._buckets, counts.tolist()):
         if n:
             bucket.inc(n)
-    child._sum.inc(math.fsum(values))
+    child._sum.inc(math.fsum(observations))
 
 
 class RequestSeries:
@@ -113,17 +113,17 @@ class Metrics:
         return tenant
 
     def request_series(self, tenant: str, intent: str, predictor: str) -> RequestSeries:
-        values = (self.tenant_label(tenant), intent, predictor)
-        series = self._request_series.get(values)
+        labels = (self.tenant_label(tenant), intent, predictor)
+        series = self._request_series.get(labels)
         if series is None:  # labels() costs microseconds: resolve each series once
-            series = self._request_series[values] = RequestSeries(
-                self.requests.labels(*values, "200"), self.events.labels(*values), self.latency.labels(*values))
+            series = self._request_series[labels] = RequestSeries(
+                self.requests.labels(*labels, "200"), self.events.labels(*labels), self.latency.labels(*labels))
         return series
 
     def observe_error(self, tenant: str, intent: str, predictor: str, code: int, reason: str) -> None:
-        values = (self.tenant_label(tenant), intent, predictor)
-        self.requests.labels(*values, str(code)).inc()
-        self.errors.labels(*values, reason).inc()
+        labels = (self.tenant_label(tenant), intent, predictor)
+        self.requests.labels(*labels, str(code)).inc()
+        self.errors.labels(*labels, reason).inc()
 
     def flush(self) -> None:
         """Hand what was observed to prometheus_client (and, with several workers, to the shared

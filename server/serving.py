@@ -153,7 +153,7 @@ class Serving:
             predictor = route.active
             with self._record_lock:
                 served = self._series_for(tenant, predictor, "active", snap.generation)
-            lane = Lane(snap, route, predictor.map_index(tenant),
+            lane = Lane(route, predictor.map_index(tenant),
                         self.metrics.request_series(tenant, intent, predictor.name), served)
             if len(lanes) < MAX_LANES:  # tenant names are the client's: bound what is kept
                 lanes[(tenant, intent)] = lane
@@ -242,12 +242,11 @@ class Lane:
     active predictor and the tenant's map, and where the requests' metrics and scores go.  A
     request looks up one lane (a dict lookup) instead of routing, mapping and finding series."""
 
-    __slots__ = ("snapshot", "route", "predictor", "tenant", "map_index", "metrics", "served")
+    __slots__ = ("route", "predictor", "tenant", "generation", "map_index", "metrics", "served")
 
-    def __init__(self, snapshot: Snapshot, route: Route, map_index: int, metrics: RequestSeries,
-                 served: _Series):
-        self.snapshot, self.route, self.predictor = snapshot, route, route.active
-        self.tenant = served.tenant
+    def __init__(self, route: Route, map_index: int, metrics: RequestSeries, served: _Series):
+        self.route, self.predictor = route, route.active
+        self.tenant, self.generation = served.tenant, served.generation  # the series' own, kept at hand
         self.map_index, self.metrics, self.served = map_index, metrics, served
 
 
