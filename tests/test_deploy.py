@@ -176,7 +176,7 @@ active = "x"
 
 def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path):
     """Through the app's ASGI entry, in process: each response's scores reach the drift window and
-    the score log once, per tenant; a lane unused for IDLE_POLLS polls is dropped, and made
+    the score log once, per tenant; a lane unused for IDLE_RECORDS records is dropped, and made
     again, recording as before, on the tenant's next request."""
     import asyncio
     import json
@@ -185,7 +185,7 @@ def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path
 
     from muse.server.app import MuseApp
     from muse.server.scorelog import ScoreLog
-    from muse.server.serving import IDLE_POLLS
+    from muse.server.serving import IDLE_RECORDS
 
     DeploymentStore(reg).apply(spec(BASE))
     log = ScoreLog(tmp_path / "log")
@@ -213,7 +213,7 @@ def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path
             served = [(t, await post(app, t, rows(n, seed=n))) for t, n in (("acme", 3), ("acme", 1), ("globex", 2))]
             app.serving.record_served()
             lane = app.serving.lane("acme", "fraud")
-            for _ in range(IDLE_POLLS):
+            for _ in range(IDLE_RECORDS):
                 app.serving.record_served()
             kept = app.serving.lane("acme", "fraud") is lane
             app.serving.record_served()
