@@ -65,7 +65,10 @@ class Serving:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
-        """Load and warm the current generation (if any) before the first request."""
+        """Load and warm the current generation (if any), and the score log's writer, before the
+        first request."""
+        if self.score_log is not None:
+            await self.in_background(self.score_log.warm)
         await self.refresh()
         self._shadows = asyncio.Queue(self._shadow_capacity)
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._record()),
