@@ -247,8 +247,7 @@ class Serving:
             if logged:
                 rows = outs if len(logged) == len(outs) else [outs[i] for i, _ in logged]
                 kept = scores if rows is outs else np.concatenate(rows, axis=1)
-                at = np.array([at for _, at in logged], dtype=np.int64)
-                at_us = at if kept.shape[1] == len(at) else np.repeat(at, [r.shape[1] for r in rows])
+                at_us = np.repeat(np.array([at for _, at in logged], dtype=np.int64), [r.shape[1] for r in rows])
                 self.score_log.append(series.tenant, predictor.intent, predictor.name, predictor.version,
                                       series.role, series.generation, kept[0], kept[1], kept[2], at_us)
 
