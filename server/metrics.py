@@ -7,8 +7,8 @@ answers it.
 
 Per-request observations are appended to plain lists on the event loop
 (a request's latency, a native call's rows and waits) and binned into
-prometheus_client's series in bulk by ``flush()`` (on every scrape and every
-poll of the deployment watcher): prometheus_client's own observe() takes a
+prometheus_client's series in bulk by ``flush()`` (on every scrape, and five
+times a deployment poll with the served scores): prometheus_client's own observe() takes a
 lock per bucket and sum, and the five per request cost ~8 us of a batch-1
 request (measured in-process); a list append costs ~30 ns."""
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Serving:
         self._shadow_capacity = shadow_queue
         self._tasks: list[asyncio.Task] = []
         self.score_log = score_log
-        self._series: dict[tuple, _Series] = {}  # see record()
+        self._series: dict[tuple, _Series] = {}  # see record_served()
         self._record_lock = threading.Lock()
         self.on_poll = on_poll  # called on the loader thread at every poll (e.g. reload API keys)
 
@@ -140,7 +140,7 @@ class Serving:
         while True:
             await asyncio.sleep(self.poll_interval / RECORDS_PER_POLL)
             try:
-                self.metrics.flush()  # on the loop, where the tallies are written
+                self.metrics.flush()  # on the loop, where observations are appended
                 self.record_served()
             except Exception:
                 log.exception("recording served scores")
@@ -276,7 +276,7 @@ class _Series:
         self.outs: list[np.ndarray] = []
         self.logged: list[tuple[int, int]] = []  # (index in outs, microseconds since the epoch)
         self.sampled = sampled  # the score log's per-request sampler, or None without a log
-        self.idle = 0  # polls with nothing recorded
+        self.idle = 0  # records with nothing to store
 
     def add(self, out: np.ndarray) -> None:
         self.outs.append(out)
