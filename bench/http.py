@@ -27,7 +27,7 @@ import time
 
 from muse.bench.models import fraud_like_matrix, train_lightgbm
 from muse.bench.timing import print_table
-from muse.server import local
+from muse.server import testing as local
 
 HERE = pathlib.Path(__file__).parent
 RATES = (1000, 2000, 4000, 6000, 8000, 10000, 12500, 15000, 17500, 20000, 22500, 25000, 30000)

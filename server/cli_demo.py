@@ -25,7 +25,7 @@ from muse.calib import AlertRateCurve, MapTable, ReferenceFile, alert_rates
 from muse.calib.reference import encode_reference
 from muse.core import simulate
 from muse.core.registry import Registry
-from muse.server import local
+from muse.server import testing as local
 
 REFERENCE = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
 REVIEW = AlertRateCurve([0.5, 0.9], [0.05, 0.01])

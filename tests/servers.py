@@ -15,7 +15,7 @@ from conftest import training_data
 from muse.calib import AlertRateCurve, ModelIdentity, ReferenceFile, correct_margins, fit_quantile_map, make_calibration
 from muse.calib.reference import encode_reference
 from muse.core.registry import Registry
-from muse.server import local
+from muse.server import testing as local
 
 CURVE = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
 
