@@ -79,8 +79,9 @@ class InstantThread:
 
 async def measure(registry: pathlib.Path, key: str, clients: list[int], seconds: float, repeats: int) -> list:
     from muse.server.app import MuseApp
+    from muse.server.settings import Settings
 
-    app = MuseApp(registry)
+    app = MuseApp(Settings(registry=str(registry)))
     await app.serving.start()
     scope, message = score_request(key)
     batcher = app.serving.snapshot.route("acme", "fraud").active.batchers[0]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pathlib
 import time
 from typing import Any
 
@@ -34,12 +32,12 @@ from .schemas import (
 )
 from .scorelog import ScoreLog
 from .serving import Lane, Serving
+from .settings import Settings, from_environment
 
 log = logging.getLogger("muse.serve")
 
 SCORE_DECODER = msgspec.json.Decoder(ScoreRequest)
 INFER_DECODER = msgspec.json.Decoder(InferRequest)
-DEFAULT_MAX_BODY = 16 << 20
 SERVER_VERSION = "0.1.0"
 RETRY_AFTER = [(b"retry-after", b"1")]
 REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found", 413: "too_large",
@@ -48,14 +46,18 @@ REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "n
 
 
 class MuseApp:
-    def __init__(self, registry: str | pathlib.Path, auth: bool = True, max_body: int = DEFAULT_MAX_BODY,
-                 poll_interval: float = 0.25, shadow_queue: int = 8192, score_log: ScoreLog | None = None):
-        self.registry = Registry(registry)
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = Registry(settings.registry)
         self.metrics = Metrics()
-        self.auth = Authenticator(keys_path(self.registry.root) if auth else None)
-        self.serving = Serving(self.registry, self.metrics, poll_interval, shadow_queue, score_log=score_log,
-                               on_poll=self.auth.reload)  # added and revoked keys apply within a poll
-        self.max_body = max_body
+        self.auth = Authenticator(keys_path(self.registry.root) if settings.auth else None)
+        score_log = None
+        if settings.score_log is not None:
+            score_log = ScoreLog(settings.score_log, sample=settings.score_log_sample,
+                                 max_bytes=settings.score_log_max_bytes, flush_seconds=settings.score_log_flush_seconds)
+        self.serving = Serving(self.registry, self.metrics, settings.poll_interval, settings.shadow_queue,
+                               score_log=score_log, on_poll=self.auth.reload)  # added and revoked keys apply within a poll
+        self.max_body = settings.max_body_bytes
         self._get = {
             "/v2": self.server_metadata,
             "/v2/health/live": self.live,
@@ -472,18 +474,5 @@ def _wants_binary(r: InferRequest) -> bool:
 
 
 def create_app() -> MuseApp:
-    """Factory for Granian workers: settings come from the environment `muse serve` sets."""
-    registry = os.environ.get("MUSE_REGISTRY")
-    if not registry:
-        raise RuntimeError("MUSE_REGISTRY is not set; start the server with `muse serve --registry DIR`")
-    return MuseApp(
-        registry,
-        auth=os.environ.get("MUSE_AUTH", "on") != "off",
-        max_body=int(os.environ.get("MUSE_MAX_BODY", DEFAULT_MAX_BODY)),
-        poll_interval=float(os.environ.get("MUSE_POLL_INTERVAL", "0.25")),
-        shadow_queue=int(os.environ.get("MUSE_SHADOW_QUEUE", "8192")),
-        score_log=ScoreLog(os.environ["MUSE_SCORE_LOG"], sample=float(os.environ.get("MUSE_SCORE_LOG_SAMPLE", "1")),
-                           max_bytes=int(os.environ.get("MUSE_SCORE_LOG_MAX_BYTES", 1 << 30)),
-                           flush_seconds=float(os.environ.get("MUSE_SCORE_LOG_FLUSH_SECONDS", "10")))
-        if os.environ.get("MUSE_SCORE_LOG") else None,
-    )
+    """Factory for Granian workers: the settings `muse serve` parsed."""
+    return MuseApp(from_environment())

@@ -104,11 +104,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
             run(["keys", "add", "--registry", R, "--tenant", tenant])
         keys[tenant] = out.getvalue().strip().splitlines()[-1]
     port = local.free_port()
-    print(f"$ muse serve --registry {R} --port {port}")
+    print(f"$ muse serve --registry {R} --port {port} --score-log-flush-seconds 1")
     # The log flushes every second here (default 10 s) so the demo can fit from it without waiting.
-    server = subprocess.Popen([sys.executable, "-m", "muse.server.cli", "serve", "--registry", R, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "MUSE_SCORE_LOG_FLUSH_SECONDS": "1"})
+    server = subprocess.Popen([sys.executable, "-m", "muse.server.cli", "serve", "--registry", R, "--port", str(port),
+                               "--score-log-flush-seconds", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = DemoClient(port, keys)
         client.wait_generation(None)

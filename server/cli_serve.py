@@ -8,9 +8,13 @@ import shutil
 import sys
 import tempfile
 
+import msgspec
+
 from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
 from muse.core.spec import SpecError, encode_spec
+
+from .settings import DEFAULTS, Settings, to_environment
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -28,12 +32,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if DeploymentStore(Registry(registry)).current_generation() is None:
         print("muse serve: warning: nothing is deployed yet; the server stays not-ready until "
               "`muse deploy apply` publishes a deployment", file=sys.stderr)
-    os.environ.update(MUSE_REGISTRY=str(registry), MUSE_AUTH="off" if args.no_auth else "on",
-                      MUSE_MAX_BODY=str(args.max_body_bytes))
+    score_log = None
     if args.score_log_sample > 0:
-        score_log = pathlib.Path(args.score_log or registry / "scorelog").resolve()
-        os.environ.update(MUSE_SCORE_LOG=str(score_log), MUSE_SCORE_LOG_SAMPLE=str(args.score_log_sample),
-                          MUSE_SCORE_LOG_MAX_BYTES=str(args.score_log_max_mb << 20))
+        score_log = str(pathlib.Path(args.score_log or registry / "scorelog").resolve())
+    try:
+        settings = msgspec.convert(dict(
+            registry=str(registry), auth=not args.no_auth, max_body_bytes=args.max_body_bytes, score_log=score_log,
+            score_log_sample=args.score_log_sample, score_log_max_bytes=args.score_log_max_mb << 20,
+            score_log_flush_seconds=args.score_log_flush_seconds), Settings)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{exc}; see `muse serve --help`") from None
+    to_environment(settings)
     # Polars (the score log) would start a thread per core in every worker and compete with the
     # request path for the CPU; one background thread per worker is plenty.
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
@@ -112,13 +121,16 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads every model)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without keys (local demos only)")
-    p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger requests get 413")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="larger requests get 413")
     p.add_argument("--backlog", type=int, default=2048)
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--score-log", help="score log directory (default: REGISTRY/scorelog)")
-    p.add_argument("--score-log-sample", type=float, default=1.0,
+    p.add_argument("--score-log-sample", type=float, default=DEFAULTS.score_log_sample,
                    help="fraction of requests whose scores are logged (0 turns the log off)")
-    p.add_argument("--score-log-max-mb", type=int, default=1024, help="oldest files are deleted beyond this")
+    p.add_argument("--score-log-max-mb", type=int, default=DEFAULTS.score_log_max_bytes >> 20,
+                   help="oldest files are deleted beyond this")
+    p.add_argument("--score-log-flush-seconds", type=float, default=DEFAULTS.score_log_flush_seconds,
+                   help="the longest a logged score waits in memory before it is written")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("promote", help="publish a generation in which PREDICTOR is active on its intent's routes")

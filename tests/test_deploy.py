@@ -184,33 +184,23 @@ def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path
     import polars as pl
 
     from muse.server.app import MuseApp
-    from muse.server.scorelog import ScoreLog
     from muse.server.serving import IDLE_RECORDS
+    from muse.server.settings import Settings
+    from muse.server.testing import ASGIClient
 
     DeploymentStore(reg).apply(spec(BASE))
-    log = ScoreLog(tmp_path / "log")
 
-    async def post(app, tenant, X):
+    async def post(client, tenant, X):
         body = json.dumps({"tenant": tenant, "intent": "fraud", "events": [{"features": r} for r in as_json_rows(X)]})
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": body.encode(), "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/score",
-                 "headers": [(b"content-length", str(len(body)).encode())]}
-        await app(scope, receive, send)
-        assert sent[0]["status"] == 200, sent
-        return json.loads(sent[1]["body"])["scores"]
+        status, raw, _ = await client.request("POST", "/v1/score", body.encode())
+        assert status == 200, raw
+        return json.loads(raw)["scores"]
 
     async def run():
-        app = MuseApp(reg.root, auth=False, poll_interval=3600, score_log=log)  # polls by hand below
-        await app.serving.start()
-        try:
-            served = [(t, await post(app, t, rows(n, seed=n))) for t, n in (("acme", 3), ("acme", 1), ("globex", 2))]
+        # polls by hand below; the log is flushed at shut-down
+        app = MuseApp(Settings(registry=str(reg.root), auth=False, poll_interval=3600, score_log=str(tmp_path / "log")))
+        async with ASGIClient(app) as client:
+            served = [(t, await post(client, t, rows(n, seed=n))) for t, n in (("acme", 3), ("acme", 1), ("globex", 2))]
             app.serving.record_served()
             lane = app.serving.lane("acme", "fraud")
             for _ in range(IDLE_RECORDS):
@@ -218,9 +208,7 @@ def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path
             kept = app.serving.lane("acme", "fraud") is lane
             app.serving.record_served()
             dropped = app.serving.lane("acme", "fraud") is not lane
-            served.append(("acme", await post(app, "acme", rows(2, seed=7))))
-        finally:
-            await app.serving.stop()  # stores what is left and flushes the log
+            served.append(("acme", await post(client, "acme", rows(2, seed=7))))
         return served, kept, dropped, app.metrics.drift
 
     served, kept, dropped, drift = asyncio.run(run())

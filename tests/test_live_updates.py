@@ -52,11 +52,7 @@ def live(tmp_path_factory, model_dir):
     keys = {t: add_key(keys_path(reg.root), t, False)[1] for t in TENANTS}
     admin = add_key(keys_path(reg.root), None, True)[1]
     DeploymentStore(reg).apply(decode_spec(V1_WITH_SHADOW.encode(), "v1.toml"))
-    os.environ["MUSE_SCORE_LOG_FLUSH_SECONDS"] = "0.5"
-    try:
-        server = Server(reg.root, "--workers", "2")
-    finally:
-        del os.environ["MUSE_SCORE_LOG_FLUSH_SECONDS"]
+    server = Server(reg.root, "--workers", "2", "--score-log-flush-seconds", "0.5")
     server.wait_ready(generation=1)
 
     class Live:

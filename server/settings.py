@@ -1,0 +1,48 @@
+"""A server's settings: one typed value, parsed once by `muse serve` from its
+command line and handed to every worker process, where the app is built from it.
+
+Granian builds the app in each worker by calling a factory with no arguments,
+so the settings travel as one environment variable holding their JSON; the
+worker decodes (and so validates) them once.  Defaults are written here only:
+`muse serve`'s flags take theirs from this type."""
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import msgspec
+
+ENV = "MUSE_SETTINGS"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    registry: str
+    auth: bool = True  # False: every request is accepted without a key (local demos only)
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 16 << 20  # larger requests get 413
+    poll_interval: Positive = 0.25  # seconds between looks at deployments/current
+    shadow_queue: Annotated[int, msgspec.Meta(ge=1)] = 8192  # shadow work beyond this is dropped and counted
+    score_log: str | None = None  # directory of the score log; None: no log
+    score_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0  # fraction of requests logged
+    score_log_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1 << 30  # oldest files deleted beyond this
+    score_log_flush_seconds: Positive = 10.0  # the longest a logged score waits in memory
+
+
+DEFAULTS = Settings(registry="")
+
+
+def to_environment(settings: Settings) -> None:
+    """Hand ``settings`` to the worker processes about to be started from this one."""
+    os.environ[ENV] = msgspec.json.encode(settings).decode()
+
+
+def from_environment() -> Settings:
+    """The settings `muse serve` handed to this worker."""
+    raw = os.environ.get(ENV)
+    if not raw:
+        raise RuntimeError(f"{ENV} is not set; start the server with `muse serve --registry DIR`")
+    try:
+        return msgspec.json.decode(raw, type=Settings)
+    except msgspec.ValidationError as exc:
+        raise RuntimeError(f"{ENV}: invalid settings ({exc})") from None
