@@ -2,22 +2,38 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# setup.py's package_dir: each top-level folder is the subpackage muse.<folder>.
+PACKAGES := calib compile core server bench
+# mypy cannot follow the import hook of setuptools' editable install, so it reads muse.* through a
+# tree of links, $(MYPY_TREE)/muse/<folder> -> <folder>.
+MYPY_TREE := build/mypy
+# Tests run in a fresh random order each time; `make test SEED=<n>` replays the order of a run.
+SEED ?= $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# Cython sources: their extensions are built at install time.
+NATIVE := $(wildcard $(addsuffix /*.pyx,$(PACKAGES)) $(addsuffix /*.pxd,$(PACKAGES)))
+
 # Reinstall when packaging or native sources change; Python sources are editable.
-$(STAMP): $(BIN)/python pyproject.toml setup.py compile/_native.pyx
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(NATIVE)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	mkdir -p $(MYPY_TREE)/muse && for p in $(PACKAGES); do ln -sfn ../../../$$p $(MYPY_TREE)/muse/$$p; done
+	MYPYPATH=$(MYPY_TREE) $(BIN)/mypy $(addprefix -p muse.,$(PACKAGES))
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -p random_order --random-order --random-order-seed=$(SEED) tests
 
 demo: $(STAMP)
 	$(BIN)/muse demo --workdir demo-out
@@ -29,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python -m muse.bench.http
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out compile/_native.c compile/*.so
+	rm -rf $(VENV) build *.egg-info demo-out $(patsubst %.pyx,%.c,$(filter %.pyx,$(NATIVE))) $(addsuffix /*.so,$(PACKAGES))

@@ -2,6 +2,7 @@
 
 One JSON file per calibration, immutable once written.  The checksum covers
 every other field, so a hand-edited or truncated file is refused on load."""
+
 from __future__ import annotations
 
 import datetime as _dt

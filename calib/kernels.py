@@ -13,14 +13,23 @@ crowd).  Most buckets hold no knot, so a score's segment is one table read
 away; the rest step over the few knots inside their bucket.  That replaces
 eight levels of mispredicted binary-search branches (measured in
 bench/calib_kernels.py: 6 ns per score against 18 ns)."""
+
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
+import numpy.typing as npt
 
 from .posterior import corrected_from_probability, sigmoid
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from ctypes import _Pointer, c_double, c_int16, c_int64
+
+    from .quantile_map import QuantileMap
 
 GRID_SHIFT = 45  # keep the exponent and 7 mantissa bits: 128 buckets per octave
 GRID_BASE = (1023 - 32) << 7  # bucket 0 holds everything below 2^-32
@@ -35,7 +44,8 @@ def build_grid(xs: np.ndarray) -> np.ndarray:
     if xs.size > np.iinfo(np.int16).max:
         raise ValueError(f"a quantile map may have at most {np.iinfo(np.int16).max} knots, got {xs.size}")
     # int16 keeps a map's grid at 8 KiB, so a few dozen maps stay in L2.
-    return np.clip(np.searchsorted(xs, lower, side="right") - 1, 0, xs.size - 1).astype(np.int16)
+    grid: np.ndarray = np.clip(np.searchsorted(xs, lower, side="right") - 1, 0, xs.size - 1).astype(np.int16)
+    return grid
 
 
 IDENTITY, LOGIT, PROBABILITY = 0, 1, 2  # what calibrate_rows does before mapping
@@ -49,7 +59,17 @@ def correction(beta: float, margin_kind: str) -> tuple[int, float]:
 
 # FMA contraction only, as in posterior.py: it lets the correction loop vectorize.
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
-def calibrate_rows(raw, kind, param, single, map_index, offsets, knots, grids, out):
+def calibrate_rows(
+    raw: np.ndarray,
+    kind: int,
+    param: float,
+    single: int,
+    map_index: np.ndarray,
+    offsets: np.ndarray,
+    knots: np.ndarray,
+    grids: np.ndarray,
+    out: np.ndarray,
+) -> int:
     """Posterior correction, then each row's map, in one dispatch (at batch 1 the dispatch is
     the cost).  kind LOGIT: margins shifted by param = ln beta; PROBABILITY: param = beta;
     IDENTITY: scores mapped as they are.  Row i goes through map ``single`` if that is >= 0,
@@ -94,23 +114,44 @@ def calibrate_rows(raw, kind, param, single, map_index, offsets, knots, grids, o
     return -1
 
 
-_p = numba.types.CPointer
-
-
 # The same kernel as a C function, for callers that hold no GIL (the native model thread) or
 # cannot afford a Numba dispatch (~10 us in the server, for 9 arguments): compile/_native.pyx
 # calls it through ``calibrate_rows_c.address`` with this signature.  The scores are read from
 # ``raw`` and written to ``out`` as [2, n] (corrected, mapped); ``index`` is read only when
 # ``single`` < 0; the table is MapTable's arrays.
-@numba.cfunc(numba.int64(_p(numba.float64), numba.int64, numba.int64, numba.float64, numba.int64, _p(numba.int64),
-                         _p(numba.int64), numba.int64, _p(numba.float64), numba.int64, _p(numba.int16),
-                         _p(numba.float64)),
-             nopython=True, cache=True, error_model="numpy")
-def calibrate_rows_c(raw, n, kind, param, single, index, offsets, maps, knots, nknots, grids, out):
-    return calibrate_rows(numba.carray(raw, (n,)), kind, param, single,
-                          numba.carray(index, (n if single < 0 else 0,)), numba.carray(offsets, (maps + 1,)),
-                          numba.carray(knots, (3, nknots)), numba.carray(grids, (maps * (GRID_SIZE + 1),)),
-                          numba.carray(out, (2, n)))
+CALIBRATE_ROWS_C_SIGNATURE = (
+    "int64(CPointer(float64), int64, int64, float64, int64, CPointer(int64),"
+    " CPointer(int64), int64, CPointer(float64), int64, CPointer(int16), CPointer(float64))"
+)
+
+
+# The ignore: Numba's type stub for cfunc lacks the nopython option, which it accepts at run time.
+@numba.cfunc(CALIBRATE_ROWS_C_SIGNATURE, nopython=True, cache=True, error_model="numpy")  # type: ignore[call-arg]
+def calibrate_rows_c(
+    raw: _Pointer[c_double],
+    n: int,
+    kind: int,
+    param: float,
+    single: int,
+    index: _Pointer[c_int64],
+    offsets: _Pointer[c_int64],
+    maps: int,
+    knots: _Pointer[c_double],
+    nknots: int,
+    grids: _Pointer[c_int16],
+    out: _Pointer[c_double],
+) -> int:
+    return calibrate_rows(
+        numba.carray(raw, (n,)),
+        kind,
+        param,
+        single,
+        numba.carray(index, (n if single < 0 else 0,)),
+        numba.carray(offsets, (maps + 1,)),
+        numba.carray(knots, (3, nknots)),
+        numba.carray(grids, (maps * (GRID_SIZE + 1),)),
+        numba.carray(out, (2, n)),
+    )
 
 
 _NO_INDEX = np.zeros(0, dtype=np.int64)
@@ -121,7 +162,7 @@ class MapTable:
 
     __slots__ = ("knots", "offsets", "grids")
 
-    def __init__(self, maps):
+    def __init__(self, maps: Iterable[QuantileMap]) -> None:
         maps = list(maps)
         self.offsets = np.zeros(len(maps) + 1, dtype=np.int64)
         self.offsets[1:] = np.cumsum([len(m.xs) for m in maps])
@@ -129,8 +170,13 @@ class MapTable:
         # division per score.
         self.knots = np.zeros((3, 0))
         if maps:
-            self.knots = np.stack([np.concatenate([m.xs for m in maps]), np.concatenate([m.ys for m in maps]),
-                                   np.concatenate([np.append(np.diff(m.ys) / np.diff(m.xs), 0.0) for m in maps])])
+            self.knots = np.stack(
+                [
+                    np.concatenate([m.xs for m in maps]),
+                    np.concatenate([m.ys for m in maps]),
+                    np.concatenate([np.append(np.diff(m.ys) / np.diff(m.xs), 0.0) for m in maps]),
+                ]
+            )
         grids = [build_grid(m.xs) for m in maps]
         self.grids = np.concatenate(grids) if grids else np.zeros(0, dtype=np.int16)
         for arr in (self.knots, self.offsets, self.grids):
@@ -139,7 +185,7 @@ class MapTable:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def _index(self, map_index, rows: int) -> tuple[int, np.ndarray]:
+    def _index(self, map_index: npt.ArrayLike, rows: int) -> tuple[int, np.ndarray]:
         """(single, per-row indices): an int picks one map for every row without building an array."""
         if isinstance(map_index, (int, np.integer)):
             if not 0 <= map_index < len(self):
@@ -150,20 +196,24 @@ class MapTable:
             raise ValueError(f"scores ({rows},) and map_index {idx.shape} differ in shape")
         return -1, idx
 
-    def apply(self, scores: np.ndarray, map_index) -> np.ndarray:
+    def apply(self, scores: npt.ArrayLike, map_index: npt.ArrayLike) -> np.ndarray:
         """Scores through the maps: ``map_index`` is one map for all rows (an int) or one per row."""
         s = np.ascontiguousarray(scores, dtype=np.float64)
         if s.ndim != 1:
             raise ValueError(f"scores must be one-dimensional, got shape {s.shape}")
         return self._run(s, IDENTITY, 0.0, map_index, None)[1]
 
-    def calibrate(self, raw: np.ndarray, map_index, beta: float, margin_kind: str, out=None):
+    def calibrate(
+        self, raw: npt.ArrayLike, map_index: npt.ArrayLike, beta: float, margin_kind: str, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(corrected, mapped) for one model's raw outputs; ``map_index`` is one map for all rows
         (an int) or one per row.  ``out`` may pass a preallocated float64 [2, rows] array to reuse."""
         kind, param = correction(beta, margin_kind)
         return self._run(np.ascontiguousarray(raw, dtype=np.float64), kind, param, map_index, out)
 
-    def _run(self, raw: np.ndarray, kind: int, param: float, map_index, out):
+    def _run(
+        self, raw: np.ndarray, kind: int, param: float, map_index: npt.ArrayLike, out: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         single, idx = self._index(map_index, raw.shape[0])
         if out is None:
             out = np.empty((2, raw.shape[0]))

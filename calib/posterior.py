@@ -8,6 +8,7 @@ outputs p_s; the probability on the real population is
 From a margin (logit) the correction is an exact additive shift, so that is
 the preferred entry point; the probability form serves models whose raw
 output is already a probability (random forests)."""
+
 from __future__ import annotations
 
 import math
@@ -40,10 +41,12 @@ def sigmoid(z: float) -> float:
     k = np.floor(w * _INV_LN2 + 0.5)
     r = (w - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln2 / 2
     # Taylor series to degree 13: truncation error below 1e-17 on that interval.
+    # fmt: off
     p = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (
         1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800 + r * (1 / 39916800 + r * (
             1 / 479001600 + r * (1 / 6227020800)))))))))))))
-    e = p * np.int64((np.int64(k) + 1023) << 52).view(np.float64)
+    # fmt: on
+    e: float = p * np.int64((np.int64(k) + 1023) << 52).view(np.float64)
     return 1.0 / (1.0 + e)
 
 
@@ -54,19 +57,19 @@ def corrected_from_probability(p: float, beta: float) -> float:
 
 # FMA contraction only (no other fast-math): it vectorizes the polynomial.
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
-def correct_margins_into(margins, log_beta, out):
+def correct_margins_into(margins: np.ndarray, log_beta: float, out: np.ndarray) -> None:
     for i in range(margins.shape[0]):
         out[i] = sigmoid(margins[i] + log_beta)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def correct_probabilities_into(probs, beta, out):
+def correct_probabilities_into(probs: np.ndarray, beta: float, out: np.ndarray) -> None:
     for i in range(probs.shape[0]):
         out[i] = corrected_from_probability(probs[i], beta)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _undo_probabilities(probs, beta, out):
+def _undo_probabilities(probs: np.ndarray, beta: float, out: np.ndarray) -> None:
     for i in range(probs.shape[0]):
         p = probs[i]
         out[i] = p / (beta + (1.0 - beta) * p)

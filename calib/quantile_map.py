@@ -21,9 +21,11 @@ Defined behaviour (each is tested):
 * Samples smaller than ``min_samples`` (default 1000) and samples containing
   NaN or values outside [0, 1] are refused with a message.
 """
+
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from .kernels import MapTable
 from .reference import Reference, inverse_cdf
@@ -42,7 +44,7 @@ class QuantileMap:
 
     __slots__ = ("xs", "ys", "_table")
 
-    def __init__(self, xs, ys):
+    def __init__(self, xs: npt.ArrayLike, ys: npt.ArrayLike) -> None:
         xs = np.ascontiguousarray(xs, dtype=np.float64)
         ys = np.ascontiguousarray(ys, dtype=np.float64)
         if xs.ndim != 1 or xs.shape != ys.shape or xs.size < 2:
@@ -56,9 +58,9 @@ class QuantileMap:
         xs.setflags(write=False)
         ys.setflags(write=False)
         self.xs, self.ys = xs, ys
-        self._table = None
+        self._table: MapTable | None = None
 
-    def __call__(self, scores) -> np.ndarray:
+    def __call__(self, scores: npt.ArrayLike) -> np.ndarray:
         if self._table is None:
             self._table = MapTable([self])
         s = np.ascontiguousarray(scores, dtype=np.float64)
@@ -68,8 +70,10 @@ class QuantileMap:
     def __len__(self) -> int:
         return self.xs.size
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, QuantileMap) and np.array_equal(self.xs, other.xs) and np.array_equal(self.ys, other.ys)
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, QuantileMap) and np.array_equal(self.xs, other.xs) and np.array_equal(self.ys, other.ys)
+        )
 
     def __repr__(self) -> str:
         return f"QuantileMap({self.xs.size} knots, x in [{self.xs[0]:.4g}, {self.xs[-1]:.4g}])"
@@ -91,7 +95,9 @@ def knot_levels(n: int, reference: Reference) -> np.ndarray:
     return np.unique(np.clip(np.concatenate([uniform, tail, ref_p, neighbours]), 0.0, 1.0))
 
 
-def check_sample(scores, min_samples: int = DEFAULT_MIN_SAMPLES, what: str = "score sample") -> np.ndarray:
+def check_sample(
+    scores: npt.ArrayLike, min_samples: int = DEFAULT_MIN_SAMPLES, what: str = "score sample"
+) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     nan = int(np.isnan(s).sum())
     if nan:
@@ -109,7 +115,9 @@ def check_sample(scores, min_samples: int = DEFAULT_MIN_SAMPLES, what: str = "sc
     return s
 
 
-def fit_quantile_map(scores, reference: Reference, min_samples: int = DEFAULT_MIN_SAMPLES) -> QuantileMap:
+def fit_quantile_map(
+    scores: npt.ArrayLike, reference: Reference, min_samples: int = DEFAULT_MIN_SAMPLES
+) -> QuantileMap:
     """Fit mapped = F_ref^-1(F_m) from a sample of corrected scores.  Deterministic."""
     reference.validate()
     s = np.sort(check_sample(scores, min_samples))
@@ -137,8 +145,9 @@ def fit_quantile_map(scores, reference: Reference, min_samples: int = DEFAULT_MI
     return QuantileMap(x, np.clip(y, 0.0, 1.0))
 
 
-def alert_rates(mapped_scores: np.ndarray, edges) -> np.ndarray:
+def alert_rates(mapped_scores: npt.ArrayLike, edges: npt.ArrayLike) -> np.ndarray:
     """Fraction of scores at or above each edge."""
     s = np.sort(np.asarray(mapped_scores, dtype=np.float64))
     edges = np.asarray(edges, dtype=np.float64)
-    return (s.size - np.searchsorted(s, edges, side="left")) / max(s.size, 1)
+    rates: np.ndarray = (s.size - np.searchsorted(s, edges, side="left")) / max(s.size, 1)
+    return rates

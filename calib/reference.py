@@ -12,13 +12,14 @@ knots:
 
 Where two edges share a rate the curve jumps; a score at exactly that
 quantile takes the higher edge, so the alert rate at every edge holds."""
+
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 # Closer edges cannot be told apart after interpolation in float64 arithmetic.
 MIN_EDGE_GAP = 1e-6
@@ -41,7 +42,7 @@ class AlertRateCurve(msgspec.Struct, frozen=True, forbid_unknown_fields=True, ta
     edges: list[float]
     rates: list[float]
 
-    def validate(self) -> "AlertRateCurve":
+    def validate(self) -> AlertRateCurve:
         if not self.edges:
             raise ReferenceError("alert-rate curve needs at least one edge")
         if len(self.edges) != len(self.rates):
@@ -73,7 +74,7 @@ class QuantileTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
     probabilities: list[float]
     values: list[float]
 
-    def validate(self) -> "QuantileTable":
+    def validate(self) -> QuantileTable:
         if len(self.probabilities) < 2:
             raise ReferenceError("quantile table needs at least two entries")
         if len(self.probabilities) != len(self.values):
@@ -87,10 +88,13 @@ class QuantileTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
                 raise ReferenceError(f"values[{i}] = {v} must be a score in [0, 1]")
             if i and p <= self.probabilities[i - 1]:
                 raise ReferenceError(
-                    f"probabilities[{i}] = {p} must be greater than probabilities[{i - 1}] = {self.probabilities[i - 1]}"
+                    f"probabilities[{i}] = {p} must be greater than "
+                    f"probabilities[{i - 1}] = {self.probabilities[i - 1]}"
                 )
             if i and v < self.values[i - 1]:
-                raise ReferenceError(f"values[{i}] = {v} is below values[{i - 1}] = {self.values[i - 1]}: quantiles never decrease")
+                raise ReferenceError(
+                    f"values[{i}] = {v} is below values[{i - 1}] = {self.values[i - 1]}: quantiles never decrease"
+                )
         return self
 
     def knots(self) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +105,7 @@ class QuantileTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
         return [(v, 1.0 - p) for p, v in zip(self.probabilities, self.values) if 0.0 < p < 1.0]
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray, size: int = 201) -> "QuantileTable":
+    def from_scores(cls, scores: np.ndarray, size: int = 201) -> QuantileTable:
         """A table from a score sample, e.g. an incumbent model's live scores."""
         s = np.asarray(scores, dtype=np.float64)
         if s.size == 0 or np.isnan(s).any():
@@ -112,7 +116,7 @@ class QuantileTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
         return cls(probs.tolist(), np.maximum.accumulate(vals).tolist()).validate()
 
 
-Reference = Union[AlertRateCurve, QuantileTable]
+Reference = AlertRateCurve | QuantileTable
 
 
 class ReferenceFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,7 +127,7 @@ class ReferenceFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     description: str = ""
 
 
-def inverse_cdf(reference: Reference, q: np.ndarray) -> np.ndarray:
+def inverse_cdf(reference: Reference, q: npt.ArrayLike) -> np.ndarray:
     """F_ref^-1(q); at a jump (repeated probability) the higher score wins."""
     p, v = reference.knots()
     q = np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)
@@ -132,7 +136,8 @@ def inverse_cdf(reference: Reference, q: np.ndarray) -> np.ndarray:
     hi = np.clip(hi, 0, len(p) - 1)
     span = p[hi] - p[lo]
     t = np.where(span > 0, (q - p[lo]) / np.where(span > 0, span, 1.0), 0.0)
-    return v[lo] + t * (v[hi] - v[lo])
+    values: np.ndarray = v[lo] + t * (v[hi] - v[lo])
+    return values
 
 
 def load_reference(path: str) -> ReferenceFile:

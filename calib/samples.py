@@ -3,8 +3,10 @@
 Per-tenant fitting reads the sample once and splits it with one Polars
 group-by; tenants below the minimum size are reported, not fitted, and fall
 back to the intent-wide map."""
+
 from __future__ import annotations
 
+import os
 import pathlib
 from dataclasses import dataclass, field
 
@@ -14,8 +16,11 @@ import polars as pl
 from .quantile_map import DEFAULT_MIN_SAMPLES, QuantileMap, SampleError, fit_quantile_map
 from .reference import Reference
 
+# Where a score sample can come from: an array, a Polars Series or DataFrame, or a file path.
+ScoreSource = pl.DataFrame | pl.Series | np.ndarray | str | os.PathLike[str]
 
-def read_table(path) -> pl.DataFrame:
+
+def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     """A Parquet file, a directory of Parquet files (a score log) or a CSV file."""
     path = pathlib.Path(path)
     if not path.exists():
@@ -32,7 +37,7 @@ def read_table(path) -> pl.DataFrame:
     raise SampleError(f"{path}: unknown file type; use .parquet or .csv")
 
 
-def read_frame(source, column: str = "score") -> pl.DataFrame:
+def read_frame(source: ScoreSource, column: str = "score") -> pl.DataFrame:
     """A DataFrame with at least ``column`` from an array, Series, DataFrame or file path."""
     if isinstance(source, pl.DataFrame):
         frame = source
@@ -49,8 +54,9 @@ def read_frame(source, column: str = "score") -> pl.DataFrame:
     return frame
 
 
-def read_scores(source, column: str = "score") -> np.ndarray:
-    return read_frame(source, column)[column].cast(pl.Float64).to_numpy()
+def read_scores(source: ScoreSource, column: str = "score") -> np.ndarray:
+    scores: np.ndarray = read_frame(source, column)[column].cast(pl.Float64).to_numpy()
+    return scores
 
 
 @dataclass
@@ -61,7 +67,7 @@ class GroupFit:
 
 
 def fit_per_group(
-    source,
+    source: ScoreSource,
     reference: Reference,
     by: str = "tenant",
     column: str = "score",
