@@ -28,6 +28,7 @@ from muse.bench.http import build_registry
 from muse.bench.models import fraud_like_matrix
 from muse.bench.noop_app import app as noop_app
 from muse.bench.timing import print_table
+from muse.compile import Scores
 
 
 def score_request(key: str) -> tuple[dict, dict]:
@@ -71,9 +72,9 @@ async def drive(app, scope: dict, message: dict, clients: int, seconds: float) -
 class InstantThread:
     """Stands in for the native model thread: scores at once, no model run."""
 
-    def run(self, model, X, calibrator=None, map_index=0):
+    def score_async(self, model, X, maps, map_index=0):
         future = asyncio.get_running_loop().create_future()
-        future.set_result(np.full((3, len(X)) if calibrator is not None else len(X), 0.1))
+        future.set_result(Scores(np.full((3, len(X)), 0.1)))
         return future
 
 

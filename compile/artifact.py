@@ -19,10 +19,12 @@ import treelite
 from muse.calib.kernels import correction
 
 from . import codegen
-from ._native import Calibrator, NativeLibrary, NativeLoadError, NativeWorker
+from ._library import NativeLibrary, NativeLoadError, NativeMapTable
+from ._worker import NativeWorker
 from .errors import ArtifactError, ModelFormatError
 from .frontends import load_source_model
 from .manifest import Manifest, read_manifest, sha256_file, write_manifest
+from .scores import Scores
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -126,34 +128,35 @@ class CompiledModel:
         """Probabilities (or raw margins) for a [rows, features] float32/float64 matrix."""
         return self._lib.predict(X, margin)
 
-    def score(self, X: np.ndarray, calibrator: Calibrator | None = None, map_index=0) -> np.ndarray:
-        """Margins [rows], or with ``calibrator`` [3, rows]: margins, posterior-corrected scores
-        (this model's beta) and mapped scores through the calibrator's map ``map_index`` (an int,
-        or an int64 vector with one per row); one native call on this thread."""
-        X, out = _call_arrays(X, calibrator)
-        self._lib.run(X, out, True, calibrator, *self._correction, map_index)
-        return out
+    def score(self, X: np.ndarray, maps: NativeMapTable, map_index: int | np.ndarray = 0) -> Scores:
+        """Margins, posterior-corrected scores (this model's beta) and scores mapped through map
+        ``map_index`` of ``maps`` (an int, or an int64 vector with one per row): one native call
+        on this thread, GIL released."""
+        X, scores = _call_arrays(X)
+        self._lib.run(X, scores.array, True, maps, *self._correction, map_index)
+        return scores
 
-    def submit(self, worker: NativeWorker, X: np.ndarray, calibrator: Calibrator | None = None,
-               map_index=0) -> tuple[int, tuple]:
-        """Queue what ``score`` computes on a native worker thread.  Returns (call id, (input,
-        output, map index)): keep that tuple until ``worker.completed()`` reports the id, then
-        pass its code to ``check``."""
-        X, out = _call_arrays(X, calibrator)
-        call = worker.submit(self._lib, X, out, True, calibrator, *self._correction, map_index)
-        return call, (X, out, map_index)
+    def submit(self, worker: NativeWorker, X: np.ndarray, maps: NativeMapTable,
+               map_index: int | np.ndarray = 0) -> tuple[int, Scores, tuple]:
+        """Queue what ``score`` computes on a native worker thread (see ModelThread, which
+        awaits it).  Returns (call id, the Scores it fills, what the call reads): keep all
+        until ``worker.completed()`` reports the id, then ask ``failure`` about its code."""
+        X, scores = _call_arrays(X)
+        call = worker.submit(self._lib, X, scores.array, True, maps, *self._correction, map_index)
+        return call, scores, (X, map_index)
 
-    def check(self, rc: int, rows: int) -> None:
-        self._lib.check(rc, rows)
+    def failure(self, rc: int, rows: int) -> Exception | None:
+        """The exception a native call's return code stands for, or None for success."""
+        return self._lib.failure(rc, rows)
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.key}, {self.manifest.num_tree} trees, {self.num_feature} features)"
 
 
-def _call_arrays(X: np.ndarray, calibrator: Calibrator | None) -> tuple[np.ndarray, np.ndarray]:
-    """(features as the native call takes them, its output: margins [rows], or [3, rows] calibrated)."""
+def _call_arrays(X: np.ndarray) -> tuple[np.ndarray, Scores]:
+    """(features as the native call takes them, the Scores it writes)."""
     X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
-    return X, np.empty((3, len(X)) if calibrator is not None else len(X))
+    return X, Scores.empty(len(X))
 
 
 def load_artifact(directory: str | pathlib.Path) -> CompiledModel:

@@ -1,7 +1,7 @@
 """Micro-batching: rows for one model from concurrent requests of any tenant
 coalesce into one native call.
 
-Model calls run on a native thread (``ModelThread``), off the event loop's
+Model calls run on a native thread (muse.compile's ``ModelThread``), off the event loop's
 thread -- and, on a machine with a core to spare, off its core: a 500-tree
 model's code is larger than a core's L2, and sharing one core made both the
 model (27 us in situ against 9 in a tight loop) and the Python around it
@@ -26,7 +26,7 @@ window, and under load the loop only decodes, routes and answers.
 batches to lower latency.
 
 Calibration runs in the same native call, right after the model (see
-muse.compile.calibrated): a batch's rows share one map table (a batch is cut
+muse.compile.native_maps): a batch's rows share one map table (a batch is cut
 where the table changes, as it does once during a deployment swap) and go
 through one map, or one map per row when tenants with their own maps mix."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from muse.compile import Calibrator, CompiledModel, NativeWorker
+from muse.compile import CompiledModel, ModelThread, NativeMapTable, Scores
 
 INLINE_SHARE = 0.05  # inline calls may take this share of the loop's time, at most
 
@@ -64,54 +64,15 @@ class BatchStats:
 
 
 class _Item:
-    __slots__ = ("X", "future", "calibrator", "map_index", "enqueued")
+    __slots__ = ("X", "enqueued", "future", "map_index", "maps")
 
-    def __init__(self, X: np.ndarray, future: asyncio.Future, calibrator: Calibrator | None, map_index: int,
+    def __init__(self, X: np.ndarray, future: asyncio.Future[Scores], maps: NativeMapTable, map_index: int,
                  enqueued: float):
         self.X = X
         self.future = future
-        self.calibrator = calibrator
+        self.maps = maps
         self.map_index = map_index
         self.enqueued = enqueued
-
-
-class ModelThread:
-    """Native model calls on one worker thread, awaited on the running event loop."""
-
-    def __init__(self) -> None:
-        self._worker: NativeWorker | None = None
-        self._calls: dict[int, tuple] = {}  # id -> (future, model, (input, output, map index)): alive until done
-
-    def run(self, model: CompiledModel, X: np.ndarray, calibrator: Calibrator | None = None,
-            map_index=0) -> asyncio.Future:
-        """What ``model.submit`` computes (margins, or margins, corrected and mapped scores), on the thread."""
-        loop = asyncio.get_running_loop()
-        if self._worker is None:
-            self._worker = NativeWorker()
-            loop.add_reader(self._worker.fileno(), self._completed)
-        call, keep = model.submit(self._worker, X, calibrator, map_index)
-        future = loop.create_future()
-        self._calls[call] = (future, model, keep)
-        return future
-
-    def _completed(self) -> None:
-        for call, rc in self._worker.completed():
-            future, model, keep = self._calls.pop(call)
-            if future.done():  # the caller went away
-                continue
-            try:
-                model.check(rc, len(keep[0]))
-                future.set_result(keep[1])
-            except Exception as exc:
-                future.set_exception(exc)
-
-    def close(self) -> None:
-        """Finish calls in flight, then stop the thread (call on the loop's thread)."""
-        if self._worker is not None:
-            asyncio.get_running_loop().remove_reader(self._worker.fileno())
-            self._worker.close()
-            self._completed()
-            self._worker = None
 
 
 class ModelBatcher:
@@ -142,9 +103,8 @@ class ModelBatcher:
         self.max_queue_rows = max_queue_rows
         self.inline_max = inline_max_us / 1e6
 
-    async def submit(self, X: np.ndarray, calibrator: Calibrator | None = None, map_index: int = 0) -> np.ndarray:
-        """What the native call returns for X: margins [n]; with a calibrator, [3, n] (margins,
-        corrected and mapped scores through map ``map_index``).
+    async def score_async(self, X: np.ndarray, maps: NativeMapTable, map_index: int = 0) -> Scores:
+        """The model's scores of X, mapped through map ``map_index`` of ``maps``.
 
         A request that finds the model idle goes out at once from its own task (no queue, no
         drain task): on the loop while the model's share of it stays under INLINE_SHARE, else on
@@ -156,7 +116,7 @@ class ModelBatcher:
         self._last_arrival = now
         if self._draining or self.max_wait:
             loop = asyncio.get_running_loop()
-            item = _Item(X, loop.create_future(), calibrator, map_index, now)
+            item = _Item(X, loop.create_future(), maps, map_index, now)
             self._pending.append(item)
             self._queued_rows += len(X)
             if not self._draining:
@@ -167,9 +127,9 @@ class ModelBatcher:
         try:
             cost = len(X) * self.seconds_per_row
             if cost <= self.inline_max and cost <= INLINE_SHARE * self._gap:
-                out = self._run_here(X, calibrator, map_index)
+                out = self._score_here(X, maps, map_index)
             else:
-                out = await self.thread.run(self.model, X, calibrator, map_index)
+                out = await self.thread.score_async(self.model, X, maps, map_index)
         finally:
             if self._pending:
                 asyncio.get_running_loop().create_task(self._drain())
@@ -186,10 +146,9 @@ class ModelBatcher:
                     await asyncio.sleep(self.max_wait)
                 items, rows = self._take()
                 started = time.perf_counter()
-                calibrator = items[0].calibrator
                 try:
                     X = items[0].X if len(items) == 1 else np.concatenate([item.X for item in items])
-                    out = await self.thread.run(self.model, X, calibrator, _map_index(items) if calibrator else 0)
+                    out = await self.thread.score_async(self.model, X, items[0].maps, _map_index(items))
                 except Exception as exc:  # a failed batch fails its own requests only
                     for item in items:
                         if not item.future.done():
@@ -199,7 +158,7 @@ class ModelBatcher:
                 for item in items:
                     end = start + len(item.X)
                     if not item.future.done():  # the caller may have gone away
-                        item.future.set_result(out[..., start:end])
+                        item.future.set_result(out.rows(start, end))
                     start = end
                 self.stats.rows.append(rows)
                 self.stats.waits.extend([started - item.enqueued for item in items])
@@ -210,9 +169,9 @@ class ModelBatcher:
         """The next batch: queued items in order, up to ``max_rows``, that share the first one's
         map table (one native call calibrates with one table)."""
         pending = self._pending
-        calibrator = pending[0].calibrator
+        maps = pending[0].maps
         take, rows = 1, len(pending[0].X)
-        while take < len(pending) and pending[take].calibrator is calibrator \
+        while take < len(pending) and pending[take].maps is maps \
                 and rows + len(pending[take].X) <= self.max_rows:
             rows += len(pending[take].X)
             take += 1
@@ -220,17 +179,17 @@ class ModelBatcher:
         self._queued_rows -= rows
         return items, rows
 
-    def _run_here(self, X: np.ndarray, calibrator: Calibrator | None, map_index: int) -> np.ndarray:
+    def _score_here(self, X: np.ndarray, maps: NativeMapTable, map_index: int) -> Scores:
         """The call on the loop's thread; its cost per row (not the thread's round trip, which
         is mostly waiting) is what decides whether a lone request runs here."""
         t0 = time.perf_counter()
-        out = self.model.score(X, calibrator, map_index)
+        out = self.model.score(X, maps, map_index)
         per_row = (time.perf_counter() - t0) / len(X)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         return out
 
 
-def _map_index(items: list[_Item]):
+def _map_index(items: list[_Item]) -> int | np.ndarray:
     """One map for the whole batch when its items share one (the steady state), else one per row."""
     first = items[0].map_index
     if all(item.map_index == first for item in items):

@@ -13,10 +13,12 @@ from typing import Awaitable
 import numpy as np
 
 from muse.calib import MapTable, ModelIdentity
-from muse.calib.posterior import correct_margins, correct_probabilities
-from muse.compile import Calibrator
+from muse.calib.posterior import correct_margins
+from muse.compile import NativeMapTable, Scores
 
 from .batching import ModelBatcher
+
+IDENTITY = 0  # map 0 of every snapshot's table: scores pass unmapped (ensemble members)
 
 
 def ensemble_identity(name: str, version: str, library_hashes: list[str]) -> ModelIdentity:
@@ -33,13 +35,13 @@ class Predictor:
     batchers: tuple[ModelBatcher, ...]
     combine: str
     feature_names: tuple[str, ...]
-    table: MapTable
-    maps: dict  # tenant (or None for all traffic) -> map index in table
+    table: MapTable  # the snapshot's maps, every predictor's
+    native_table: NativeMapTable = field(repr=False, compare=False)  # the table's native handle
+    maps: dict[str | None, int]  # tenant (or None for all traffic) -> map index in table
     calibration: str | None
-    feature_index: dict = field(init=False, repr=False, compare=False)  # name -> column
-    calibrator: Calibrator | None = field(default=None, repr=False, compare=False)  # table's native handle
+    feature_index: dict[str, int] = field(init=False, repr=False, compare=False)  # name -> column
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "feature_index", {n: i for i, n in enumerate(self.feature_names)})
 
     @property
@@ -49,35 +51,34 @@ class Predictor:
     def map_index(self, tenant: str) -> int:
         return self.maps.get(tenant, self.maps[None])
 
-    def score_now(self, X: np.ndarray, map_index: np.ndarray) -> np.ndarray:
-        """[3, n] on the calling thread, bypassing the batchers (shadow work: never queue beside live rows)."""
+    def score(self, X: np.ndarray, map_index: int | np.ndarray) -> Scores:
+        """Scores of X on the calling thread, bypassing the batchers (shadow work: never queue
+        beside live rows); ``map_index`` is one map for all rows or one per row."""
+        native = self.native_table
         if len(self.batchers) == 1:
-            return self.batchers[0].model.score(X, self.calibrator, map_index)
-        return self._stack(*self._combine([b.model.predict(X, margin=True) for b in self.batchers]), map_index)
+            return self.batchers[0].model.score(X, native, map_index)
+        return self._combine([b.model.score(X, native, IDENTITY) for b in self.batchers], map_index)
 
-    def _combine(self, member_margins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """An ensemble's (combined margin, corrected score) from its members' raw outputs."""
-        manifests = [b.model.manifest for b in self.batchers]
-        if self.combine == "mean_logit":
-            # Correct each member's logit by its own beta, then average the logits.
-            margins = np.mean([r + math.log(m.beta) for r, m in zip(member_margins, manifests)], axis=0)
-            return margins, correct_margins(margins, 1.0)
-        probs = [correct_margins(r, m.beta) if m.margin_kind == "logit" else correct_probabilities(r, m.beta)
-                 for r, m in zip(member_margins, manifests)]
-        margins = np.mean(probs, axis=0)
-        return margins, margins
-
-    def _stack(self, margins: np.ndarray, corrected: np.ndarray, map_index) -> np.ndarray:
-        return np.stack([margins, corrected, self.table.apply(corrected, map_index)])
-
-    def score(self, X: np.ndarray, map_index: int) -> Awaitable[np.ndarray]:
-        """[3, n]: margins, corrected and mapped scores (map ``map_index`` of the table).  A plain
-        function returning the batcher's coroutine, not a coroutine of its own: one frame less
-        per request."""
+    def score_async(self, X: np.ndarray, map_index: int) -> Awaitable[Scores]:
+        """Scores of X through the batchers, mapped through map ``map_index`` of the table.  A
+        plain function returning the batcher's coroutine, not a coroutine of its own: one frame
+        less per request."""
         if len(self.batchers) == 1:  # calibrated in the model's native call
-            return self.batchers[0].submit(X, self.calibrator, map_index)
+            return self.batchers[0].score_async(X, self.native_table, map_index)
         return self._score_members(X, map_index)
 
-    async def _score_members(self, X: np.ndarray, map_index: int) -> np.ndarray:
-        margins = await asyncio.gather(*(b.submit(X) for b in self.batchers))
-        return self._stack(*self._combine(margins), map_index)
+    async def _score_members(self, X: np.ndarray, map_index: int) -> Scores:
+        native = self.native_table
+        members = await asyncio.gather(*(b.score_async(X, native, IDENTITY) for b in self.batchers))
+        return self._combine(list(members), map_index)
+
+    def _combine(self, members: list[Scores], map_index: int | np.ndarray) -> Scores:
+        """An ensemble's scores from its members' (each corrected by its own beta, unmapped)."""
+        if self.combine == "mean_logit":
+            # Each member's logit shifted by its own ln beta, then averaged.
+            margins = np.mean([s.margin + math.log(b.model.manifest.beta) for s, b in zip(members, self.batchers)],
+                              axis=0)
+            corrected = correct_margins(margins, 1.0)
+        else:
+            margins = corrected = np.mean([s.corrected for s in members], axis=0)
+        return Scores.stack(margins, corrected, self.table.apply(corrected, map_index))

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from muse.calib import CalibrationError, MapTable, ReferenceError, identity_map
-from muse.compile import ArtifactError, Calibrator, CompiledModel, calibrator
+from muse.compile import ArtifactError, CompiledModel, ModelThread, native_map_table
 
-from .batching import BatchStats, ModelBatcher, ModelThread
-from .predictor import Predictor, ensemble_identity
+from .batching import BatchStats, ModelBatcher
+from .predictor import IDENTITY, Predictor, ensemble_identity
 from .registry import Registry, RegistryError
-from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, SpecError
+from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, PredictorSpec, SpecError
 
 
 class RouteError(LookupError):
@@ -107,9 +107,9 @@ class Snapshot:
         for p in self.predictors.values():
             X = np.zeros((64, p.num_feature))
             for b in p.batchers:
-                margins = b.model.score(X[:1], p.calibrator, 0)[0]
+                margins = b.model.score(X[:1], p.native_table, IDENTITY).margin
                 m = b.model.manifest
-                self.table.calibrate(margins, 0, m.beta, m.margin_kind)  # the kernel ensembles use, apply()
+                self.table.calibrate(margins, IDENTITY, m.beta, m.margin_kind)  # the kernel ensembles use, apply()
                 if not b.seconds_per_row:  # seed the inline-or-thread estimate before real traffic
                     t0 = time.perf_counter()
                     b.model.predict(X, margin=True)
@@ -119,11 +119,11 @@ class Snapshot:
 def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, source: str = "deployment") -> Snapshot:
     """Load and validate everything ``spec`` names; raise SpecError naming the first bad entry."""
     reg = pool.registry
-    maps = [identity_map()]  # index 0: uncalibrated predictors serve corrected scores unmapped
-    predictors: dict[str, Predictor] = {}
+    maps = [identity_map()]  # IDENTITY: uncalibrated predictors serve corrected scores unmapped
+    parts: dict[str, tuple[PredictorSpec, tuple[ModelBatcher, ...], tuple[str, ...], dict[str | None, int]]] = {}
     for i, p in enumerate(spec.predictors):
         where = f"{source}: predictors[{i}] ({p.name})"
-        if p.name in predictors:
+        if p.name in parts:
             raise SpecError(f"{where}: duplicate predictor name")
         batchers = []
         for ref in p.models:
@@ -139,14 +139,15 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
                                 f"{p.models[0]} has {names[:4]}...; members must share features and order")
         if len(members) > 1 and p.combine == "mean_logit" and any(m.manifest.margin_kind != "logit" for m in members):
             raise SpecError(f"{where}: combine = 'mean_logit' needs members whose margins are logits; use 'mean_probability'")
-        tenant_maps: dict = {None: 0}
+        tenant_maps: dict[str | None, int] = {None: IDENTITY}
         if p.calibration:
             tenant_maps = _load_maps(reg, p, members, maps, where)
-        predictors[p.name] = Predictor(p.name, p.version, p.intent, tuple(batchers), p.combine, tuple(names),
-                                       None, tenant_maps, p.calibration)  # table set below
+        parts[p.name] = (p, tuple(batchers), tuple(names), tenant_maps)
     table = MapTable(maps)
-    native = calibrator(table)
-    predictors = {k: _with_table(v, table, native) for k, v in predictors.items()}
+    native = native_map_table(table)
+    predictors = {name: Predictor(p.name, p.version, p.intent, batchers, p.combine, names, table, native, tenant_maps,
+                                  p.calibration)
+                  for name, (p, batchers, names, tenant_maps) in parts.items()}
     routes: dict[tuple[str, str], Route] = {}
     for i, r in enumerate(spec.routes):
         where = f"{source}: routes[{i}] (tenant {r.tenant!r}, intent {r.intent!r})"
@@ -169,10 +170,6 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
         except (RegistryError, ReferenceError):
             pass  # only calibrated predictors need one, and _load_maps has checked those
     return Snapshot(generation, spec, predictors, routes, table, references)
-
-
-def _with_table(p: Predictor, table: MapTable, native: Calibrator) -> Predictor:
-    return replace(p, table=table, calibrator=native)
 
 
 def _load_maps(reg: Registry, p, members, maps: list, where: str) -> dict:

@@ -1,51 +1,24 @@
-"""The little ASGI plumbing the app needs: reading a bounded body, sending a
-response, and errors that become 4xx JSON naming the field at fault."""
+"""The little ASGI plumbing the app needs: reading a bounded body and sending a response."""
 from __future__ import annotations
 
-import re
 import zlib
+from typing import Any, Awaitable, Callable
 
 import msgspec
 
-from .schemas import ErrorBody
+from .errors import Headers, HTTPError
 
 JSON = b"application/json"
+Response = tuple[int, bytes, bytes, Headers | None]  # status, body, content type, extra headers
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 _ENCODER = msgspec.json.Encoder()
-_AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
-
-
-class HTTPError(Exception):
-    """A response other than 200, raised anywhere in a handler."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: list | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = headers or []
-
-    def body(self) -> bytes:
-        return _ENCODER.encode(ErrorBody(self.message, self.field))
-
-
-def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError, status: int = 422) -> HTTPError:
-    """msgspec's message says where (``... - at `$.events[3].features```); keep that path as ``field``."""
-    text = str(exc)
-    if isinstance(exc, msgspec.ValidationError):
-        match = _AT_PATH.search(text)
-        path = match.group(1) if match else "$"
-        missing = _MISSING.search(text)
-        if missing:
-            path = f"{path}.{missing.group(1)}"
-        return HTTPError(status, text, path)
-    return HTTPError(400, f"malformed JSON: {text}", "$")
 
 
 class Request:
     __slots__ = ("scope", "receive", "headers", "path", "method", "max_body")
 
-    def __init__(self, scope, receive, max_body: int):
+    def __init__(self, scope: dict[str, Any], receive: Receive, max_body: int):
         self.scope = scope
         self.receive = receive
         self.path: str = scope["path"]
@@ -98,7 +71,8 @@ class Request:
         return out
 
 
-async def send(send_fn, status: int, body: bytes, content_type: bytes = JSON, headers: list | None = None) -> None:
+async def send(send_fn: Send, status: int, body: bytes, content_type: bytes = JSON,
+               headers: Headers | None = None) -> None:
     raw_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if headers:
         raw_headers.extend(headers)
@@ -106,5 +80,9 @@ async def send(send_fn, status: int, body: bytes, content_type: bytes = JSON, he
     await send_fn({"type": "http.response.body", "body": body})
 
 
-def encode(obj) -> bytes:
+def encode(obj: Any) -> bytes:
     return _ENCODER.encode(obj)
+
+
+def json_response(obj: Any) -> Response:
+    return 200, _ENCODER.encode(obj), JSON, None

@@ -121,8 +121,8 @@ models = ["lightgbm/1", "lightgbm-copy/1"]
     model = a.batchers[0].model
     expected = correct_margins(model.predict(X, margin=True), model.manifest.beta)
     index = np.zeros(len(X), dtype=np.int64)  # the identity map: uncalibrated
-    np.testing.assert_allclose(b.score_now(X, index)[2], expected, rtol=1e-12)
-    np.testing.assert_allclose(ens.score_now(X, index)[2], expected, rtol=1e-12)
+    np.testing.assert_allclose(b.score(X, index).mapped, expected, rtol=1e-12)
+    np.testing.assert_allclose(ens.score(X, index).mapped, expected, rtol=1e-12)
     assert a.map_index("acme") != a.map_index("someone-else") == a.maps[None]
 
 
@@ -156,7 +156,7 @@ active = "x"
         await serving.start()
         try:
             route = serving.snapshot.route("acme", "fraud")
-            await route.active.score(rows(3, seed=2), route.active.map_index("acme"))  # through the batcher and model thread
+            await route.active.score_async(rows(3, seed=2), route.active.map_index("acme"))  # through the batcher and model thread
             batcher, snapshot = weakref.ref(route.active.batchers[0]), weakref.ref(serving.snapshot)
             del route
             store.apply(spec(other))
@@ -184,7 +184,7 @@ def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path
     import polars as pl
 
     from muse.server.app import MuseApp
-    from muse.server.serving import IDLE_RECORDS
+    from muse.server.recording import IDLE_RECORDS
     from muse.server.settings import Settings
     from muse.server.testing import ASGIClient
 

@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from conftest import training_data
 from muse.calib import MapTable, QuantileMap, identity_map
-from muse.compile import NativeWorker, calibrator, rows_matrix
-from muse.core.batching import ModelBatcher, ModelThread
+from muse.compile import ModelThread, NativeWorker, native_map_table
+from muse.core.batching import ModelBatcher
+from muse.server._rows import rows_matrix
 from muse.server.metrics import LATENCY_BUCKETS, add_to_histogram
 
 
@@ -31,30 +32,32 @@ def _expected(model, X, table: MapTable, index) -> np.ndarray:
 
 
 def test_model_thread_scores_and_calibrates_like_predict(lgb_case):
-    """Margins alone, and margins with corrected and mapped scores computed in the same native call
-    (one map for all rows, one map per row), against predict and the Numba kernel."""
+    """Margins with corrected and mapped scores computed in the same native call (one map for
+    all rows, one map per row; concurrent calls), against predict and the Numba kernel."""
     X, _ = training_data(rows=700, seed=4)
     model = lgb_case.model
     table = _tables()[0]
-    native = calibrator(table)
+    native = native_map_table(table)
     per_row = np.arange(len(X), dtype=np.int64) % len(table)
 
     async def run():
         thread = ModelThread()
         try:
-            margins = await asyncio.gather(*(thread.run(model, X[i::5]) for i in range(5)))
-            one_map = await thread.run(model, X, native, 1)
-            each_row = await thread.run(model, X, native, per_row)
+            parts = await asyncio.gather(*(thread.score_async(model, X[i::5], native, 0) for i in range(5)))
+            one_map = await thread.score_async(model, X, native, 1)
+            each_row = await thread.score_async(model, X, native, per_row)
         finally:
             thread.close()
-        return margins, one_map, each_row
+        return parts, one_map, each_row
 
-    margins, one_map, each_row = asyncio.run(run())
-    for i, part in enumerate(margins):
-        assert np.array_equal(part, model.predict(X[i::5], margin=True))
-    np.testing.assert_allclose(one_map, _expected(model, X, table, 1), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(each_row, _expected(model, X, table, per_row), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(model.score(X, native, per_row), each_row, rtol=0, atol=0)
+    parts, one_map, each_row = asyncio.run(run())
+    for i, part in enumerate(parts):
+        assert np.array_equal(part.margin, model.predict(X[i::5], margin=True))
+        np.testing.assert_allclose(part.array, _expected(model, X[i::5], table, 0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(one_map.array, _expected(model, X, table, 1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(each_row.array, _expected(model, X, table, per_row), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(model.score(X, native, per_row).array, each_row.array)
+    assert np.array_equal(each_row.mapped, each_row.array[2]) and np.array_equal(each_row.corrected, each_row.array[1])
 
 
 def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
@@ -64,7 +67,7 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
     X, _ = training_data(rows=64, seed=5)
     model = lgb_case.model
     tables = _tables()
-    natives = [calibrator(t) for t in tables]
+    natives = [native_map_table(t) for t in tables]
     tables_of = [k % 2 if k < 40 else 1 for k in range(len(X))]
     plan = [(t, k % len(tables[t])) for k, t in enumerate(tables_of)]  # (table, map)
 
@@ -72,22 +75,24 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
         b = ModelBatcher(model, ModelThread(), inline_max_us=inline_max_us)
         b.seconds_per_row = 1e-6
         inline = []
-        run_here = b._run_here
-        b._run_here = lambda *args: inline.append(1) or run_here(*args)
+        score_here = b._score_here
+        b._score_here = lambda *args: inline.append(1) or score_here(*args)
         try:
-            results = await asyncio.gather(*(b.submit(X[k:k + 1], natives[t], m) for k, (t, m) in enumerate(plan)))
+            results = await asyncio.gather(*(b.score_async(X[k:k + 1], natives[t], m)
+                                             for k, (t, m) in enumerate(plan)))
             calibrated_batches, waits = b.stats.take()
-            margins_only = await asyncio.gather(*(b.submit(X[k:k + 1]) for k in range(len(X))))
+            identity = await asyncio.gather(*(b.score_async(X[k:k + 1], natives[0], 0) for k in range(len(X))))
         finally:
             b.thread.close()
-        return results, margins_only, calibrated_batches, waits, b.stats.rows, len(inline)
+        return results, identity, calibrated_batches, waits, b.stats.rows, len(inline)
 
     for inline_max_us in (0, 2000):
-        results, margins_only, batches, waits, margin_batches, inline = asyncio.run(run(inline_max_us))
+        results, identity, batches, waits, margin_batches, inline = asyncio.run(run(inline_max_us))
         assert (inline > 0) == (inline_max_us > 0)  # the burst's first calls, before it looks busy
         for k, (t, m) in enumerate(plan):
-            np.testing.assert_allclose(results[k], _expected(model, X[k:k + 1], tables[t], m), rtol=1e-12, atol=1e-15)
-        assert np.array_equal(np.concatenate(margins_only), model.predict(X, margin=True))
+            np.testing.assert_allclose(results[k].array, _expected(model, X[k:k + 1], tables[t], m),
+                                       rtol=1e-12, atol=1e-15)
+        assert np.array_equal(np.concatenate([s.margin for s in identity]), model.predict(X, margin=True))
         assert sum(batches) == sum(margin_batches) == len(X) and len(waits) == len(X)  # each call, each request
         assert max(batches) > 1 and max(margin_batches) > 1  # bursts coalesced behind the first call
         # Tables alternate in the first 40 requests: the batches holding them are cut at every change.
@@ -98,7 +103,7 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
 def test_worker_refuses_a_wrong_call(lgb_case):
     model = lgb_case.model
     lib, width = model._lib, model.num_feature
-    native = calibrator(_tables()[1])
+    native = native_map_table(_tables()[1])
     X = np.zeros((2, width))
     worker = NativeWorker()
     try:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from muse.calib import MapTable
 from muse.calib.kernels import GRID_SIZE, calibrate_rows_c
 
-from ._native import Calibrator
+from ._library import NativeMapTable
 
 
-def calibrator(table: MapTable) -> Calibrator:
+def native_map_table(table: MapTable) -> NativeMapTable:
     """The native handle of a map table (it keeps the table's arrays alive)."""
-    return Calibrator(calibrate_rows_c.address, table.offsets, table.knots, table.grids, GRID_SIZE + 1)
+    return NativeMapTable(calibrate_rows_c.address, table.offsets, table.knots, table.grids, GRID_SIZE + 1)

@@ -1,0 +1,157 @@
+"""The Open Inference Protocol (KServe v2) endpoints of an intent: metadata,
+readiness and inference, with JSON tensors or the binary tensor extension.
+The tenant comes from the key, or from ``parameters.tenant`` with an admin key."""
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import numpy as np
+
+from muse.core.predictor import Predictor
+from muse.core.snapshot import RouteError
+
+from .asgi import Request, Response, encode, json_response
+from .errors import HTTPError, check_version, no_route, validation_error
+from .schemas import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorMeta
+
+if TYPE_CHECKING:
+    from .app import MuseApp
+
+DECODER = msgspec.json.Decoder(InferRequest)
+TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+
+
+async def metadata(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
+    predictor, generation = _active(app, req, intent, version)
+    return json_response(ModelMetadata(
+        name=intent, versions=[predictor.version], platform="muse_tree_ensemble",
+        inputs=[TensorMeta("features", "FP64", [-1, predictor.num_feature])],
+        outputs=[TensorMeta("score", "FP64", [-1])],
+        parameters={"predictor": predictor.name, "features": list(predictor.feature_names), "generation": generation},
+    ))
+
+
+async def ready(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
+    _active(app, req, intent, version)
+    return json_response({"name": intent, "ready": True})
+
+
+def _active(app: MuseApp, req: Request, intent: str, version: str | None) -> tuple[Predictor, int]:
+    """The predictor answering the key's tenant (or the default route) on ``intent``."""
+    principal = app.authenticate(req)
+    snap = app.snapshot()
+    try:
+        predictor = snap.route(principal.tenant or "*", intent).active
+    except RouteError as exc:
+        raise no_route(exc, snap, intent, "$.intent") from None
+    check_version(predictor, intent, version)
+    return predictor, snap.generation
+
+
+async def infer(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
+    started = time.perf_counter()
+    tenant, predictor_name = "", ""
+    try:
+        principal = app.authenticate(req)
+        body, binary = _split_body(await req.body(), req.headers.get(b"inference-header-content-length"))
+        r = decode_infer_request(body)
+        tenant = principal.tenant or r.parameters.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise HTTPError(422, "parameters.tenant: required (a string) unless the key belongs to a tenant",
+                            "$.parameters.tenant")
+        app.check_tenant(principal, r.parameters.get("tenant", tenant), "$.parameters.tenant")
+        lane = app.lane(tenant, intent, version, "model_name")
+        predictor = lane.predictor
+        predictor_name = predictor.name
+        X = infer_matrix(r, binary, predictor.num_feature)
+        binary_out = wants_binary(r)
+        scores = await app.score(lane, X)
+        params = {"predictor": predictor.name, "generation": lane.generation}
+        if binary_out:
+            raw = scores.mapped.astype("<f8").tobytes()
+            output = InferOutput("score", [len(X)], "FP64", parameters={"binary_data_size": len(raw)})
+        else:
+            raw = b""
+            output = InferOutput("score", [len(X)], "FP64", data=scores.mapped.tolist())
+        header = encode(InferResponse(intent, [output], predictor.version, r.id, params))
+    except HTTPError as exc:
+        app.count_error(exc, tenant or "", intent, predictor_name)
+        raise
+    lane.metrics.observe(len(X), time.perf_counter() - started)
+    if binary_out:
+        return 200, header + raw, b"application/octet-stream", [
+            (b"inference-header-content-length", str(len(header)).encode())]
+    return 200, header, b"application/json", None
+
+
+def _split_body(body: bytes, header_length: bytes | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tensors): the binary extension puts raw tensors after the JSON."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise HTTPError(400, "inference-header-content-length: not a length within the body",
+                        "inference-header-content-length")
+    split = int(header_length)
+    return body[:split], memoryview(body)[split:]
+
+
+def decode_infer_request(body: bytes) -> InferRequest:
+    try:
+        return DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise validation_error(exc) from None
+    except msgspec.DecodeError as exc:
+        # tritonclient writes NaN and Infinity as bare literals (Python's json does); accept them on a slow path.
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            raise validation_error(exc) from None
+        try:
+            return msgspec.convert(obj, InferRequest)
+        except msgspec.ValidationError as exc2:
+            raise validation_error(exc2) from None
+
+
+def infer_matrix(r: InferRequest, binary: memoryview, num_feature: int) -> np.ndarray:
+    if len(r.inputs) != 1:
+        raise HTTPError(422, f"expected exactly one input tensor of shape [N, {num_feature}], got {len(r.inputs)}",
+                        "$.inputs")
+    tensor = r.inputs[0]
+    shape = tensor.shape
+    if len(shape) != 2 or shape[1] != num_feature or shape[0] < 1:
+        raise HTTPError(422, f"shape must be [N, {num_feature}] with N >= 1, got {shape}", "$.inputs[0].shape")
+    dtype = TENSOR_DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise HTTPError(422, f"datatype must be FP32 or FP64, got {tensor.datatype!r}", "$.inputs[0].datatype")
+    count = shape[0] * shape[1]
+    size = tensor.parameters.get("binary_data_size")
+    if size is not None:
+        if size != count * dtype.itemsize or size > len(binary):
+            raise HTTPError(422, f"binary_data_size {size} does not hold a {tensor.datatype} tensor of shape {shape} "
+                                 f"({count * dtype.itemsize} bytes; {len(binary)} bytes follow the header)",
+                            "$.inputs[0].parameters.binary_data_size")
+        return np.frombuffer(binary[:size], dtype=dtype).astype(np.float64).reshape(shape)
+    if tensor.data is None:
+        raise HTTPError(422, "data: required unless the tensor is sent as binary", "$.inputs[0].data")
+    try:
+        X = np.asarray(tensor.data, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise HTTPError(422, "data: must be numbers (null for missing), flat or nested", "$.inputs[0].data") from None
+    if X.size != count:
+        raise HTTPError(422, f"data holds {X.size} values, shape {shape} needs {count}", "$.inputs[0].data")
+    if dtype == np.float32:
+        X = X.astype(np.float32).astype(np.float64)
+    return X.reshape(shape)
+
+
+def wants_binary(r: InferRequest) -> bool:
+    default = bool(r.parameters.get("binary_data_output", False))
+    for i, out in enumerate(r.outputs):
+        if out.name != "score":
+            raise HTTPError(422, f"unknown output {out.name!r}; the only output is 'score'", f"$.outputs[{i}].name")
+    if r.outputs:
+        return bool(r.outputs[0].parameters.get("binary_data", default))
+    return default

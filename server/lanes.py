@@ -1,0 +1,76 @@
+"""Lanes: what serving one (tenant, intent) takes, resolved once per generation.
+
+A request looks up one lane (a dict lookup) instead of routing, choosing the
+tenant's map and finding where its metrics and scores go; the lane scores,
+records and shadows the request in one call."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from muse.compile import Scores
+from muse.core.snapshot import Route, Snapshot
+
+from .metrics import Metrics, RequestSeries
+from .recording import Recorder, ServedSeries
+
+if TYPE_CHECKING:
+    from .shadows import ShadowQueue
+
+MAX_LANES = 4096  # tenant names are the client's: bound what is kept
+
+
+class Lane:
+    __slots__ = ("generation", "map_index", "metrics", "predictor", "route", "served", "shadows", "tenant")
+
+    def __init__(self, route: Route, generation: int, tenant: str, map_index: int, metrics: RequestSeries,
+                 served: ServedSeries, shadows: ShadowQueue):
+        self.route, self.predictor, self.generation, self.tenant = route, route.active, generation, tenant
+        self.map_index, self.metrics, self.served, self.shadows = map_index, metrics, served, shadows
+
+    async def score(self, X: np.ndarray) -> Scores:
+        """X scored by the route's active predictor, recorded, and queued for its shadows."""
+        scores = await self.predictor.score_async(X, self.map_index)
+        self.served.add(scores)
+        if self.route.shadows:
+            self.shadows.put(self.route, X, self.tenant, self.generation)
+        return scores
+
+
+class Lanes:
+    """The current generation's lanes, made on first use and dropped with their generation."""
+
+    def __init__(self, metrics: Metrics, recorder: Recorder, shadows: ShadowQueue):
+        self.metrics, self.recorder, self.shadows = metrics, recorder, shadows
+        self._snapshot: Snapshot | None = None
+        self._lanes: dict[tuple[str, str], Lane] = {}
+
+    def reset(self, snapshot: Snapshot) -> None:
+        """Serve ``snapshot`` from now on (one assignment: a request sees the old lanes or the new)."""
+        self._snapshot, self._lanes = snapshot, {}
+
+    def get(self, tenant: str, intent: str) -> Lane | None:
+        """The lane of (tenant, intent); RouteError if it has no route, None before the first
+        generation is served."""
+        lanes = self._lanes
+        lane = lanes.get((tenant, intent))
+        if lane is None and self._snapshot is not None:
+            snap = self._snapshot
+            route = snap.route(tenant, intent)
+            predictor = route.active
+            with self.recorder.lock:
+                served = self.recorder.series(tenant, predictor, "active", snap.generation)
+            lane = Lane(route, snap.generation, tenant, predictor.map_index(tenant),
+                        self.metrics.request_series(tenant, intent, predictor.name), served, self.shadows)
+            if len(lanes) < MAX_LANES:
+                lanes[(tenant, intent)] = lane
+        return lane
+
+    def forget(self, dropped: list[ServedSeries]) -> None:
+        """Drop the lanes whose series were dropped as idle (on the loop, between requests)."""
+        for series in dropped:
+            key = (series.tenant, series.predictor.intent)
+            lane = self._lanes.get(key)
+            if lane is not None and lane.served is series:
+                del self._lanes[key]

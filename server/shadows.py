@@ -1,0 +1,69 @@
+"""Shadows: copies of live rows scored by a route's shadow predictors, off the
+request's critical path, on the background thread; their scores are recorded,
+never returned.  When the queue is full, shadow work is dropped and counted
+rather than slowing live traffic."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from muse.core.predictor import Predictor
+from muse.core.snapshot import Route
+
+from .metrics import Metrics
+from .recording import Recorder
+
+log = logging.getLogger("muse.serve")
+BATCH = 256  # queued requests scored together
+
+
+class ShadowQueue:
+    def __init__(self, capacity: int, metrics: Metrics, recorder: Recorder):
+        self.capacity = capacity
+        self.metrics = metrics
+        self.recorder = recorder
+        # (tenant, shadow predictor, rows, generation); binds to the loop that first waits on it
+        self._queue: asyncio.Queue[tuple[str, Predictor, np.ndarray, int]] = asyncio.Queue(capacity)
+
+    def put(self, route: Route, X: np.ndarray, tenant: str, generation: int) -> None:
+        """Queue a copy of live rows for the route's shadows; drop (and count) what does not fit."""
+        for predictor in route.shadows:
+            try:
+                self._queue.put_nowait((tenant, predictor, X, generation))
+            except asyncio.QueueFull:
+                self.metrics.shadow_dropped.labels(route.intent).inc()
+
+    @property
+    def size(self) -> int:
+        return self._queue.qsize()
+
+    async def run(self, in_background: Callable[..., Awaitable[Any]]) -> None:
+        """Take queued work in batches and score it with ``in_background`` (until cancelled)."""
+        queue = self._queue
+        while True:
+            work = [await queue.get()]
+            while not queue.empty() and len(work) < BATCH:
+                work.append(queue.get_nowait())
+            try:
+                await in_background(self._score, work)
+            except Exception:
+                log.exception("shadow scoring")
+
+    def _score(self, work: list[tuple[str, Predictor, np.ndarray, int]]) -> None:
+        groups: dict[int, tuple[Predictor, list[tuple[str, np.ndarray, int]]]] = {}
+        for tenant, predictor, X, generation in work:
+            groups.setdefault(id(predictor), (predictor, []))[1].append((tenant, X, generation))
+        for predictor, items in groups.values():
+            X = np.concatenate([x for _, x, _ in items])
+            sizes = [len(x) for _, x, _ in items]
+            index = np.repeat([predictor.map_index(t) for t, _, _ in items], sizes)
+            scores = predictor.score(X, index)
+            self.metrics.shadow_events.labels(predictor.intent, predictor.name).inc(len(X))
+            start = 0
+            with self.recorder.lock:
+                for (tenant, _, generation), n in zip(items, sizes):
+                    self.recorder.series(tenant, predictor, "shadow", generation).add(scores.rows(start, start + n))
+                    start += n
