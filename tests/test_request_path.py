@@ -1,21 +1,28 @@
-"""The request path's fast pieces against their plain equivalents: the native model
-thread and its calibration, the row conversion and histograms filled in bulk."""
+"""The request path's pieces: the native model thread and its calibration, the row
+conversion and histograms filled in bulk (against their plain equivalents), the
+route table and the adapter from msgspec's errors to field paths."""
+
 from __future__ import annotations
 
 import asyncio
+import json
 
+import msgspec
 import numpy as np
 import pytest
+from conftest import training_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from conftest import training_data
 from muse.calib import MapTable, QuantileMap, identity_map
 from muse.compile import ModelThread, NativeWorker, native_map_table
 from muse.core.batching import ModelBatcher
+from muse.server import api_inference, openapi
 from muse.server._rows import rows_matrix
+from muse.server.errors import HTTPError, validation_error
 from muse.server.metrics import LATENCY_BUCKETS, add_to_histogram
+from muse.server.routes import ROUTES
 
 
 def _tables() -> tuple[MapTable, MapTable]:
@@ -78,10 +85,11 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
         score_here = b._score_here
         b._score_here = lambda *args: inline.append(1) or score_here(*args)
         try:
-            results = await asyncio.gather(*(b.score_async(X[k:k + 1], natives[t], m)
-                                             for k, (t, m) in enumerate(plan)))
+            results = await asyncio.gather(
+                *(b.score_async(X[k : k + 1], natives[t], m) for k, (t, m) in enumerate(plan))
+            )
             calibrated_batches, waits = b.stats.take()
-            identity = await asyncio.gather(*(b.score_async(X[k:k + 1], natives[0], 0) for k in range(len(X))))
+            identity = await asyncio.gather(*(b.score_async(X[k : k + 1], natives[0], 0) for k in range(len(X))))
         finally:
             b.thread.close()
         return results, identity, calibrated_batches, waits, b.stats.rows, len(inline)
@@ -90,8 +98,9 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
         results, identity, batches, waits, margin_batches, inline = asyncio.run(run(inline_max_us))
         assert (inline > 0) == (inline_max_us > 0)  # the burst's first calls, before it looks busy
         for k, (t, m) in enumerate(plan):
-            np.testing.assert_allclose(results[k].array, _expected(model, X[k:k + 1], tables[t], m),
-                                       rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(
+                results[k].array, _expected(model, X[k : k + 1], tables[t], m), rtol=1e-12, atol=1e-15
+            )
         assert np.array_equal(np.concatenate([s.margin for s in identity]), model.predict(X, margin=True))
         assert sum(batches) == sum(margin_batches) == len(X) and len(waits) == len(X)  # each call, each request
         assert max(batches) > 1 and max(margin_batches) > 1  # bursts coalesced behind the first call
@@ -123,7 +132,7 @@ def test_worker_refuses_a_wrong_call(lgb_case):
         model.score(X, native, np.array([1, 7], dtype=np.int64))
 
 
-values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-2**53, 2**53))
+values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-(2**53), 2**53))
 
 
 @given(st.lists(st.lists(values, min_size=3, max_size=3), max_size=5))
@@ -140,8 +149,11 @@ def test_rows_matrix_refuses_bad_rows():
 
 
 @settings(max_examples=50)
-@given(st.lists(st.one_of(st.floats(min_value=0, max_value=10, allow_nan=False), st.sampled_from(LATENCY_BUCKETS)),
-                max_size=40))  # bounds themselves too: a value on a bound counts in its bucket
+@given(
+    st.lists(
+        st.one_of(st.floats(min_value=0, max_value=10, allow_nan=False), st.sampled_from(LATENCY_BUCKETS)), max_size=40
+    )
+)  # bounds themselves too: a value on a bound counts in its bucket
 def test_histogram_in_bulk_equals_observe(observations):
     """Values added in bulk expose exactly what observing each would have (this relies on
     prometheus_client's histogram storage, so a change there fails here)."""
@@ -154,10 +166,60 @@ def test_histogram_in_bulk_equals_observe(observations):
     add_to_histogram(h_bulk, LATENCY_BUCKETS, [])  # adding nothing changes nothing
 
     def samples(registry):
-        return [line for line in generate_latest(registry).decode().splitlines()
-                if line and not line.startswith("#") and "_created" not in line]
+        return [
+            line
+            for line in generate_latest(registry).decode().splitlines()
+            if line and not line.startswith("#") and "_created" not in line
+        ]
 
     want, got = samples(direct), samples(tallied)
     assert [line.split()[0] for line in got] == [line.split()[0] for line in want]
     for g, w in zip(got, want):
         assert float(g.split()[1]) == pytest.approx(float(w.split()[1]), rel=1e-12, abs=1e-12)
+
+
+class _Nested(msgspec.Struct):
+    value: float
+    label: str
+
+
+class _Doc(msgspec.Struct):
+    items: list[_Nested]
+    name: str
+
+
+@given(st.integers(0, 5), st.sampled_from(["value", "label"]), st.booleans())
+def test_validation_errors_name_the_field(index, field, missing):
+    """The one adapter from msgspec's message to a field path: a wrong type at items[i].field, or
+    the field missing there, comes back as exactly that path."""
+    items: list[dict] = [{"value": 1.0, "label": "x"} for _ in range(index + 1)]
+    if missing:
+        del items[index][field]
+    else:
+        items[index][field] = [] if field == "value" else 3
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(msgspec.json.encode({"items": items, "name": "n"}), type=_Doc)
+    error = validation_error(caught.value)
+    assert (error.status, error.field) == (422, f"$.items[{index}].{field}")
+
+
+def test_malformed_json_is_400_at_the_root():
+    with pytest.raises(msgspec.DecodeError) as caught:
+        msgspec.json.decode(b'{"items": [', type=_Doc)
+    error = validation_error(caught.value)
+    assert (error.status, error.field) == (400, "$") and error.message.startswith("malformed JSON")
+
+
+def test_route_table_dispatches_templates_and_refuses_other_methods():
+    endpoint, params = ROUTES.match("POST", "/v2/models/fraud/versions/3/infer")
+    assert endpoint.handler is api_inference.infer and params == {"intent": "fraud", "version": "3"}
+    assert ROUTES.match("HEAD", "/v2/health/ready")[0].path == "/v2/health/ready"  # HEAD is GET's
+    with pytest.raises(HTTPError) as caught:
+        ROUTES.match("DELETE", "/v2/models/fraud")
+    assert caught.value.status == 405 and dict(caught.value.headers)[b"allow"] == b"GET, HEAD"
+    with pytest.raises(HTTPError) as caught:
+        ROUTES.match("GET", "/v2/models/fraud/explain")
+    assert caught.value.status == 404
+    # Every endpoint dispatched is in the OpenAPI document, and nothing else.
+    paths = json.loads(openapi.document(ROUTES, "test"))["paths"]
+    assert {(m.upper(), p) for p, ops in paths.items() for m in ops} == {(e.method, e.path) for e in ROUTES.endpoints}
