@@ -7,6 +7,7 @@ server does.
 
     python -m muse.bench.calib_kernels
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     for n in SIZES:
         margins = rng.logistic(-3.0, 1.5, size=n)
         mixed = rng.integers(0, len(table), size=n)
-        np.testing.assert_allclose(table.calibrate(margins, 0, beta, "logit")[1],
-                                   numpy_interp(margins, math.log(beta), qmap), atol=1e-12)
+        np.testing.assert_allclose(
+            table.calibrate(margins, 0, beta, "logit")[1], numpy_interp(margins, math.log(beta), qmap), atol=1e-12
+        )
         out = np.empty((2, n))  # preallocated, as a caller that reuses buffers would
         t_muse = median_seconds(lambda: table.calibrate(margins, 0, beta, "logit", out), args.repeats)
         t_mixed = median_seconds(lambda: table.calibrate(margins, mixed, beta, "logit", out), args.repeats)
@@ -58,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         ns = [t * 1e9 / n for t in (t_muse, t_mixed, t_interp, t_ss)]
         rows.append([f"{n:,}", f"{ns[0]:.1f}", f"{ns[1]:.1f}", f"{ns[2]:.1f}", f"{ns[3]:.1f}", f"{ns[2] / ns[0]:.1f}x"])
     print(f"map: {len(qmap)} knots; mixed: {len(table)} maps, random per row")
-    print_table(["scores", "muse fused ns", "muse mixed ns", "np.interp ns", "np searchsorted ns",
-                 "interp/muse"], rows)
+    print_table(["scores", "muse fused ns", "muse mixed ns", "np.interp ns", "np searchsorted ns", "interp/muse"], rows)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ coordinated omission).  Every request is batch 1: one event of 100 features.
 
     python -m muse.bench.http [--seconds 4] [--rounds 3] [--workers 1] [--connections 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ def build_loadgen(workdir: pathlib.Path) -> pathlib.Path:
 
 def build_registry(workdir: pathlib.Path, results: pathlib.Path, batching: str = "") -> tuple[pathlib.Path, str]:
     """Compile the fraud model, calibrate it, deploy it; returns (registry, tenant key)."""
-    from muse.calib import AlertRateCurve, ModelIdentity, ReferenceFile, correct_margins, fit_quantile_map
-    from muse.calib import make_calibration
+    from muse.calib import (
+        AlertRateCurve,
+        ModelIdentity,
+        ReferenceFile,
+        correct_margins,
+        fit_quantile_map,
+        make_calibration,
+    )
     from muse.calib.reference import encode_reference
     from muse.compile import build_artifact
     from muse.core.deploy import DeploymentStore
@@ -62,12 +69,23 @@ def build_registry(workdir: pathlib.Path, results: pathlib.Path, batching: str =
         print(f"compiling the 500-tree model, version {version} ...", file=sys.stderr, flush=True)
         build_artifact(model_file, reg.models_dir, name="fraud", version=version, beta=0.1)
         m = reg.load_model(f"fraud/{version}").manifest
-        qmap = fit_quantile_map(correct_margins(reg.load_model(f"fraud/{version}").predict(X, margin=True), m.beta),
-                                curve)
-        reg.save_calibration(make_calibration(qmap, name="fraud", version=version, model=ModelIdentity(
-            m.name, m.version, m.library_sha256), reference_name="fraud", reference=curve, beta=m.beta,
-            sample_size=20000))
-    spec = decode_spec(b"""
+        qmap = fit_quantile_map(
+            correct_margins(reg.load_model(f"fraud/{version}").predict(X, margin=True), m.beta), curve
+        )
+        reg.save_calibration(
+            make_calibration(
+                qmap,
+                name="fraud",
+                version=version,
+                model=ModelIdentity(m.name, m.version, m.library_sha256),
+                reference_name="fraud",
+                reference=curve,
+                beta=m.beta,
+                sample_size=20000,
+            )
+        )
+    spec = decode_spec(
+        b"""
 [[predictors]]
 name = "fraud-v1"
 version = "1"
@@ -88,7 +106,10 @@ intent = "fraud"
 active = "fraud-v1"
 
 [batching."fraud/1"]
-""" + batching.encode(), "bench.toml")
+"""
+        + batching.encode(),
+        "bench.toml",
+    )
     DeploymentStore(reg).apply(spec)
     _, key = add_key(keys_path(reg.root), "acme", False)
     return reg.root, key
@@ -96,10 +117,17 @@ active = "fraud-v1"
 
 def request_file(workdir: pathlib.Path, port: int, key: str) -> pathlib.Path:
     X, _ = fraud_like_matrix(1, seed=11)
-    body = json.dumps({"tenant": "acme", "intent": "fraud",
-                       "events": [{"features": [None if v != v else round(float(v), 6) for v in X[0]]}]}).encode()
-    head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    body = json.dumps(
+        {
+            "tenant": "acme",
+            "intent": "fraud",
+            "events": [{"features": [None if v != v else round(float(v), 6) for v in X[0]]}],
+        }
+    ).encode()
+    head = (
+        f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     path = workdir / f"request-{port}.http"
     path.write_bytes(head + body)
     return path
@@ -125,16 +153,23 @@ def sweep(loadgen, req: pathlib.Path, port: int, seconds: float, connections: in
     for rate in rates:
         r = run_load(loadgen, req, port, rate, seconds, connections)
         results.append(r)
-        print(f"  {rate:>6} req/s -> {r['achieved_rps']:>8.0f} achieved, p99 {r['p99_us']:>9.0f} us",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {rate:>6} req/s -> {r['achieved_rps']:>8.0f} achieved, p99 {r['p99_us']:>9.0f} us",
+            file=sys.stderr,
+            flush=True,
+        )
         if r["achieved_rps"] < 0.9 * rate or r["p99_us"] > 200_000:
             break  # saturated: past the peak
     return results
 
 
 def run_load(loadgen, req, port, rate, seconds, connections) -> dict:
-    out = subprocess.run([str(loadgen), "127.0.0.1", str(port), str(rate), str(seconds), str(connections), str(req)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(loadgen), "127.0.0.1", str(port), str(rate), str(seconds), str(connections), str(req)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -167,14 +202,39 @@ def main(argv: list[str] | None = None) -> None:
         work = pathlib.Path(tmp)
         loadgen = build_loadgen(work)
         registry, key = build_registry(work, args.results, args.batching.replace(";", "\n"))
-        granian = [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop",
-                   "--workers", str(args.workers), "--backlog", "2048", "--no-ws"]  # as `muse serve` runs it
+        granian = [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--loop",
+            "uvloop",
+            "--workers",
+            str(args.workers),
+            "--backlog",
+            "2048",
+            "--no-ws",
+        ]  # as `muse serve` runs it
         servers = {
             "no-op granian+msgspec": lambda port: Process(
-                [*granian, "--port", str(port), "muse.bench.noop_app:app"], port),
+                [*granian, "--port", str(port), "muse.bench.noop_app:app"], port
+            ),
             "muse /v1/score": lambda port: Process(
-                [sys.executable, "-m", "muse.server.cli", "serve", "--registry", str(registry), "--port", str(port),
-                 "--workers", str(args.workers)], port),
+                [
+                    sys.executable,
+                    "-m",
+                    "muse.server.cli",
+                    "serve",
+                    "--registry",
+                    str(registry),
+                    "--port",
+                    str(port),
+                    "--workers",
+                    str(args.workers),
+                ],
+                port,
+            ),
         }
         started = {}
         try:
@@ -192,23 +252,37 @@ def main(argv: list[str] | None = None) -> None:
                     if results[0]["errors"]:
                         raise RuntimeError(f"{label}: {results[0]['errors']} failed requests at the lowest rate")
                     sweeps[label].append(results)
-            peaks = {label: [max(r["achieved_rps"] for r in results) for results in runs]
-                     for label, runs in sweeps.items()}
+            peaks = {
+                label: [max(r["achieved_rps"] for r in results) for results in runs] for label, runs in sweeps.items()
+            }
             half = {}
             for label, server in started.items():
                 rate = statistics.median(peaks[label]) / 2
                 half[label] = run_load(loadgen, reqs[label], server.port, rate, args.seconds, args.connections)
             muse_server = started["muse /v1/score"]
-            swap = load_with_promotion(loadgen, reqs["muse /v1/score"], muse_server.port,
-                                       statistics.median(peaks["muse /v1/score"]) / 2, args.seconds,
-                                       args.connections, registry)
+            swap = load_with_promotion(
+                loadgen,
+                reqs["muse /v1/score"],
+                muse_server.port,
+                statistics.median(peaks["muse /v1/score"]) / 2,
+                args.seconds,
+                args.connections,
+                registry,
+            )
         finally:
             for server in started.values():
                 server.stop()
 
     def row(label: str, r: dict) -> list:
-        return [label, f"{r['target_rps']:,.0f}", f"{r['achieved_rps']:,.0f}", f"{r['p50_us']:,.0f}",
-                f"{r['p99_us']:,.0f}", f"{r['p999_us']:,.0f}", r["errors"]]
+        return [
+            label,
+            f"{r['target_rps']:,.0f}",
+            f"{r['achieved_rps']:,.0f}",
+            f"{r['p50_us']:,.0f}",
+            f"{r['p99_us']:,.0f}",
+            f"{r['p999_us']:,.0f}",
+            r["errors"],
+        ]
 
     noop, muse = peaks["no-op granian+msgspec"], peaks["muse /v1/score"]
     ratios = [m / o for m, o in zip(muse, noop)]
@@ -220,15 +294,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sweeps of round {shown + 1} of {args.rounds} (the round of the median ratio):")
     print_table(["server", "target req/s", "achieved req/s", "p50 us", "p99 us", "p99.9 us", "errors"], table)
     steady = half["muse /v1/score"]
-    print(f"hot swap: p99 {swap['p99_us']:,.0f} us with a promotion (new library loaded) during the run, "
-          f"{steady['p99_us']:,.0f} us steady: {swap['p99_us'] / steady['p99_us']:.2f}x; "
-          f"{swap['errors']} failed requests")
+    print(
+        f"hot swap: p99 {swap['p99_us']:,.0f} us with a promotion (new library loaded) during the run, "
+        f"{steady['p99_us']:,.0f} us steady: {swap['p99_us'] / steady['p99_us']:.2f}x; "
+        f"{swap['errors']} failed requests"
+    )
     print()
-    print_table(["round", "no-op peak req/s", "muse peak req/s", "muse / no-op"],
-                [[n + 1, f"{o:,.0f}", f"{m:,.0f}", f"{r:.0%}"] for n, (o, m, r) in enumerate(zip(noop, muse, ratios))])
-    print(f"\npeak: muse {statistics.median(muse):,.0f} req/s, no-op {statistics.median(noop):,.0f} req/s "
-          f"(medians of {args.rounds} rounds); median of the rounds' ratios: muse = {statistics.median(ratios):.0%} "
-          f"of no-op")
+    print_table(
+        ["round", "no-op peak req/s", "muse peak req/s", "muse / no-op"],
+        [[n + 1, f"{o:,.0f}", f"{m:,.0f}", f"{r:.0%}"] for n, (o, m, r) in enumerate(zip(noop, muse, ratios))],
+    )
+    print(
+        f"\npeak: muse {statistics.median(muse):,.0f} req/s, no-op {statistics.median(noop):,.0f} req/s "
+        f"(medians of {args.rounds} rounds); median of the rounds' ratios: muse = {statistics.median(ratios):.0%} "
+        f"of no-op"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ numbers compare code, not core counts.  Reports median ns per row.
 
     python -m muse.bench.kernel [--workdir DIR] [--repeats N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,11 +57,21 @@ def main(argv: list[str] | None = None) -> None:
                 t_lgb = median_seconds(lambda: booster.predict(X, num_threads=1), args.repeats)
                 t_tl = median_seconds(lambda: tl_pred.predict(dmat), args.repeats)
                 ns = [t * 1e9 / batch for t in (t_muse, t_lgb, t_tl)]
-                rows.append([label, batch, f"{ns[0]:,.0f}", f"{ns[1]:,.0f}", f"{ns[2]:,.0f}",
-                             f"{ns[1] / ns[0]:.1f}x", f"{ns[2] / ns[0]:.1f}x"])
+                rows.append(
+                    [
+                        label,
+                        batch,
+                        f"{ns[0]:,.0f}",
+                        f"{ns[1]:,.0f}",
+                        f"{ns[2]:,.0f}",
+                        f"{ns[1] / ns[0]:.1f}x",
+                        f"{ns[2] / ns[0]:.1f}x",
+                    ]
+                )
     print()
-    print_table(["model", "batch", "muse ns/row", "lightgbm ns/row", "tl2cgen ns/row",
-                 "lightgbm/muse", "tl2cgen/muse"], rows)
+    print_table(
+        ["model", "batch", "muse ns/row", "lightgbm ns/row", "tl2cgen ns/row", "lightgbm/muse", "tl2cgen/muse"], rows
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Benchmark models, trained on synthetic data so every run is reproducible offline."""
+
 from __future__ import annotations
 
 import pathlib

@@ -2,6 +2,7 @@
 same scoring request with msgspec and answers a fixed score, doing no work.
 Whatever MUSE adds (auth, routing, batching, the model, calibration, metrics)
 shows up as the gap between the two."""
+
 from __future__ import annotations
 
 import msgspec
@@ -28,6 +29,7 @@ async def app(scope, receive, send):
         out = _encoder.encode(ScoreResponse("noop", "1", 0, [0.5] * len(r.events)))
     else:
         out = b'{"ready": true}'
-    await send({"type": "http.response.start", "status": 200,
-                "headers": _JSON + [(b"content-length", str(len(out)).encode())]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [*_JSON, (b"content-length", str(len(out)).encode())]}
+    )
     await send({"type": "http.response.body", "body": out})

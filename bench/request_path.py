@@ -11,6 +11,7 @@ replacing the model with one that answers at once.
 
     python -m muse.bench.request_path [--seconds 2] [--clients 1,8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,21 +29,35 @@ from muse.bench.http import build_registry
 from muse.bench.models import fraud_like_matrix
 from muse.bench.noop_app import app as noop_app
 from muse.bench.timing import print_table
-from muse.compile import Scores
+from muse.compile import CompiledModel, ModelThread, NativeMapTable, Scores
 
 
 def score_request(key: str) -> tuple[dict, dict]:
     X, _ = fraud_like_matrix(1, seed=11)
-    body = json.dumps({"tenant": "acme", "intent": "fraud",
-                       "events": [{"features": [None if v != v else round(float(v), 6) for v in X[0]]}]}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/score", "headers": [
-        (b"host", b"bench"), (b"authorization", f"Bearer {key}".encode()),
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    body = json.dumps(
+        {
+            "tenant": "acme",
+            "intent": "fraud",
+            "events": [{"features": [None if v != v else round(float(v), 6) for v in X[0]]}],
+        }
+    ).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/score",
+        "headers": [
+            (b"host", b"bench"),
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     return scope, {"type": "http.request", "body": body, "more_body": False}
 
 
 async def drive(app, scope: dict, message: dict, clients: int, seconds: float) -> tuple[float, float]:
     """(requests/s, loop CPU us per request) with ``clients`` concurrent callers."""
+
     async def receive():
         return message
 
@@ -69,11 +84,13 @@ async def drive(app, scope: dict, message: dict, clients: int, seconds: float) -
     return n / (t1 - t0), (c1 - c0) / n * 1e6
 
 
-class InstantThread:
-    """Stands in for the native model thread: scores at once, no model run."""
+class InstantThread(ModelThread):
+    """Stands in for the native model thread: scores at once, no model run (its worker never starts)."""
 
-    def score_async(self, model, X, maps, map_index=0):
-        future = asyncio.get_running_loop().create_future()
+    def score_async(
+        self, model: CompiledModel, X: np.ndarray, maps: NativeMapTable, map_index: int | np.ndarray = 0
+    ) -> asyncio.Future[Scores]:
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
         future.set_result(Scores(np.full((3, len(X)), 0.1)))
         return future
 
@@ -85,17 +102,28 @@ async def measure(registry: pathlib.Path, key: str, clients: list[int], seconds:
     app = MuseApp(Settings(registry=str(registry)))
     await app.serving.start()
     scope, message = score_request(key)
-    batcher = app.serving.snapshot.route("acme", "fraud").active.batchers[0]
+    snap = app.serving.snapshot
+    assert snap is not None, "start() loads the deployment build_registry applied"
+    batcher = snap.route("acme", "fraud").active.batchers[0]
     real_thread = batcher.thread
     rows = []
     try:
         for n in clients:
-            for label, target, thread in (("no-op app", noop_app, real_thread), ("muse", app, real_thread),
-                                          ("muse, model answers at once", app, InstantThread())):
+            for label, target, thread in (
+                ("no-op app", noop_app, real_thread),
+                ("muse", app, real_thread),
+                ("muse, model answers at once", app, InstantThread()),
+            ):
                 batcher.thread = thread
                 runs = [await drive(target, scope, message, n, seconds) for _ in range(repeats)]
-                rows.append([label, n, f"{statistics.median(r[1] for r in runs):.1f}",
-                             f"{statistics.median(r[0] for r in runs):,.0f}"])
+                rows.append(
+                    [
+                        label,
+                        n,
+                        f"{statistics.median(r[1] for r in runs):.1f}",
+                        f"{statistics.median(r[0] for r in runs):,.0f}",
+                    ]
+                )
     finally:
         batcher.thread = real_thread
         await app.serving.stop()
@@ -112,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         registry, key = build_registry(pathlib.Path(tmp), args.results)
         # uvloop: the loop `muse serve` runs
-        rows = uvloop.run(measure(registry, key, [int(c) for c in args.clients.split(",")], args.seconds,
-                                   args.repeats))
+        rows = uvloop.run(measure(registry, key, [int(c) for c in args.clients.split(",")], args.seconds, args.repeats))
     print_table(["app", "concurrent callers", "loop CPU us/request (median)", "requests/s in-process"], rows)
 
 

@@ -1,9 +1,10 @@
 """Small timing helpers shared by the benchmarks: medians of repeats, never means."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, min_time: float = 0.02) -> float:
@@ -26,7 +27,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, min_time: float = 0.0
     return statistics.median(samples)
 
 
-def print_table(headers: list[str], rows: list[list[object]]) -> str:
+def print_table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]

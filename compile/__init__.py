@@ -1,4 +1,5 @@
 """Model files -> native shared libraries with manifests, and the native call path."""
+
 from ._library import NativeMapTable
 from ._worker import NativeWorker
 from .artifact import CompiledModel, build_artifact, load_artifact
@@ -9,6 +10,15 @@ from .native_maps import native_map_table
 from .scores import Scores
 
 __all__ = [
-    "ArtifactError", "CompiledModel", "Manifest", "ModelFormatError", "ModelThread", "NativeMapTable", "NativeWorker",
-    "Scores", "build_artifact", "load_artifact", "native_map_table",
+    "ArtifactError",
+    "CompiledModel",
+    "Manifest",
+    "ModelFormatError",
+    "ModelThread",
+    "NativeMapTable",
+    "NativeWorker",
+    "Scores",
+    "build_artifact",
+    "load_artifact",
+    "native_map_table",
 ]

@@ -3,6 +3,7 @@
 An artifact is a directory holding the shared library and its manifest.  The
 library's file name embeds name, version and a digest prefix because the
 dynamic loader caches libraries by path: a new version must never reuse one."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -136,8 +137,9 @@ class CompiledModel:
         self._lib.run(X, scores.array, True, maps, *self._correction, map_index)
         return scores
 
-    def submit(self, worker: NativeWorker, X: np.ndarray, maps: NativeMapTable,
-               map_index: int | np.ndarray = 0) -> tuple[int, Scores, tuple]:
+    def submit(
+        self, worker: NativeWorker, X: np.ndarray, maps: NativeMapTable, map_index: int | np.ndarray = 0
+    ) -> tuple[int, Scores, tuple]:
         """Queue what ``score`` computes on a native worker thread (see ModelThread, which
         awaits it).  Returns (call id, the Scores it fills, what the call reads): keep all
         until ``worker.completed()`` reports the id, then ask ``failure`` about its code."""
@@ -185,4 +187,4 @@ def load_artifact(directory: str | pathlib.Path) -> CompiledModel:
     return CompiledModel(directory, manifest, lib)
 
 
-__all__ = ["build_artifact", "load_artifact", "CompiledModel", "ModelFormatError", "ArtifactError"]
+__all__ = ["ArtifactError", "CompiledModel", "ModelFormatError", "build_artifact", "load_artifact"]

@@ -5,19 +5,20 @@ all but tiny models (exact: a threshold index compares like the threshold
 itself).  We split its predict() so our entry point can run the trees unit
 by unit over blocks of rows, and drive the C compiler ourselves so
 translation units build in parallel and report progress."""
+
 from __future__ import annotations
 
 import contextlib
 import io
 import os
-import re
-import warnings
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable
 
 import tl2cgen
 
@@ -93,16 +94,21 @@ def _add_block_entry(main_c: str) -> str:
     The parts are TL2cgen's own statements, moved, so the arithmetic is unchanged;
     models small enough to have no units keep the one-row path."""
     match = _PREDICT.search(main_c)
-    units = [int(u) for u in _UNIT_CALL.findall(match.group(2))] if match else []
+    if match is None:
+        return main_c
+    units = [int(u) for u in _UNIT_CALL.findall(match.group(2))]
     if not units:
         return main_c
     result_type, body = match.group(1), match.group(2)
     first = _UNIT_CALL.search(body)
+    assert first is not None  # findall found units in this same body
     last = list(_UNIT_CALL.finditer(body))[-1]
-    prepare = body[:first.start()].replace("unsigned int tmp;", "")
-    finish = body[last.end():]
+    prepare = body[: first.start()].replace("unsigned int tmp;", "")
+    finish = body[last.end() :]
     table = ", ".join(f"predict_unit{u}" for u in units)
-    return main_c + f"""
+    return (
+        main_c
+        + f"""
 /* Added by muse.compile.codegen: predict() in three parts, for tree blocking. */
 void muse_prepare(struct Entry* data) {{
 {prepare}
@@ -115,6 +121,7 @@ void muse_finish(int pred_margin, {result_type}* result) {{
 void (*const muse_units[])(struct Entry*, {result_type}*) = {{ {table} }};
 const int muse_num_units = {len(units)};
 """
+    )
 
 
 @contextlib.contextmanager
@@ -149,7 +156,9 @@ def result_type(workdir: pathlib.Path) -> str:
     header = (workdir / "header.h").read_text()
     match = re.search(r"void predict\(struct Entry\* data, int pred_margin, (\w+)\* result\);", header)
     if not match:
-        raise ModelFormatError("TL2cgen produced an unexpected predict() signature; this TL2cgen version is unsupported")
+        raise ModelFormatError(
+            "TL2cgen produced an unexpected predict() signature; this TL2cgen version is unsupported"
+        )
     return match.group(1)
 
 

@@ -2,6 +2,7 @@
 
 Each reader also recovers what Treelite does not keep: feature names and the
 kind of the model's raw output (a logit, or already a probability)."""
+
 from __future__ import annotations
 
 import json

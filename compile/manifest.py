@@ -1,4 +1,5 @@
 """The manifest that travels with every compiled model library."""
+
 from __future__ import annotations
 
 import hashlib

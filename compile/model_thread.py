@@ -3,6 +3,7 @@
 The thread (``NativeWorker``) never takes the GIL; it signals completions on an
 eventfd the loop watches, so a hand-off costs the loop a few microseconds and no
 GIL hand-over."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,9 @@ class ModelThread:
         # call id -> (future, model, scores, what the call reads): alive until it completes
         self._calls: dict[int, tuple[asyncio.Future[Scores], CompiledModel, Scores, Any]] = {}
 
-    def score_async(self, model: CompiledModel, X: np.ndarray, maps: NativeMapTable,
-                    map_index: int | np.ndarray = 0) -> asyncio.Future[Scores]:
+    def score_async(
+        self, model: CompiledModel, X: np.ndarray, maps: NativeMapTable, map_index: int | np.ndarray = 0
+    ) -> asyncio.Future[Scores]:
         """What ``model.score`` computes, on the thread."""
         loop = asyncio.get_running_loop()
         if self._worker is None:

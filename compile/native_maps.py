@@ -3,6 +3,7 @@ function, called by the native call path right after the model, on the same thre
 without the GIL.  In the server that takes calibration off the event loop entirely when a
 batch runs on the model thread, and spares the Numba dispatch (~10 us a request, measured
 with bench/request_path.py) when it runs on the loop."""
+
 from __future__ import annotations
 
 from muse.calib import MapTable

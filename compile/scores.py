@@ -1,4 +1,5 @@
 """The result of a model call."""
+
 from __future__ import annotations
 
 import numpy as np

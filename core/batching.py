@@ -29,6 +29,7 @@ Calibration runs in the same native call, right after the model (see
 muse.compile.native_maps): a batch's rows share one map table (a batch is cut
 where the table changes, as it does once during a deployment swap) and go
 through one map, or one map per row when tenants with their own maps mix."""
+
 from __future__ import annotations
 
 import asyncio
@@ -66,8 +67,9 @@ class BatchStats:
 class _Item:
     __slots__ = ("X", "enqueued", "future", "map_index", "maps")
 
-    def __init__(self, X: np.ndarray, future: asyncio.Future[Scores], maps: NativeMapTable, map_index: int,
-                 enqueued: float):
+    def __init__(
+        self, X: np.ndarray, future: asyncio.Future[Scores], maps: NativeMapTable, map_index: int, enqueued: float
+    ):
         self.X = X
         self.future = future
         self.maps = maps
@@ -93,6 +95,7 @@ class ModelBatcher:
         self._pending: list[_Item] = []
         self._queued_rows = 0
         self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
         self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
         self._last_arrival = 0.0
         self._gap = 0.0  # running mean of the time between requests
@@ -121,7 +124,7 @@ class ModelBatcher:
             self._queued_rows += len(X)
             if not self._draining:
                 self._draining = True
-                loop.create_task(self._drain())
+                self._drain_task = loop.create_task(self._drain())  # held: the loop keeps only weak refs
             return await item.future
         self._draining = True
         try:
@@ -132,7 +135,7 @@ class ModelBatcher:
                 out = await self.thread.score_async(self.model, X, maps, map_index)
         finally:
             if self._pending:
-                asyncio.get_running_loop().create_task(self._drain())
+                self._drain_task = asyncio.get_running_loop().create_task(self._drain())
             else:
                 self._draining = False
         self.stats.rows.append(len(X))
@@ -171,8 +174,7 @@ class ModelBatcher:
         pending = self._pending
         maps = pending[0].maps
         take, rows = 1, len(pending[0].X)
-        while take < len(pending) and pending[take].maps is maps \
-                and rows + len(pending[take].X) <= self.max_rows:
+        while take < len(pending) and pending[take].maps is maps and rows + len(pending[take].X) <= self.max_rows:
             rows += len(pending[take].X)
             take += 1
         items, self._pending = pending[:take], pending[take:]

@@ -8,6 +8,7 @@ checksum verified, every calibration matched to its model and reference), then
 claims the next generation number with an exclusive create and moves
 `current` with an atomic rename.  Servers poll `current` and swap; a file that
 does not validate never becomes current."""
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,10 @@ class DeploymentStore:
         generation, spec = self._current()
         defined = {p.name: p for p in spec.predictors}
         if predictor not in defined:
-            raise SpecError(f"generation {generation}: predictor {predictor!r} is not defined "
-                            f"(defined: {', '.join(sorted(defined))})")
+            raise SpecError(
+                f"generation {generation}: predictor {predictor!r} is not defined "
+                f"(defined: {', '.join(sorted(defined))})"
+            )
         intent = defined[predictor].intent
         routes, changed = [], []
         for r in spec.routes:
@@ -112,13 +115,16 @@ class DeploymentStore:
         wanted = set(tenants or [])
         missing = wanted - {r.tenant for r in spec.routes if r.intent == intent}
         if missing:
-            raise SpecError(f"generation {generation}: no route of intent {intent!r} for tenant(s) "
-                            f"{', '.join(sorted(missing))}; routes are per tenant or {DEFAULT_TENANT!r}")
+            raise SpecError(
+                f"generation {generation}: no route of intent {intent!r} for tenant(s) "
+                f"{', '.join(sorted(missing))}; routes are per tenant or {DEFAULT_TENANT!r}"
+            )
         if not changed:
             raise SpecError(f"generation {generation}: {predictor!r} is already active on those routes")
         who = ", ".join(changed)
-        new = msgspec.structs.replace(spec, routes=routes,
-                                      description=f"promote {predictor} for {intent} ({who}) from generation {generation}")
+        new = msgspec.structs.replace(
+            spec, routes=routes, description=f"promote {predictor} for {intent} ({who}) from generation {generation}"
+        )
         return self.apply(new, source=f"promote {predictor}")
 
     def rollback(self, to: int | None = None) -> int:

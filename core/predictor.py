@@ -2,13 +2,14 @@
 
 A predictor is stateless: it holds references to shared loaded models, the
 snapshot's map table and, per tenant, which map of that table to use."""
+
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Awaitable
 
 import numpy as np
 
@@ -76,8 +77,9 @@ class Predictor:
         """An ensemble's scores from its members' (each corrected by its own beta, unmapped)."""
         if self.combine == "mean_logit":
             # Each member's logit shifted by its own ln beta, then averaged.
-            margins = np.mean([s.margin + math.log(b.model.manifest.beta) for s, b in zip(members, self.batchers)],
-                              axis=0)
+            margins = np.mean(
+                [s.margin + math.log(b.model.manifest.beta) for s, b in zip(members, self.batchers)], axis=0
+            )
             corrected = correct_margins(margins, 1.0)
         else:
             margins = corrected = np.mean([s.corrected for s in members], axis=0)

@@ -11,6 +11,7 @@
 
 Versions are directory names; "latest" means the highest numeric version.
 Nothing is ever rewritten in place: a new version is a new directory."""
+
 from __future__ import annotations
 
 import pathlib
@@ -82,7 +83,9 @@ class Registry:
             return load_reference(str(path))
         if not self.reference_path(name_or_path).exists():
             known = sorted(p.stem for p in self.references_dir.glob("*.toml"))
-            raise RegistryError(f"reference {name_or_path!r} not found in {self.references_dir} (have: {', '.join(known) or 'none'})")
+            raise RegistryError(
+                f"reference {name_or_path!r} not found in {self.references_dir} (have: {', '.join(known) or 'none'})"
+            )
         return load_reference(str(self.reference_path(name_or_path)))
 
     # -- calibrations --------------------------------------------------------

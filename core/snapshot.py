@@ -4,15 +4,17 @@ Building a snapshot loads and checks everything it names before anything is
 served from it; a deployment with one bad entry is refused as a whole, with
 the entry named.  Loaded models live in a ModelPool shared across snapshots,
 so predictors (and generations) that use the same model share one copy."""
+
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from muse.calib import CalibrationError, MapTable, ReferenceError, identity_map
+from muse.calib import CalibrationError, MapTable, QuantileMap, Reference, ReferenceError, identity_map
 from muse.compile import ArtifactError, CompiledModel, ModelThread, native_map_table
 
 from .batching import BatchStats, ModelBatcher
@@ -49,7 +51,7 @@ class ModelPool:
                 self._batchers[ref] = b
             return b
 
-    def configure(self, snapshot: "Snapshot") -> None:
+    def configure(self, snapshot: Snapshot) -> None:
         """Apply a snapshot's batching settings to the batchers it uses (when it goes live)."""
         used = {ref for p in snapshot.spec.predictors for ref in p.models}
         with self._lock:
@@ -84,7 +86,7 @@ class Snapshot:
     predictors: dict[str, Predictor]
     routes: dict[tuple[str, str], Route]
     table: MapTable
-    references: dict  # intent -> Reference, for intents whose reference the registry holds
+    references: dict[str, Reference]  # intent -> reference, for intents whose reference the registry holds
 
     @property
     def intents(self) -> set[str]:
@@ -135,19 +137,26 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
         names = members[0].manifest.feature_names
         for ref, m in zip(p.models[1:], members[1:]):
             if m.manifest.feature_names != names:
-                raise SpecError(f"{where}: ensemble member {ref} has features {m.manifest.feature_names[:4]}..., "
-                                f"{p.models[0]} has {names[:4]}...; members must share features and order")
+                raise SpecError(
+                    f"{where}: ensemble member {ref} has features {m.manifest.feature_names[:4]}..., "
+                    f"{p.models[0]} has {names[:4]}...; members must share features and order"
+                )
         if len(members) > 1 and p.combine == "mean_logit" and any(m.manifest.margin_kind != "logit" for m in members):
-            raise SpecError(f"{where}: combine = 'mean_logit' needs members whose margins are logits; use 'mean_probability'")
+            raise SpecError(
+                f"{where}: combine = 'mean_logit' needs members whose margins are logits; use 'mean_probability'"
+            )
         tenant_maps: dict[str | None, int] = {None: IDENTITY}
         if p.calibration:
             tenant_maps = _load_maps(reg, p, members, maps, where)
         parts[p.name] = (p, tuple(batchers), tuple(names), tenant_maps)
     table = MapTable(maps)
     native = native_map_table(table)
-    predictors = {name: Predictor(p.name, p.version, p.intent, batchers, p.combine, names, table, native, tenant_maps,
-                                  p.calibration)
-                  for name, (p, batchers, names, tenant_maps) in parts.items()}
+    predictors = {
+        name: Predictor(
+            p.name, p.version, p.intent, batchers, p.combine, names, table, native, tenant_maps, p.calibration
+        )
+        for name, (p, batchers, names, tenant_maps) in parts.items()
+    }
     routes: dict[tuple[str, str], Route] = {}
     for i, r in enumerate(spec.routes):
         where = f"{source}: routes[{i}] (tenant {r.tenant!r}, intent {r.intent!r})"
@@ -163,16 +172,19 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
         if r.active in r.shadows:
             raise SpecError(f"{where}: predictor {r.active!r} is both active and shadow")
         routes[(r.tenant, r.intent)] = Route(r.tenant, r.intent, chosen[0], tuple(chosen[1:]))
-    references = {}
+    references: dict[str, Reference] = {}
     for intent in {p.intent for p in spec.predictors}:
-        try:
+        # only calibrated predictors need one, and _load_maps has checked those
+        with contextlib.suppress(RegistryError, ReferenceError):
             references[intent] = reg.load_reference(intent).reference
-        except (RegistryError, ReferenceError):
-            pass  # only calibrated predictors need one, and _load_maps has checked those
     return Snapshot(generation, spec, predictors, routes, table, references)
 
 
-def _load_maps(reg: Registry, p, members, maps: list, where: str) -> dict:
+def _load_maps(
+    reg: Registry, p: PredictorSpec, members: list[CompiledModel], maps: list[QuantileMap], where: str
+) -> dict[str | None, int]:
+    calibration = p.calibration
+    assert calibration is not None  # build_snapshot loads maps only for calibrated predictors
     try:
         reference = reg.load_reference(p.intent)
     except (RegistryError, ReferenceError) as exc:
@@ -185,19 +197,23 @@ def _load_maps(reg: Registry, p, members, maps: list, where: str) -> dict:
         ident = ensemble_identity(p.name, p.version, [m.manifest.library_sha256 for m in members])
         expected = (ident.name, ident.version, ident.sha256)
         label = f"ensemble {p.name}/{p.version}"
-    tenant_maps: dict = {}
+    tenant_maps: dict[str | None, int] = {}
     try:
-        tenants = [None] + reg.calibration_tenants(p.calibration)
+        tenants = [None, *reg.calibration_tenants(calibration)]
         for tenant in tenants:
-            cal = reg.load_calibration(p.calibration, tenant=tenant)
+            cal = reg.load_calibration(calibration, tenant=tenant)
             got = (cal.model.name, cal.model.version, cal.model.sha256)
             if got != expected:
-                raise SpecError(f"{where}: calibration {p.calibration} was fitted for model "
-                                f"{cal.model.name}/{cal.model.version} (sha256 {cal.model.sha256[:12]}), "
-                                f"not for {label}; refit it with `muse calib fit`")
+                raise SpecError(
+                    f"{where}: calibration {p.calibration} was fitted for model "
+                    f"{cal.model.name}/{cal.model.version} (sha256 {cal.model.sha256[:12]}), "
+                    f"not for {label}; refit it with `muse calib fit`"
+                )
             if cal.reference_name != reference.name or cal.reference != reference.reference:
-                raise SpecError(f"{where}: calibration {p.calibration} maps onto reference {cal.reference_name!r} "
-                                f"as it was when fitted, not onto the current {reference.name!r}; refit it")
+                raise SpecError(
+                    f"{where}: calibration {p.calibration} maps onto reference {cal.reference_name!r} "
+                    f"as it was when fitted, not onto the current {reference.name!r}; refit it"
+                )
             tenant_maps[tenant] = len(maps)
             maps.append(cal.quantile_map())
     except (RegistryError, CalibrationError) as exc:

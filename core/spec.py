@@ -1,25 +1,26 @@
 """The deployment file: references, predictors and routes as one reviewable TOML.
 
-    [[predictors]]
-    name = "fraud-v1"            # routes refer to predictors by name
-    version = "1"                # reported in every response
-    intent = "fraud"             # its scores map onto references/<intent>.toml
-    models = ["fraud/1"]         # NAME/VERSION; several = an ensemble
-    combine = "mean_logit"       # ensembles: "mean_logit" or "mean_probability"
-    calibration = "fraud/1"      # NAME/VERSION; omit to serve corrected scores unmapped
+[[predictors]]
+name = "fraud-v1"            # routes refer to predictors by name
+version = "1"                # reported in every response
+intent = "fraud"             # its scores map onto references/<intent>.toml
+models = ["fraud/1"]         # NAME/VERSION; several = an ensemble
+combine = "mean_logit"       # ensembles: "mean_logit" or "mean_probability"
+calibration = "fraud/1"      # NAME/VERSION; omit to serve corrected scores unmapped
 
-    [[routes]]
-    tenant = "*"                 # "*" = the intent's default for every tenant
-    intent = "fraud"
-    active = "fraud-v1"
-    shadows = []
+[[routes]]
+tenant = "*"                 # "*" = the intent's default for every tenant
+intent = "fraud"
+active = "fraud-v1"
+shadows = []
 
-    [batching."fraud/1"]         # optional, per model; these are the defaults
-    max_rows = 256
-    max_wait_us = 0
-    max_queue_rows = 16384
-    inline_max_us = 2000
+[batching."fraud/1"]         # optional, per model; these are the defaults
+max_rows = 256
+max_wait_us = 0
+max_queue_rows = 16384
+inline_max_us = 2000
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal

@@ -1,6 +1,7 @@
 """The admin API (admin key only): read the live deployment; validate, apply,
 promote and roll back, each published as a new generation that this worker
 serves before it answers."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
@@ -22,8 +23,9 @@ T = TypeVar("T")
 async def get_deployment(app: MuseApp, req: Request) -> Response:
     app.admin(req)
     snap = app.snapshot()
-    return json_response({"generation": snap.generation, "deployment": msgspec.to_builtins(snap.spec),
-                          "refused": app.serving.last_error})
+    return json_response(
+        {"generation": snap.generation, "deployment": msgspec.to_builtins(snap.spec), "refused": app.serving.last_error}
+    )
 
 
 async def validate_deployment(app: MuseApp, req: Request) -> Response:
@@ -74,6 +76,9 @@ async def _published(app: MuseApp, generation: int) -> Response:
     await app.serving.refresh()
     snap = app.serving.snapshot
     if snap is None or snap.generation != generation:
-        raise HTTPError(409, f"generation {generation} was published but is not the one serving; "
-                             f"see {app.serving.last_error or 'a newer generation'}")
+        raise HTTPError(
+            409,
+            f"generation {generation} was published but is not the one serving; "
+            f"see {app.serving.last_error or 'a newer generation'}",
+        )
     return json_response({"generation": generation, "description": snap.spec.description})

@@ -1,5 +1,6 @@
 """Health, readiness, server metadata, Prometheus metrics and the OpenAPI
 document: what probes, scrapers and tools read, without a key."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

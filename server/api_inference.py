@@ -1,11 +1,12 @@
 """The Open Inference Protocol (KServe v2) endpoints of an intent: metadata,
 readiness and inference, with JSON tensors or the binary tensor extension.
 The tenant comes from the key, or from ``parameters.tenant`` with an admin key."""
+
 from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -21,17 +22,25 @@ if TYPE_CHECKING:
     from .app import MuseApp
 
 DECODER = msgspec.json.Decoder(InferRequest)
-TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+TENSOR_DTYPES: dict[str, np.dtype[np.floating[Any]]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 
 
 async def metadata(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
     predictor, generation = _active(app, req, intent, version)
-    return json_response(ModelMetadata(
-        name=intent, versions=[predictor.version], platform="muse_tree_ensemble",
-        inputs=[TensorMeta("features", "FP64", [-1, predictor.num_feature])],
-        outputs=[TensorMeta("score", "FP64", [-1])],
-        parameters={"predictor": predictor.name, "features": list(predictor.feature_names), "generation": generation},
-    ))
+    return json_response(
+        ModelMetadata(
+            name=intent,
+            versions=[predictor.version],
+            platform="muse_tree_ensemble",
+            inputs=[TensorMeta("features", "FP64", [-1, predictor.num_feature])],
+            outputs=[TensorMeta("score", "FP64", [-1])],
+            parameters={
+                "predictor": predictor.name,
+                "features": list(predictor.feature_names),
+                "generation": generation,
+            },
+        )
+    )
 
 
 async def ready(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
@@ -58,10 +67,12 @@ async def infer(app: MuseApp, req: Request, intent: str, version: str | None = N
         principal = app.authenticate(req)
         body, binary = _split_body(await req.body(), req.headers.get(b"inference-header-content-length"))
         r = decode_infer_request(body)
-        tenant = principal.tenant or r.parameters.get("tenant")
-        if not isinstance(tenant, str) or not tenant:
-            raise HTTPError(422, "parameters.tenant: required (a string) unless the key belongs to a tenant",
-                            "$.parameters.tenant")
+        claimed = principal.tenant or r.parameters.get("tenant")
+        if not isinstance(claimed, str) or not claimed:
+            raise HTTPError(
+                422, "parameters.tenant: required (a string) unless the key belongs to a tenant", "$.parameters.tenant"
+            )
+        tenant = claimed
         app.check_tenant(principal, r.parameters.get("tenant", tenant), "$.parameters.tenant")
         lane = app.lane(tenant, intent, version, "model_name")
         predictor = lane.predictor
@@ -82,8 +93,12 @@ async def infer(app: MuseApp, req: Request, intent: str, version: str | None = N
         raise
     lane.metrics.observe(len(X), time.perf_counter() - started)
     if binary_out:
-        return 200, header + raw, b"application/octet-stream", [
-            (b"inference-header-content-length", str(len(header)).encode())]
+        return (
+            200,
+            header + raw,
+            b"application/octet-stream",
+            [(b"inference-header-content-length", str(len(header)).encode())],
+        )
     return 200, header, b"application/json", None
 
 
@@ -92,8 +107,9 @@ def _split_body(body: bytes, header_length: bytes | None) -> tuple[bytes, memory
     if header_length is None:
         return body, memoryview(b"")
     if not header_length.isdigit() or int(header_length) > len(body):
-        raise HTTPError(400, "inference-header-content-length: not a length within the body",
-                        "inference-header-content-length")
+        raise HTTPError(
+            400, "inference-header-content-length: not a length within the body", "inference-header-content-length"
+        )
     split = int(header_length)
     return body[:split], memoryview(body)[split:]
 
@@ -117,8 +133,9 @@ def decode_infer_request(body: bytes) -> InferRequest:
 
 def infer_matrix(r: InferRequest, binary: memoryview, num_feature: int) -> np.ndarray:
     if len(r.inputs) != 1:
-        raise HTTPError(422, f"expected exactly one input tensor of shape [N, {num_feature}], got {len(r.inputs)}",
-                        "$.inputs")
+        raise HTTPError(
+            422, f"expected exactly one input tensor of shape [N, {num_feature}], got {len(r.inputs)}", "$.inputs"
+        )
     tensor = r.inputs[0]
     shape = tensor.shape
     if len(shape) != 2 or shape[1] != num_feature or shape[0] < 1:
@@ -130,9 +147,12 @@ def infer_matrix(r: InferRequest, binary: memoryview, num_feature: int) -> np.nd
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize or size > len(binary):
-            raise HTTPError(422, f"binary_data_size {size} does not hold a {tensor.datatype} tensor of shape {shape} "
-                                 f"({count * dtype.itemsize} bytes; {len(binary)} bytes follow the header)",
-                            "$.inputs[0].parameters.binary_data_size")
+            raise HTTPError(
+                422,
+                f"binary_data_size {size} does not hold a {tensor.datatype} tensor of shape {shape} "
+                f"({count * dtype.itemsize} bytes; {len(binary)} bytes follow the header)",
+                "$.inputs[0].parameters.binary_data_size",
+            )
         return np.frombuffer(binary[:size], dtype=dtype).astype(np.float64).reshape(shape)
     if tensor.data is None:
         raise HTTPError(422, "data: required unless the tensor is sent as binary", "$.inputs[0].data")

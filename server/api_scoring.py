@@ -1,6 +1,7 @@
 """`POST /v1/score`: the native scoring API.  Events carry features in the
 model's order or by name (null = missing); the answer names the predictor,
 version and generation that produced the scores."""
+
 from __future__ import annotations
 
 import time
@@ -36,8 +37,9 @@ async def score(app: MuseApp, req: Request) -> Response:
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
         scores = await app.score(lane, X)
-        body = encode(ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(),
-                                    _ids(r.events)))
+        body = encode(
+            ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), _ids(r.events))
+        )
     except HTTPError as exc:
         app.count_error(exc, tenant, intent, predictor_name)
         raise
@@ -61,8 +63,9 @@ def events_matrix(events: list[Event], index: dict[str, int], names: tuple[str, 
         features = event.features
         if type(features) is list:
             if len(features) != width:
-                raise HTTPError(422, f"expected {width} features in model order, got {len(features)}",
-                                f"$.events[{i}].features")
+                raise HTTPError(
+                    422, f"expected {width} features in model order, got {len(features)}", f"$.events[{i}].features"
+                )
             rows.append(features)
             continue
         assert isinstance(features, dict)
@@ -70,13 +73,19 @@ def events_matrix(events: list[Event], index: dict[str, int], names: tuple[str, 
         for name, value in features.items():
             j = index.get(name)
             if j is None:
-                raise HTTPError(422, f"unknown feature {name!r}; the model's features are {', '.join(names)}",
-                                f"$.events[{i}].features.{name}")
+                raise HTTPError(
+                    422,
+                    f"unknown feature {name!r}; the model's features are {', '.join(names)}",
+                    f"$.events[{i}].features.{name}",
+                )
             row[j] = value
         if len(features) != width:
             missing = [n for n in names if n not in features]
-            raise HTTPError(422, f"missing features {', '.join(missing)}; send null for a missing value",
-                            f"$.events[{i}].features.{missing[0]}")
+            raise HTTPError(
+                422,
+                f"missing features {', '.join(missing)}; send null for a missing value",
+                f"$.events[{i}].features.{missing[0]}",
+            )
         rows.append(row)
     result: np.ndarray = rows_matrix(rows, width)
     return result

@@ -7,6 +7,7 @@ api_health.
 Every failure a client can cause is an HTTPError with a 4xx status and the
 JSON path of the field at fault.  Anything else is a 500 that is logged and
 counted, and it fails only its own request."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,8 @@ from muse.core.snapshot import RouteError, Snapshot
 from muse.core.spec import SpecError
 
 from .asgi import Receive, Request, Send, send
-from .errors import REASONS, RETRY_AFTER, HTTPError, check_version, no_route, not_ready
 from .auth import Authenticator, AuthError, Principal, keys_path
+from .errors import REASONS, RETRY_AFTER, HTTPError, check_version, no_route, not_ready
 from .lanes import Lane
 from .metrics import Metrics
 from .routes import ROUTES
@@ -41,10 +42,20 @@ class MuseApp:
         self.auth = Authenticator(keys_path(self.registry.root) if settings.auth else None)
         score_log = None
         if settings.score_log is not None:
-            score_log = ScoreLog(settings.score_log, sample=settings.score_log_sample,
-                                 max_bytes=settings.score_log_max_bytes, flush_seconds=settings.score_log_flush_seconds)
-        self.serving = Serving(self.registry, self.metrics, settings.poll_interval, settings.shadow_queue,
-                               score_log=score_log, on_poll=self.auth.reload)  # added and revoked keys apply within a poll
+            score_log = ScoreLog(
+                settings.score_log,
+                sample=settings.score_log_sample,
+                max_bytes=settings.score_log_max_bytes,
+                flush_seconds=settings.score_log_flush_seconds,
+            )
+        self.serving = Serving(
+            self.registry,
+            self.metrics,
+            settings.poll_interval,
+            settings.shadow_queue,
+            score_log=score_log,
+            on_poll=self.auth.reload,
+        )  # added and revoked keys apply within a poll
         self.routes = ROUTES
 
     # -- ASGI ----------------------------------------------------------------------
@@ -112,8 +123,9 @@ class MuseApp:
     @staticmethod
     def check_tenant(principal: Principal, tenant: str, field: str) -> None:
         if principal.tenant is not None and tenant != principal.tenant:
-            raise HTTPError(403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}",
-                            field)
+            raise HTTPError(
+                403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
+            )
 
     @staticmethod
     async def score(lane: Lane, X: np.ndarray) -> Scores:

@@ -1,8 +1,10 @@
 """The little ASGI plumbing the app needs: reading a bounded body and sending a response."""
+
 from __future__ import annotations
 
 import zlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
@@ -58,21 +60,26 @@ class Request:
         """gzip/deflate request bodies (tritonclient can send them), bounded like plain ones."""
         wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding.strip().lower())
         if wbits is None:
-            raise HTTPError(415, f"content-encoding {encoding.decode('latin-1')!r} is not supported "
-                                 "(gzip, deflate or identity)", "content-encoding")
+            raise HTTPError(
+                415,
+                f"content-encoding {encoding.decode('latin-1')!r} is not supported (gzip, deflate or identity)",
+                "content-encoding",
+            )
         inflater = zlib.decompressobj(wbits)
         try:
             out = inflater.decompress(body, self.max_body + 1)
         except zlib.error as exc:
-            raise HTTPError(400, f"content-encoding {encoding.decode('latin-1')}: corrupt body ({exc})",
-                            "content-encoding") from None
+            raise HTTPError(
+                400, f"content-encoding {encoding.decode('latin-1')}: corrupt body ({exc})", "content-encoding"
+            ) from None
         if len(out) > self.max_body or inflater.unconsumed_tail:
             raise HTTPError(413, f"decompressed request body exceeds the limit of {self.max_body} bytes")
         return out
 
 
-async def send(send_fn: Send, status: int, body: bytes, content_type: bytes = JSON,
-               headers: Headers | None = None) -> None:
+async def send(
+    send_fn: Send, status: int, body: bytes, content_type: bytes = JSON, headers: Headers | None = None
+) -> None:
     raw_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if headers:
         raw_headers.extend(headers)

@@ -8,6 +8,7 @@ record and the digests are compared with ``hmac.compare_digest``, so timing
 tells an attacker nothing about how much of a secret was right.  A key that
 verified once is remembered (id -> secret, compared the same way) until
 keys.toml changes: a sha256 per request cost ~3 us (measured in-process)."""
+
 from __future__ import annotations
 
 import datetime
@@ -133,9 +134,10 @@ class Authenticator:
             if scheme.lower() != b"bearer":
                 raise AuthError(401, "authorization: expected 'Bearer <key>'")
         else:
-            token = headers.get(b"x-api-key")
-            if token is None:
+            api_key = headers.get(b"x-api-key")
+            if api_key is None:
                 raise AuthError(401, "authorization: missing credential; send 'Authorization: Bearer <key>'")
+            token = api_key
         prefix, _, rest = token.strip().partition(b"_")
         key_id, _, secret = rest.partition(b"_")
         records, remembered = self._keys

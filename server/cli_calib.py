@@ -1,8 +1,11 @@
 """`muse calib fit` and `muse calib report`."""
+
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -39,15 +42,24 @@ def register(sub) -> None:
     fit.add_argument("--version", help="calibration version (default: next number)")
     fit.set_defaults(func=cmd_fit)
 
-    st = csub.add_parser("status", help="which live calibrations have drifted: alert rates from the score log vs target")
+    st = csub.add_parser(
+        "status", help="which live calibrations have drifted: alert rates from the score log vs target"
+    )
     st.add_argument("--registry", required=True)
     st.add_argument("--scores", help="score log directory (default: REGISTRY/scorelog)")
-    st.add_argument("--tolerance", type=float, default=0.25,
-                    help="drifted when |achieved - target| > tolerance * target at any edge (default 0.25)")
+    st.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.25,
+        help="drifted when |achieved - target| > tolerance * target at any edge (default 0.25)",
+    )
     st.add_argument("--min-samples", type=int, default=500, help="series with fewer scores are not judged")
     st.add_argument("--since-minutes", type=float, help="only records this recent")
-    st.add_argument("--all-generations", action="store_true",
-                    help="judge every logged generation (default: only the latest, i.e. what is live)")
+    st.add_argument(
+        "--all-generations",
+        action="store_true",
+        help="judge every logged generation (default: only the latest, i.e. what is live)",
+    )
     st.set_defaults(func=cmd_status)
 
     rep = csub.add_parser("report", help="write a PNG: distributions before/after, target vs achieved alert rates")
@@ -66,7 +78,10 @@ def corrected_scores(frame: pl.DataFrame, column: str | None, beta: float, margi
     if column is None:
         column = "corrected" if "corrected" in frame.columns else "margin" if "margin" in frame.columns else None
         if column is None:
-            raise ValueError(f"score file has neither a 'corrected' nor a 'margin' column (has: {', '.join(frame.columns)}); pass --column")
+            raise ValueError(
+                f"score file has neither a 'corrected' nor a 'margin' column (has: {', '.join(frame.columns)}); "
+                "pass --column"
+            )
     values = read_frame(frame, column)[column].cast(pl.Float64).to_numpy()
     if column != "margin":
         return values
@@ -79,15 +94,19 @@ def only_predictor(frame: pl.DataFrame, predictor: str, source: str) -> pl.DataF
     rows = frame.filter(pl.col("predictor") == predictor)
     if rows.height == 0:
         present = sorted(frame["predictor"].unique().to_list())
-        raise ValueError(f"{source}: no scores of predictor {predictor!r} (present: {', '.join(present) or 'none'}); "
-                         "is it deployed as a shadow, and has the server flushed its log?")
+        raise ValueError(
+            f"{source}: no scores of predictor {predictor!r} (present: {', '.join(present) or 'none'}); "
+            "is it deployed as a shadow, and has the server flushed its log?"
+        )
     return rows
 
 
 def feature_matrix(frame: pl.DataFrame, feature_names: list[str], source: str) -> np.ndarray:
     missing = [f for f in feature_names if f not in frame.columns]
     if missing:
-        raise ValueError(f"{source}: missing feature columns {', '.join(missing[:5])}; the model expects {', '.join(feature_names)}")
+        raise ValueError(
+            f"{source}: missing feature columns {', '.join(missing[:5])}; the model expects {', '.join(feature_names)}"
+        )
     return frame.select(feature_names).cast(pl.Float64).to_numpy()
 
 
@@ -110,20 +129,34 @@ def cmd_fit(args: argparse.Namespace) -> None:
     version = args.version or reg.next_calibration_version(name)
     identity = ModelIdentity(m.name, m.version, m.library_sha256)
     window = _window(frame)
-    common = dict(name=name, version=version, model=identity, reference_name=ref.name,
-                  reference=ref.reference, beta=m.beta, window=window)
+    calibration = functools.partial(  # what every map of this fit shares
+        make_calibration,
+        name=name,
+        version=version,
+        model=identity,
+        reference_name=ref.name,
+        reference=ref.reference,
+        beta=m.beta,
+        window=window,
+    )
     qmap = fit_quantile_map(scores, ref.reference, args.min_samples)
-    path = reg.save_calibration(make_calibration(qmap, sample_size=scores.size, **common))
-    print(f"fitted {name}/{version} for model {m.name}/{m.version} onto reference {ref.name}: "
-          f"{len(qmap)} knots from {scores.size} scores -> {path}")
+    path = reg.save_calibration(calibration(qmap, sample_size=scores.size))
+    print(
+        f"fitted {name}/{version} for model {m.name}/{m.version} onto reference {ref.name}: "
+        f"{len(qmap)} knots from {scores.size} scores -> {path}"
+    )
     _print_rates(ref.reference.edge_rates(), alert_rates(qmap(scores), [e for e, _ in ref.reference.edge_rates()]))
     if args.by:
         if args.by not in frame.columns:
             raise ValueError(f"--by {args.by}: the score file has no such column")
-        groups = fit_per_group(pl.DataFrame({args.by: frame[args.by], "score": scores}), ref.reference,
-                               by=args.by, min_samples=args.min_samples)
+        groups = fit_per_group(
+            pl.DataFrame({args.by: frame[args.by], "score": scores}),
+            ref.reference,
+            by=args.by,
+            min_samples=args.min_samples,
+        )
         for tenant, tmap in groups.maps.items():
-            reg.save_calibration(make_calibration(tmap, sample_size=groups.sizes[tenant], tenant=tenant, **common))
+            reg.save_calibration(calibration(tmap, sample_size=groups.sizes[tenant], tenant=tenant))
             print(f"  {args.by} {tenant}: {groups.sizes[tenant]} scores, {len(tmap)} knots")
         for tenant, why in groups.skipped.items():
             print(f"  {args.by} {tenant}: skipped, uses the all-traffic map ({why})")
@@ -175,8 +208,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     for label, _, _, mapped in panels:
         axes[1].plot(grid, alert_rates(mapped, grid), label=f"achieved: {label}")
     axes[1].scatter(edges, targets, color="k", zorder=3)
-    axes[1].set(title="Alert rate at or above each score", xlabel="threshold", ylabel="fraction of events",
-                yscale="log")
+    axes[1].set(
+        title="Alert rate at or above each score", xlabel="threshold", ylabel="fraction of events", yscale="log"
+    )
     axes[1].legend(fontsize=7)
     width = 0.8 / (len(panels) + 1)
     x = np.arange(edges.size)
@@ -191,7 +225,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
     header = "  edge     target   " + "  ".join(f"{p[0][:28]:>28}" for p in panels)
     print(header)
-    for j, (edge, target) in enumerate(zip(edges, targets)):
+    for edge, target in zip(edges, targets):
         print(f"  {edge:<8.4g} {target:<8.4f} " + "  ".join(f"{alert_rates(p[3], [edge])[0]:>28.4f}" for p in panels))
 
 
@@ -201,27 +235,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     source = args.scores or str(reg.root / "scorelog")
     frame = read_table(source)
     if args.since_minutes is not None and "time" in frame.columns:
-        cutoff = frame["time"].max() - datetime.timedelta(minutes=args.since_minutes)
+        # a Datetime column (the score log's schema); polars types Series.max() as any Python scalar
+        latest = cast(datetime.datetime, frame["time"].max())
+        cutoff = latest - datetime.timedelta(minutes=args.since_minutes)
         frame = frame.filter(pl.col("time") >= cutoff)
     if not args.all_generations:
         frame = frame.filter(pl.col("generation") == frame["generation"].max())
-        print(f"generation {frame['generation'].max()} (the latest in the log; --all-generations for history)")
+        # an integer column (None when empty); polars types Series.max() as any Python scalar
+        generation = cast("int | None", frame["generation"].max())
+        print(f"generation {generation} (the latest in the log; --all-generations for history)")
     drifted = 0
     for intent in sorted(frame["intent"].unique().to_list()):
         edges = reg.load_reference(intent).reference.edge_rates()
-        rates = (frame.filter(pl.col("intent") == intent)
-                 .group_by(["predictor", "role", "tenant"])
-                 .agg(pl.len().alias("n"), *[(pl.col("mapped") >= e).mean().alias(f"e{i}") for i, (e, _) in enumerate(edges)])
-                 .sort(["predictor", "role", "tenant"]))
+        rates = (
+            frame.filter(pl.col("intent") == intent)
+            .group_by(["predictor", "role", "tenant"])
+            .agg(
+                pl.len().alias("n"), *[(pl.col("mapped") >= e).mean().alias(f"e{i}") for i, (e, _) in enumerate(edges)]
+            )
+            .sort(["predictor", "role", "tenant"])
+        )
         print(f"intent {intent}: alert rate at each edge [target]; drifted beyond {args.tolerance:.0%} of target")
-        print(f"  {'predictor':<14} {'role':<7} {'tenant':<14} {'scores':>8}  " +
-              " ".join(f"{'>= ' + format(e, 'g'):>15}" for e, _ in edges) + "  status")
+        print(
+            f"  {'predictor':<14} {'role':<7} {'tenant':<14} {'scores':>8}  "
+            + " ".join(f"{'>= ' + format(e, 'g'):>15}" for e, _ in edges)
+            + "  status"
+        )
         for row in rates.iter_rows(named=True):
             achieved = [row[f"e{i}"] for i in range(len(edges))]
             off = [abs(a - t) > args.tolerance * t for a, (_, t) in zip(achieved, edges)]
             status = "too few" if row["n"] < args.min_samples else "DRIFTED" if any(off) else "ok"
             drifted += status == "DRIFTED"
-            print(f"  {row['predictor']:<14} {row['role']:<7} {row['tenant']:<14} {row['n']:>8}  " +
-                  " ".join(f"{a:>7.3f} [{t:.3f}]" for a, (_, t) in zip(achieved, edges)) + f"  {status}")
+            print(
+                f"  {row['predictor']:<14} {row['role']:<7} {row['tenant']:<14} {row['n']:>8}  "
+                + " ".join(f"{a:>7.3f} [{t:.3f}]" for a, (_, t) in zip(achieved, edges))
+                + f"  {status}"
+            )
     print(f"{drifted} drifted series" if drifted else "no drift beyond tolerance")
     return 1 if drifted else 0

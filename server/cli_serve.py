@@ -1,4 +1,5 @@
 """`muse serve`, `muse deploy` and `muse keys`."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not registry.is_dir():
         raise SpecError(f"{registry}: no such registry directory; create one with `muse compile --registry {registry}`")
     if not args.no_auth and not read_keys(keys_path(registry)).keys:
-        print(f"muse serve: warning: {keys_path(registry)} holds no keys, so every scoring request will get 401; "
-              "add one with `muse keys add --tenant T` or pass --no-auth", file=sys.stderr)
+        print(
+            f"muse serve: warning: {keys_path(registry)} holds no keys, so every scoring request will get 401; "
+            "add one with `muse keys add --tenant T` or pass --no-auth",
+            file=sys.stderr,
+        )
     if DeploymentStore(Registry(registry)).current_generation() is None:
-        print("muse serve: warning: nothing is deployed yet; the server stays not-ready until "
-              "`muse deploy apply` publishes a deployment", file=sys.stderr)
+        print(
+            "muse serve: warning: nothing is deployed yet; the server stays not-ready until "
+            "`muse deploy apply` publishes a deployment",
+            file=sys.stderr,
+        )
     score_log = None
     if args.score_log_sample > 0:
         score_log = str(pathlib.Path(args.score_log or registry / "scorelog").resolve())
     try:
-        settings = msgspec.convert(dict(
-            registry=str(registry), auth=not args.no_auth, max_body_bytes=args.max_body_bytes, score_log=score_log,
-            score_log_sample=args.score_log_sample, score_log_max_bytes=args.score_log_max_mb << 20,
-            score_log_flush_seconds=args.score_log_flush_seconds), Settings)
+        settings = msgspec.convert(
+            dict(
+                registry=str(registry),
+                auth=not args.no_auth,
+                max_body_bytes=args.max_body_bytes,
+                score_log=score_log,
+                score_log_sample=args.score_log_sample,
+                score_log_max_bytes=args.score_log_max_mb << 20,
+                score_log_flush_seconds=args.score_log_flush_seconds,
+            ),
+            Settings,
+        )
     except msgspec.ValidationError as exc:
         raise ValueError(f"{exc}; see `muse serve --help`") from None
     to_environment(settings)
@@ -52,9 +67,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         Granian(
-            "muse.server.app:create_app", factory=True, interface=Interfaces.ASGI, loop=Loops.uvloop,
-            address=args.host, port=args.port, workers=args.workers, backlog=args.backlog,
-            log_access=args.access_log, websockets=False,
+            "muse.server.app:create_app",
+            factory=True,
+            interface=Interfaces.ASGI,
+            loop=Loops.uvloop,
+            address=args.host,
+            port=args.port,
+            workers=args.workers,
+            backlog=args.backlog,
+            log_access=args.access_log,
+            websockets=False,
         ).serve()
     finally:
         if metrics_dir:
@@ -79,8 +101,10 @@ def cmd_deploy(args: argparse.Namespace) -> None:
         print(f"{args.file}: valid ({len(spec.predictors)} predictors, {len(spec.routes)} routes)")
     else:
         generation = store.apply(spec, source=str(args.file))
-        print(f"{args.file}: published as generation {generation} ({store.path(generation)}); "
-              "running servers switch within a second")
+        print(
+            f"{args.file}: published as generation {generation} ({store.path(generation)}); "
+            "running servers switch within a second"
+        )
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -125,12 +149,24 @@ def register(sub) -> None:
     p.add_argument("--backlog", type=int, default=2048)
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--score-log", help="score log directory (default: REGISTRY/scorelog)")
-    p.add_argument("--score-log-sample", type=float, default=DEFAULTS.score_log_sample,
-                   help="fraction of requests whose scores are logged (0 turns the log off)")
-    p.add_argument("--score-log-max-mb", type=int, default=DEFAULTS.score_log_max_bytes >> 20,
-                   help="oldest files are deleted beyond this")
-    p.add_argument("--score-log-flush-seconds", type=float, default=DEFAULTS.score_log_flush_seconds,
-                   help="the longest a logged score waits in memory before it is written")
+    p.add_argument(
+        "--score-log-sample",
+        type=float,
+        default=DEFAULTS.score_log_sample,
+        help="fraction of requests whose scores are logged (0 turns the log off)",
+    )
+    p.add_argument(
+        "--score-log-max-mb",
+        type=int,
+        default=DEFAULTS.score_log_max_bytes >> 20,
+        help="oldest files are deleted beyond this",
+    )
+    p.add_argument(
+        "--score-log-flush-seconds",
+        type=float,
+        default=DEFAULTS.score_log_flush_seconds,
+        help="the longest a logged score waits in memory before it is written",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("promote", help="publish a generation in which PREDICTOR is active on its intent's routes")

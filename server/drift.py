@@ -5,6 +5,7 @@ close; a drifting population or a stale map pulls them apart.
 
 Scores go into a fixed ring per series (a copy into a preallocated array on
 the request path); the rates are computed when /metrics is scraped."""
+
 from __future__ import annotations
 
 import threading
@@ -41,27 +42,42 @@ class _Ring:
         scores = scores[-size:]
         end = self.next + scores.size
         if end <= size:
-            self.values[self.next:end] = scores
+            self.values[self.next : end] = scores
         else:
             split = size - self.next
-            self.values[self.next:] = scores[:split]
-            self.values[:end - size] = scores[split:]
+            self.values[self.next :] = scores[:split]
+            self.values[: end - size] = scores[split:]
         self.full = self.full or end >= size
         self.next = end % size
 
     def current(self) -> np.ndarray:
-        return self.values if self.full else self.values[:self.next]
+        return self.values if self.full else self.values[: self.next]
 
 
 class DriftMonitor:
     def __init__(self, registry, tenant_label, window: int = 10_000, gauge_kwargs: dict | None = None):
         kw = gauge_kwargs or {}
-        self.rate = Gauge("muse_alert_rate", "Share of the last window's mapped scores at or above the edge.",
-                          ["tenant", "intent", "predictor", "edge"], registry=registry, **kw)
-        self.target = Gauge("muse_alert_rate_target", "Share the intent's reference promises at or above the edge.",
-                            ["intent", "edge"], registry=registry, **kw)
-        self.samples = Gauge("muse_alert_rate_window", "Scores in the drift window.",
-                             ["tenant", "intent", "predictor"], registry=registry, **kw)
+        self.rate = Gauge(
+            "muse_alert_rate",
+            "Share of the last window's mapped scores at or above the edge.",
+            ["tenant", "intent", "predictor", "edge"],
+            registry=registry,
+            **kw,
+        )
+        self.target = Gauge(
+            "muse_alert_rate_target",
+            "Share the intent's reference promises at or above the edge.",
+            ["intent", "edge"],
+            registry=registry,
+            **kw,
+        )
+        self.samples = Gauge(
+            "muse_alert_rate_window",
+            "Scores in the drift window.",
+            ["tenant", "intent", "predictor"],
+            registry=registry,
+            **kw,
+        )
         self.window = window
         self.tenant_label = tenant_label
         self._rings: dict[tuple[str, str, str], _Ring] = {}

@@ -1,5 +1,6 @@
 """Errors a request can meet, as HTTP responses: a status, a message and the JSON
 path of the field at fault (``$.events[3].features``)."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,16 @@ from .schemas import ErrorBody
 
 Headers = list[tuple[bytes, bytes]]
 RETRY_AFTER: Headers = [(b"retry-after", b"1")]
-REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found", 413: "too_large",
-           415: "unsupported_encoding", 422: "invalid", 503: "overloaded"}  # muse_request_errors_total{reason}
+REASONS = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    413: "too_large",
+    415: "unsupported_encoding",
+    422: "invalid",
+    503: "overloaded",
+}  # muse_request_errors_total{reason}
 _ENCODER = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
@@ -60,5 +69,6 @@ def no_route(exc: RouteError, snap: Snapshot, intent: str, intent_field: str) ->
 
 def check_version(predictor: Predictor, intent: str, version: str | None) -> None:
     if version is not None and version != predictor.version:
-        raise HTTPError(404, f"intent {intent!r} is served by version {predictor.version!r}, not {version!r}",
-                        "version")
+        raise HTTPError(
+            404, f"intent {intent!r} is served by version {predictor.version!r}, not {version!r}", "version"
+        )

@@ -3,6 +3,7 @@
 A request looks up one lane (a dict lookup) instead of routing, choosing the
 tenant's map and finding where its metrics and scores go; the lane scores,
 records and shadows the request in one call."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -24,8 +25,16 @@ MAX_LANES = 4096  # tenant names are the client's: bound what is kept
 class Lane:
     __slots__ = ("generation", "map_index", "metrics", "predictor", "route", "served", "shadows", "tenant")
 
-    def __init__(self, route: Route, generation: int, tenant: str, map_index: int, metrics: RequestSeries,
-                 served: ServedSeries, shadows: ShadowQueue):
+    def __init__(
+        self,
+        route: Route,
+        generation: int,
+        tenant: str,
+        map_index: int,
+        metrics: RequestSeries,
+        served: ServedSeries,
+        shadows: ShadowQueue,
+    ):
         self.route, self.predictor, self.generation, self.tenant = route, route.active, generation, tenant
         self.map_index, self.metrics, self.served, self.shadows = map_index, metrics, served, shadows
 
@@ -61,8 +70,15 @@ class Lanes:
             predictor = route.active
             with self.recorder.lock:
                 served = self.recorder.series(tenant, predictor, "active", snap.generation)
-            lane = Lane(route, snap.generation, tenant, predictor.map_index(tenant),
-                        self.metrics.request_series(tenant, intent, predictor.name), served, self.shadows)
+            lane = Lane(
+                route,
+                snap.generation,
+                tenant,
+                predictor.map_index(tenant),
+                self.metrics.request_series(tenant, intent, predictor.name),
+                served,
+                self.shadows,
+            )
             if len(lanes) < MAX_LANES:
                 lanes[(tenant, intent)] = lane
         return lane

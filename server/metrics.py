@@ -11,14 +11,16 @@ prometheus_client's series in bulk by ``flush()`` (on every scrape, and five
 times a deployment poll with the served scores): prometheus_client's own observe() takes a
 lock per bucket and sum, and the five per request cost ~8 us of a batch-1
 request (measured in-process); a list append costs ~30 ns."""
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 from muse.core.batching import BatchStats
 
@@ -31,7 +33,7 @@ OTHER = "_other"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def add_to_histogram(child, bounds: tuple[float, ...], observations: list[float]) -> None:
+def add_to_histogram(child, bounds: tuple[float, ...], observations: Sequence[float]) -> None:
     """Add ``observations`` to a prometheus_client histogram series at once: each bucket's count goes
     into the child's bucket values, prometheus_client's own storage layout (``_buckets``,
     ``_sum``), which observe() writes one value at a time.  tests/test_request_path.py checks
@@ -51,7 +53,7 @@ class RequestSeries:
 
     __slots__ = ("latencies", "events", "_count", "_events", "_latency")
 
-    def __init__(self, requests, events, latency):
+    def __init__(self, requests: Counter, events: Counter, latency: Histogram) -> None:
         self.latencies: list[float] = []
         self.events = 0
         self._count, self._events, self._latency = requests, events, latency
@@ -81,22 +83,43 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         labels = ["tenant", "intent", "predictor"]
-        self.requests = Counter("muse_requests", "Scoring requests by HTTP status.", labels + ["code"], registry=r)
-        self.errors = Counter("muse_request_errors", "Failed scoring requests by reason.", labels + ["reason"], registry=r)
-        self.latency = Histogram("muse_request_duration_seconds", "Time from request received to response ready.",
-                                 labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("muse_requests", "Scoring requests by HTTP status.", [*labels, "code"], registry=r)
+        self.errors = Counter(
+            "muse_request_errors", "Failed scoring requests by reason.", [*labels, "reason"], registry=r
+        )
+        self.latency = Histogram(
+            "muse_request_duration_seconds",
+            "Time from request received to response ready.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.events = Counter("muse_events_scored", "Events (rows) scored.", labels, registry=r)
-        self.batch_rows = Histogram("muse_batch_rows", "Rows per native model call (rows of many requests coalesce).",
-                                    ["model"], buckets=ROW_BUCKETS, registry=r)
-        self.queue_wait = Histogram("muse_queue_wait_seconds", "Time a request's rows waited for their batch.",
-                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.shadow_events = Counter("muse_shadow_events_scored", "Events scored by shadow predictors.",
-                                     ["intent", "predictor"], registry=r)
-        self.shadow_dropped = Counter("muse_shadow_dropped", "Shadow work dropped because the shadow queue was full.",
-                                      ["intent"], registry=r)
-        gauge_mode = {"multiprocess_mode": "liveall"} if self.multiprocess else {}
-        self.generation = Gauge("muse_deployment_generation", "Deployment generation being served.",
-                                registry=r, **gauge_mode)
+        self.batch_rows = Histogram(
+            "muse_batch_rows",
+            "Rows per native model call (rows of many requests coalesce).",
+            ["model"],
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "muse_queue_wait_seconds",
+            "Time a request's rows waited for their batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_events = Counter(
+            "muse_shadow_events_scored", "Events scored by shadow predictors.", ["intent", "predictor"], registry=r
+        )
+        self.shadow_dropped = Counter(
+            "muse_shadow_dropped", "Shadow work dropped because the shadow queue was full.", ["intent"], registry=r
+        )
+        # one sample per live worker; outside multiprocess mode, prometheus_client's default
+        gauge_mode: dict[str, Literal["liveall"]] = {"multiprocess_mode": "liveall"} if self.multiprocess else {}
+        self.generation = Gauge(
+            "muse_deployment_generation", "Deployment generation being served.", registry=r, **gauge_mode
+        )
         self.ready = Gauge("muse_ready", "1 once every model and kernel is loaded and warm.", registry=r, **gauge_mode)
         self.deploy_failures = Counter("muse_deployment_failures", "Deployments refused while loading.", registry=r)
         self._request_series: dict[tuple[str, str, str], RequestSeries] = {}
@@ -117,7 +140,8 @@ class Metrics:
         series = self._request_series.get(labels)
         if series is None:  # labels() costs microseconds: resolve each series once
             series = self._request_series[labels] = RequestSeries(
-                self.requests.labels(*labels, "200"), self.events.labels(*labels), self.latency.labels(*labels))
+                self.requests.labels(*labels, "200"), self.events.labels(*labels), self.latency.labels(*labels)
+            )
         return series
 
     def observe_error(self, tenant: str, intent: str, predictor: str, code: int, reason: str) -> None:

@@ -2,11 +2,12 @@
 (one per tenant, predictor, role and generation) on the event loop, and ``record``
 stores everything since the last call at once -- one drift-window update and one
 score-log append per series, whatever the number of requests."""
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,8 +26,9 @@ class ServedSeries:
 
     __slots__ = ("generation", "idle", "logged", "outs", "predictor", "role", "sampled", "tenant")
 
-    def __init__(self, tenant: str, predictor: Predictor, role: str, generation: int,
-                 sampled: Callable[[], bool] | None):
+    def __init__(
+        self, tenant: str, predictor: Predictor, role: str, generation: int, sampled: Callable[[], bool] | None
+    ):
         self.tenant, self.predictor, self.role, self.generation = tenant, predictor, role, generation
         self.outs: list[Scores] = []
         self.logged: list[tuple[int, int]] = []  # (index in outs, microseconds since the epoch)
@@ -90,5 +92,15 @@ class Recorder:
         rows = outs if len(logged) == len(outs) else [outs[i] for i, _ in logged]
         kept = scores if rows is outs else Scores.concat(rows)
         at_us = np.repeat(np.array([at for _, at in logged], dtype=np.int64), [len(r) for r in rows])
-        self.score_log.append(series.tenant, predictor.intent, predictor.name, predictor.version, series.role,
-                              series.generation, kept.margin, kept.corrected, kept.mapped, at_us)
+        self.score_log.append(
+            series.tenant,
+            predictor.intent,
+            predictor.name,
+            predictor.version,
+            series.role,
+            series.generation,
+            kept.margin,
+            kept.corrected,
+            kept.mapped,
+            at_us,
+        )

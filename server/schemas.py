@@ -1,16 +1,17 @@
 """Wire schemas as msgspec Structs: one decoder per type, errors that name the path."""
+
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import msgspec
 
-Feature = Union[float, None]  # null = missing
+Feature = float | None  # null = missing
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
-    features: Union[list[Feature], dict[str, Feature]]
-    id: Union[str, int, None] = None
+    features: list[Feature] | dict[str, Feature]
+    id: str | int | None = None
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -24,24 +25,25 @@ class ScoreResponse(msgspec.Struct, omit_defaults=True):
     version: str
     generation: int
     scores: list[float]
-    ids: Union[list[Union[str, int, None]], None] = None
+    ids: list[str | int | None] | None = None
 
 
 class PromoteRequest(msgspec.Struct, forbid_unknown_fields=True):
     predictor: str
-    tenants: Union[list[str], None] = None  # default: every route of the predictor's intent
+    tenants: list[str] | None = None  # default: every route of the predictor's intent
 
 
 class RollbackRequest(msgspec.Struct, forbid_unknown_fields=True):
-    to: Union[int, None] = None  # default: the generation before the current one
+    to: int | None = None  # default: the generation before the current one
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     error: str
-    field: Union[str, None] = None
+    field: str | None = None
 
 
 # --- Open Inference Protocol (KServe v2) ------------------------------------------
+
 
 class InferInput(msgspec.Struct):
     name: str
@@ -58,7 +60,7 @@ class RequestedOutput(msgspec.Struct):
 
 class InferRequest(msgspec.Struct):
     inputs: Annotated[list[InferInput], msgspec.Meta(min_length=1)]
-    id: Union[str, None] = None
+    id: str | None = None
     parameters: dict[str, Any] = {}
     outputs: list[RequestedOutput] = []
 
@@ -67,15 +69,15 @@ class InferOutput(msgspec.Struct, omit_defaults=True):
     name: str
     shape: list[int]
     datatype: str
-    data: Union[list[float], None] = None  # absent when sent as binary (parameters.binary_data_size)
+    data: list[float] | None = None  # absent when sent as binary (parameters.binary_data_size)
     parameters: dict[str, Any] = {}
 
 
 class InferResponse(msgspec.Struct, omit_defaults=True):
     model_name: str
     outputs: list[InferOutput]
-    model_version: Union[str, None] = None
-    id: Union[str, None] = None
+    model_version: str | None = None
+    id: str | None = None
     parameters: dict[str, Any] = {}
 
 

@@ -9,14 +9,16 @@ however many swaps happen meanwhile.  A new generation is loaded, validated
 and warmed on a loader thread, then swapped in by one assignment; models no
 longer named are dropped from the pool, and in-flight requests still hold
 their own references, so nothing is unloaded under them."""
+
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
@@ -38,9 +40,15 @@ RECORDS_PER_POLL = 5
 
 
 class Serving:
-    def __init__(self, registry: Registry, metrics: Metrics, poll_interval: float = 0.25,
-                 shadow_queue: int = 8192, score_log: ScoreLog | None = None,
-                 on_poll: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        poll_interval: float = 0.25,
+        shadow_queue: int = 8192,
+        score_log: ScoreLog | None = None,
+        on_poll: Callable[[], Any] | None = None,
+    ):
         self.registry = registry
         self.store = DeploymentStore(registry)
         self.metrics = metrics
@@ -67,8 +75,11 @@ class Serving:
         if self.score_log is not None:
             await self.in_background(self.score_log.warm)
         await self.refresh()
-        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._record()),
-                       asyncio.create_task(self.shadows.run(self.in_background))]
+        self._tasks = [
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._record()),
+            asyncio.create_task(self.shadows.run(self.in_background)),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -137,8 +148,11 @@ class Serving:
 
     def _refused(self, message: str) -> bool:
         if message != self.last_error:
-            log.error("deployment refused, still serving generation %s: %s",
-                      self.snapshot.generation if self.snapshot else "none", message)
+            log.error(
+                "deployment refused, still serving generation %s: %s",
+                self.snapshot.generation if self.snapshot else "none",
+                message,
+            )
             self.metrics.deploy_failures.inc()
         self.last_error = message
         return False

@@ -5,6 +5,7 @@ Granian builds the app in each worker by calling a factory with no arguments,
 so the settings travel as one environment variable holding their JSON; the
 worker decodes (and so validates) them once.  Defaults are written here only:
 `muse serve`'s flags take theirs from this type."""
+
 from __future__ import annotations
 
 import os

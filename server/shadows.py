@@ -2,11 +2,13 @@
 request's critical path, on the background thread; their scores are recorded,
 never returned.  When the queue is full, shadow work is dropped and counted
 rather than slowing live traffic."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 

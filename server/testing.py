@@ -3,6 +3,7 @@ a registry built from Structs, `muse serve` on a free loopback port with a
 small HTTP client, /metrics as a dict, and an in-process ASGI client.  The
 test suite, the benchmarks and the demo all use these; nothing here runs
 inside a server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,12 @@ from muse.core.spec import DeploymentSpec
 # -- a registry from Structs ------------------------------------------------------------------
 
 
-def build_registry(root: str | pathlib.Path, *, models: Mapping[str, pathlib.Path] | None = None,
-                   references: Iterable[ReferenceFile] = ()) -> Registry:
+def build_registry(
+    root: str | pathlib.Path,
+    *,
+    models: Mapping[str, pathlib.Path] | None = None,
+    references: Iterable[ReferenceFile] = (),
+) -> Registry:
     """A registry at ``root`` whose ``models/NAME`` link to existing directories of compiled
     versions (``models``: NAME -> directory), holding ``references``."""
     reg = Registry(root)
@@ -43,8 +48,16 @@ def build_registry(root: str | pathlib.Path, *, models: Mapping[str, pathlib.Pat
     return reg
 
 
-def fit_calibration(reg: Registry, model_ref: str, X: np.ndarray, *, reference: str, name: str,
-                    version: str = "1", tenant: str | None = None) -> pathlib.Path:
+def fit_calibration(
+    reg: Registry,
+    model_ref: str,
+    X: np.ndarray,
+    *,
+    reference: str,
+    name: str,
+    version: str = "1",
+    tenant: str | None = None,
+) -> pathlib.Path:
     """Score ``X`` with the model, correct, fit a map onto the intent's reference, and save it
     as calibration NAME/VERSION (for ``tenant``, or all traffic)."""
     model = reg.load_model(model_ref)
@@ -52,9 +65,19 @@ def fit_calibration(reg: Registry, model_ref: str, X: np.ndarray, *, reference: 
     ref = reg.load_reference(reference)
     corrected = correct_margins(model.predict(X, margin=True), m.beta)
     qmap = fit_quantile_map(corrected, ref.reference)
-    return reg.save_calibration(make_calibration(
-        qmap, name=name, version=version, model=ModelIdentity(m.name, m.version, m.library_sha256),
-        reference_name=ref.name, reference=ref.reference, beta=m.beta, sample_size=corrected.size, tenant=tenant))
+    return reg.save_calibration(
+        make_calibration(
+            qmap,
+            name=name,
+            version=version,
+            model=ModelIdentity(m.name, m.version, m.library_sha256),
+            reference_name=ref.name,
+            reference=ref.reference,
+            beta=m.beta,
+            sample_size=corrected.size,
+            tenant=tenant,
+        )
+    )
 
 
 def deploy(reg: Registry, spec: DeploymentSpec) -> int:
@@ -77,8 +100,14 @@ def free_port() -> int:
         return port
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None,
-            timeout: float = 30) -> tuple[int, Any, dict[str, str]]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, Any, dict[str, str]]:
     """(status, body, headers); a JSON body comes back decoded."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -104,9 +133,15 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def wait_for(port: int, path: str = "/v2/health/ready", generation: int | None = None, timeout: float = 60,
-             process: subprocess.Popen | None = None) -> None:
+def wait_for(
+    port: int,
+    path: str = "/v2/health/ready",
+    generation: int | None = None,
+    timeout: float = 60,
+    process: subprocess.Popen | None = None,
+) -> None:
     """Until ``path`` answers 200 (for ``generation``, if given); fails early if ``process`` exits."""
+
     def answered() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode} before it was ready")
@@ -140,9 +175,22 @@ class LocalServer:
         self.log_path = self.registry / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 -- open for the server's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "muse.server.cli", "serve", "--registry", str(registry), "--port", str(self.port),
-             "--workers", str(workers), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            [
+                sys.executable,
+                "-m",
+                "muse.server.cli",
+                "serve",
+                "--registry",
+                str(registry),
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+                *extra,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.wait_ready(path="/v2/health/live")
 
@@ -162,15 +210,17 @@ class LocalServer:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
         return request(self.port, method, path, body, headers)
 
     def get(self, path: str, key: str | None = None) -> tuple[int, Any, dict[str, str]]:
         return self.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
 
-    def post(self, path: str, payload: Any, key: str | None = None,
-             headers: Mapping[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    def post(
+        self, path: str, payload: Any, key: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         h = {"Content-Type": "application/json", **(headers or {})}
         if key:
@@ -206,8 +256,7 @@ class ASGIClient:
         # One lifespan call for the client's life: start-up now, shut-down at exit.
         self._inbox: asyncio.Queue[dict] = asyncio.Queue()
         self._outbox: asyncio.Queue[dict] = asyncio.Queue()
-        self._lifespan = asyncio.ensure_future(
-            self.app({"type": "lifespan"}, self._inbox.get, self._outbox.put))
+        self._lifespan = asyncio.ensure_future(self.app({"type": "lifespan"}, self._inbox.get, self._outbox.put))
         await self._inbox.put({"type": "lifespan.startup"})
         message = await self._outbox.get()
         if message["type"] != "lifespan.startup.complete":
@@ -218,8 +267,9 @@ class ASGIClient:
         await self._inbox.put({"type": "lifespan.shutdown"})
         await self._lifespan
 
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: Mapping[str, str] | None = None) -> tuple[int, bytes, dict[bytes, bytes]]:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes, dict[bytes, bytes]]:
         """(status, body, headers) of one request whose body arrives in one message."""
         raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         raw.append((b"content-length", str(len(body)).encode()))
