@@ -42,75 +42,36 @@ def build_loadgen(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def build_registry(workdir: pathlib.Path, results: pathlib.Path, batching: str = "") -> tuple[pathlib.Path, str]:
-    """Compile the fraud model, calibrate it, deploy it; returns (registry, tenant key)."""
-    from muse.calib import (
-        AlertRateCurve,
-        ModelIdentity,
-        ReferenceFile,
-        correct_margins,
-        fit_quantile_map,
-        make_calibration,
-    )
-    from muse.calib.reference import encode_reference
-    from muse.compile import build_artifact
-    from muse.core.deploy import DeploymentStore
-    from muse.core.registry import Registry
-    from muse.core.spec import decode_spec
-    from muse.server.auth import add_key, keys_path
+    """Compile the fraud model, calibrate it, deploy it; returns (registry, tenant key).
+    ``batching``: TOML lines of the model's batching settings (e.g. "inline_max_us = 0")."""
+    import msgspec
 
-    reg = Registry(workdir / "registry")
-    model_file = train_lightgbm(results / "fraud_500x63.txt", trees=500, leaves=63)
+    from muse.calib import AlertRateCurve, ReferenceFile
+    from muse.compile import build_artifact
+    from muse.core.spec import BatchingSpec, DeploymentSpec, PredictorSpec, RouteSpec
+    from muse.server.auth import add_key, keys_path
+    from muse.server.testing import build_registry as new_registry
+    from muse.server.testing import deploy, fit_calibration
+
     curve = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
-    reg.references_dir.mkdir(parents=True)
-    reg.reference_path("fraud").write_bytes(encode_reference(ReferenceFile("fraud", curve)))
+    reg = new_registry(workdir / "registry", references=[ReferenceFile("fraud", curve)])
+    model_file = train_lightgbm(results / "fraud_500x63.txt", trees=500, leaves=63)
     X, _ = fraud_like_matrix(20000, seed=3)
     # Version 2 is the same model built again: a promotion to it loads a new library for real.
     for version in ("1", "2"):
         print(f"compiling the 500-tree model, version {version} ...", file=sys.stderr, flush=True)
         build_artifact(model_file, reg.models_dir, name="fraud", version=version, beta=0.1)
-        m = reg.load_model(f"fraud/{version}").manifest
-        qmap = fit_quantile_map(
-            correct_margins(reg.load_model(f"fraud/{version}").predict(X, margin=True), m.beta), curve
-        )
-        reg.save_calibration(
-            make_calibration(
-                qmap,
-                name="fraud",
-                version=version,
-                model=ModelIdentity(m.name, m.version, m.library_sha256),
-                reference_name="fraud",
-                reference=curve,
-                beta=m.beta,
-                sample_size=20000,
-            )
-        )
-    spec = decode_spec(
-        b"""
-[[predictors]]
-name = "fraud-v1"
-version = "1"
-intent = "fraud"
-models = ["fraud/1"]
-calibration = "fraud/1"
-
-[[predictors]]
-name = "fraud-v2"
-version = "2"
-intent = "fraud"
-models = ["fraud/2"]
-calibration = "fraud/2"
-
-[[routes]]
-tenant = "*"
-intent = "fraud"
-active = "fraud-v1"
-
-[batching."fraud/1"]
-"""
-        + batching.encode(),
-        "bench.toml",
+        fit_calibration(reg, f"fraud/{version}", X, reference="fraud", name="fraud", version=version)
+    deploy(
+        reg,
+        DeploymentSpec(
+            predictors=[
+                PredictorSpec(f"fraud-v{v}", v, "fraud", [f"fraud/{v}"], calibration=f"fraud/{v}") for v in "12"
+            ],
+            routes=[RouteSpec("*", "fraud", "fraud-v1")],
+            batching={"fraud/1": msgspec.toml.decode(batching.encode(), type=BatchingSpec)},
+        ),
     )
-    DeploymentStore(reg).apply(spec)
     _, key = add_key(keys_path(reg.root), "acme", False)
     return reg.root, key
 
