@@ -4,23 +4,21 @@ serves before it answers."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import msgspec
 
 from muse.core.spec import DeploymentSpec, SpecError, decode_spec
 
 from .asgi import Request, Response, json_response
+from .context import Context
 from .errors import HTTPError, validation_error
 from .schemas import PromoteRequest, RollbackRequest
-
-if TYPE_CHECKING:
-    from .app import MuseApp
 
 T = TypeVar("T")
 
 
-async def get_deployment(app: MuseApp, req: Request) -> Response:
+async def get_deployment(app: Context, req: Request) -> Response:
     app.admin(req)
     snap = app.snapshot()
     return json_response(
@@ -28,28 +26,28 @@ async def get_deployment(app: MuseApp, req: Request) -> Response:
     )
 
 
-async def validate_deployment(app: MuseApp, req: Request) -> Response:
+async def validate_deployment(app: Context, req: Request) -> Response:
     app.admin(req)
     spec = await _spec_from_body(req)
     await app.in_loader(app.serving.store.validate, spec)
     return json_response({"valid": True})
 
 
-async def apply_deployment(app: MuseApp, req: Request) -> Response:
+async def apply_deployment(app: Context, req: Request) -> Response:
     """Validate, publish as the next generation, and serve it from this worker before answering."""
     app.admin(req)
     spec = await _spec_from_body(req)
     return await _published(app, await app.in_loader(app.serving.store.apply, spec))
 
 
-async def promote(app: MuseApp, req: Request) -> Response:
+async def promote(app: Context, req: Request) -> Response:
     """{"predictor": NAME, "tenants": [..]?}: publish a generation where NAME is active."""
     app.admin(req)
     body = _decode(await req.body(), PromoteRequest)
     return await _published(app, await app.in_loader(app.serving.store.promote, body.predictor, body.tenants))
 
 
-async def rollback(app: MuseApp, req: Request) -> Response:
+async def rollback(app: Context, req: Request) -> Response:
     """{"to": N}? : publish generation N again (default: the one before the current)."""
     app.admin(req)
     body = _decode(await req.body() or b"{}", RollbackRequest)
@@ -72,7 +70,7 @@ def _decode(raw: bytes, kind: type[T]) -> T:
         raise validation_error(exc) from None
 
 
-async def _published(app: MuseApp, generation: int) -> Response:
+async def _published(app: Context, generation: int) -> Response:
     await app.serving.refresh()
     snap = app.serving.snapshot
     if snap is None or snap.generation != generation:

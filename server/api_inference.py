@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -15,17 +15,15 @@ from muse.core.predictor import Predictor
 from muse.core.snapshot import RouteError
 
 from .asgi import Request, Response, encode, json_response
+from .context import Context
 from .errors import HTTPError, check_version, no_route, validation_error
 from .schemas import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorMeta
-
-if TYPE_CHECKING:
-    from .app import MuseApp
 
 DECODER = msgspec.json.Decoder(InferRequest)
 TENSOR_DTYPES: dict[str, np.dtype[np.floating[Any]]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 
 
-async def metadata(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
+async def metadata(app: Context, req: Request, intent: str, version: str | None = None) -> Response:
     predictor, generation = _active(app, req, intent, version)
     return json_response(
         ModelMetadata(
@@ -43,12 +41,12 @@ async def metadata(app: MuseApp, req: Request, intent: str, version: str | None 
     )
 
 
-async def ready(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
+async def ready(app: Context, req: Request, intent: str, version: str | None = None) -> Response:
     _active(app, req, intent, version)
     return json_response({"name": intent, "ready": True})
 
 
-def _active(app: MuseApp, req: Request, intent: str, version: str | None) -> tuple[Predictor, int]:
+def _active(app: Context, req: Request, intent: str, version: str | None) -> tuple[Predictor, int]:
     """The predictor answering the key's tenant (or the default route) on ``intent``."""
     principal = app.authenticate(req)
     snap = app.snapshot()
@@ -60,7 +58,7 @@ def _active(app: MuseApp, req: Request, intent: str, version: str | None) -> tup
     return predictor, snap.generation
 
 
-async def infer(app: MuseApp, req: Request, intent: str, version: str | None = None) -> Response:
+async def infer(app: Context, req: Request, intent: str, version: str | None = None) -> Response:
     started = time.perf_counter()
     tenant, predictor_name = "", ""
     try:

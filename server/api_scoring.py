@@ -5,23 +5,21 @@ version and generation that produced the scores."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import numpy as np
 
 from ._rows import rows_matrix
 from .asgi import Request, Response, encode
+from .context import Context
 from .errors import HTTPError, validation_error
 from .schemas import Event, ScoreRequest, ScoreResponse
-
-if TYPE_CHECKING:
-    from .app import MuseApp
 
 DECODER = msgspec.json.Decoder(ScoreRequest)
 
 
-async def score(app: MuseApp, req: Request) -> Response:
+async def score(app: Context, req: Request) -> Response:
     started = time.perf_counter()
     tenant = intent = predictor_name = ""
     try:

@@ -1,62 +1,130 @@
-"""The ASGI app: its state, its lifespan, dispatch through the route table
-(server/routes.py), and the steps every endpoint shares (authenticate, find the
-tenant's lane, score, count errors).  The endpoints themselves live in the
-modules named for what they serve: api_scoring, api_inference, api_admin and
-api_health.
+"""The ASGI app: dispatch through its route table, the lifespan, and the
+factory Granian's workers call.  The endpoints live in the modules named for
+what they serve (api_scoring, api_inference, api_admin, api_health) and reach
+the server through server/context.py.
 
-Every failure a client can cause is an HTTPError with a 4xx status and the
-JSON path of the field at fault.  Anything else is a 500 that is logged and
-counted, and it fails only its own request."""
+Anything an endpoint raises other than an HTTPError is a 500 that is logged
+and counted, and it fails only its own request."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import numpy as np
-
-from muse.compile import Scores
-from muse.core.batching import Overloaded
-from muse.core.registry import Registry
-from muse.core.snapshot import RouteError, Snapshot
-from muse.core.spec import SpecError
-
+from . import api_admin, api_health, api_inference, api_scoring
 from .asgi import Receive, Request, Send, send
-from .auth import Authenticator, AuthError, Principal, keys_path
-from .errors import REASONS, RETRY_AFTER, HTTPError, check_version, no_route, not_ready
-from .lanes import Lane
-from .metrics import Metrics
-from .routes import ROUTES
-from .scorelog import ScoreLog
-from .serving import Serving
+from .context import Context, log
+from .errors import HTTPError
+from .routes import ADMIN_ERRORS, Endpoint, RouteTable
 from .settings import Settings, from_environment
 
-log = logging.getLogger("muse.serve")
+INTENT = "/v2/models/{intent}"
+VERSION = "/v2/models/{intent}/versions/{version}"
 
-
-class MuseApp:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.registry = Registry(settings.registry)
-        self.metrics = Metrics()
-        self.auth = Authenticator(keys_path(self.registry.root) if settings.auth else None)
-        score_log = None
-        if settings.score_log is not None:
-            score_log = ScoreLog(
-                settings.score_log,
-                sample=settings.score_log_sample,
-                max_bytes=settings.score_log_max_bytes,
-                flush_seconds=settings.score_log_flush_seconds,
+ROUTES = RouteTable(
+    [
+        Endpoint(
+            "POST",
+            "/v1/score",
+            api_scoring.score,
+            "Score events for a tenant and intent",
+            request="ScoreRequest",
+            response="ScoreResponse",
+        ),
+        Endpoint(
+            "GET",
+            "/v2",
+            api_health.server_metadata,
+            "Server metadata (Open Inference Protocol)",
+            response="ServerMetadata",
+            errors=(),
+            public=True,
+        ),
+        Endpoint("GET", "/v2/health/live", api_health.live, "Liveness", errors=(), public=True),
+        Endpoint(
+            "GET",
+            "/v2/health/ready",
+            api_health.ready,
+            "Readiness: every model and kernel loaded and warm",
+            errors=(503,),
+            public=True,
+        ),
+        *(
+            Endpoint(
+                "GET",
+                base,
+                api_inference.metadata,
+                "Model metadata of the intent's active predictor",
+                response="ModelMetadata",
+                errors=(401, 404, 503),
             )
-        self.serving = Serving(
-            self.registry,
-            self.metrics,
-            settings.poll_interval,
-            settings.shadow_queue,
-            score_log=score_log,
-            on_poll=self.auth.reload,
-        )  # added and revoked keys apply within a poll
-        self.routes = ROUTES
+            for base in (INTENT, VERSION)
+        ),
+        *(
+            Endpoint("GET", base + "/ready", api_inference.ready, "Intent readiness", errors=(401, 404, 503))
+            for base in (INTENT, VERSION)
+        ),
+        *(
+            Endpoint(
+                "POST",
+                base + "/infer",
+                api_inference.infer,
+                "Inference (Open Inference Protocol); tenant from the key or parameters.tenant",
+                request="InferRequest",
+                response="InferResponse",
+            )
+            for base in (INTENT, VERSION)
+        ),
+        Endpoint("GET", "/metrics", api_health.metrics, "Prometheus metrics", errors=(), public=True),
+        Endpoint("GET", "/openapi.json", api_health.openapi, "This document", errors=(), public=True),
+        Endpoint(
+            "GET",
+            "/admin/deployment",
+            api_admin.get_deployment,
+            "The deployment being served (admin key)",
+            errors=(401, 403, 503),
+        ),
+        Endpoint(
+            "POST",
+            "/admin/deployment",
+            api_admin.apply_deployment,
+            "Validate, publish and serve a deployment (admin key)",
+            request="DeploymentSpec",
+            errors=ADMIN_ERRORS,
+            body="deployment",
+        ),
+        Endpoint(
+            "POST",
+            "/admin/deployment/validate",
+            api_admin.validate_deployment,
+            "Validate a deployment without publishing it (admin key)",
+            request="DeploymentSpec",
+            errors=(400, 401, 403, 413, 422),
+            body="deployment",
+        ),
+        Endpoint(
+            "POST",
+            "/admin/promote",
+            api_admin.promote,
+            "Publish a generation where the predictor is active (admin key)",
+            request="PromoteRequest",
+            errors=ADMIN_ERRORS,
+        ),
+        Endpoint(
+            "POST",
+            "/admin/rollback",
+            api_admin.rollback,
+            "Publish an earlier generation again (admin key)",
+            request="RollbackRequest",
+            errors=ADMIN_ERRORS,
+            body="optional",
+        ),
+    ]
+)
+
+
+class MuseApp(Context):
+    def __init__(self, settings: Settings, routes: RouteTable = ROUTES):
+        super().__init__(settings, routes)
 
     # -- ASGI ----------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send_fn: Send) -> None:
@@ -95,59 +163,6 @@ class MuseApp:
                 await self.serving.stop()
                 await send_fn({"type": "lifespan.shutdown.complete"})
                 return
-
-    # -- steps the endpoints share ---------------------------------------------------
-    def authenticate(self, req: Request) -> Principal:
-        try:
-            return self.auth.authenticate(req.headers)
-        except AuthError as exc:
-            raise HTTPError(exc.status, str(exc), "authorization", [(b"www-authenticate", b"Bearer")]) from None
-
-    def snapshot(self) -> Snapshot:
-        snap = self.serving.snapshot
-        if snap is None:
-            raise not_ready()
-        return snap
-
-    def lane(self, tenant: str, intent: str, version: str | None, intent_field: str) -> Lane:
-        """The lane serving (tenant, intent), or the 404/503 that says why there is none."""
-        try:
-            lane = self.serving.lane(tenant, intent)
-        except RouteError as exc:
-            raise no_route(exc, self.snapshot(), intent, intent_field) from None
-        if lane is None:
-            raise not_ready()
-        check_version(lane.predictor, intent, version)
-        return lane
-
-    @staticmethod
-    def check_tenant(principal: Principal, tenant: str, field: str) -> None:
-        if principal.tenant is not None and tenant != principal.tenant:
-            raise HTTPError(
-                403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
-            )
-
-    @staticmethod
-    async def score(lane: Lane, X: np.ndarray) -> Scores:
-        """X scored, recorded and shadowed by the lane; 503 when the model's queue is full."""
-        try:
-            return await lane.score(X)
-        except Overloaded as exc:
-            raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
-
-    def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
-        self.metrics.observe_error(tenant, intent, predictor, exc.status, REASONS.get(exc.status, "error"))
-
-    def admin(self, req: Request) -> None:
-        if not self.authenticate(req).admin:
-            raise HTTPError(403, "the admin API needs an admin key (`muse keys add --admin`)", "authorization")
-
-    async def in_loader(self, fn: Any, *args: Any) -> Any:
-        """Deployment work on the background thread; a refused deployment is a 422."""
-        try:
-            return await self.serving.in_background(fn, *args)
-        except SpecError as exc:
-            raise HTTPError(422, str(exc), "$") from None
 
 
 def create_app() -> MuseApp:

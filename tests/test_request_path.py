@@ -20,9 +20,9 @@ from muse.compile import ModelThread, NativeWorker, native_map_table
 from muse.core.batching import ModelBatcher
 from muse.server import api_inference, openapi
 from muse.server._rows import rows_matrix
+from muse.server.app import ROUTES
 from muse.server.errors import HTTPError, validation_error
 from muse.server.metrics import LATENCY_BUCKETS, add_to_histogram
-from muse.server.routes import ROUTES
 
 
 def _tables() -> tuple[MapTable, MapTable]:

@@ -1,0 +1,107 @@
+"""What every endpoint reaches: the server's state (settings, registry, metrics,
+keys, what is being served) and the steps the endpoints share (authenticate,
+find the tenant's lane, score, count errors).  Every failure a client can cause
+is an HTTPError with a 4xx status and the JSON path of the field at fault."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from muse.compile import Scores
+from muse.core.batching import Overloaded
+from muse.core.registry import Registry
+from muse.core.snapshot import RouteError, Snapshot
+from muse.core.spec import SpecError
+
+from .asgi import Request
+from .auth import Authenticator, AuthError, Principal, keys_path
+from .errors import REASONS, RETRY_AFTER, HTTPError, check_version, no_route, not_ready
+from .lanes import Lane
+from .metrics import Metrics
+from .routes import RouteTable
+from .scorelog import ScoreLog
+from .serving import Serving
+from .settings import Settings
+
+log = logging.getLogger("muse.serve")
+
+
+class Context:
+    def __init__(self, settings: Settings, routes: RouteTable):
+        self.settings = settings
+        self.routes = routes  # what the app dispatches, and what /openapi.json documents
+        self.registry = Registry(settings.registry)
+        self.metrics = Metrics()
+        self.auth = Authenticator(keys_path(self.registry.root) if settings.auth else None)
+        score_log = None
+        if settings.score_log is not None:
+            score_log = ScoreLog(
+                settings.score_log,
+                sample=settings.score_log_sample,
+                max_bytes=settings.score_log_max_bytes,
+                flush_seconds=settings.score_log_flush_seconds,
+            )
+        self.serving = Serving(
+            self.registry,
+            self.metrics,
+            settings.poll_interval,
+            settings.shadow_queue,
+            score_log=score_log,
+            on_poll=self.auth.reload,
+        )  # added and revoked keys apply within a poll
+
+    # -- steps the endpoints share ---------------------------------------------------
+    def authenticate(self, req: Request) -> Principal:
+        try:
+            return self.auth.authenticate(req.headers)
+        except AuthError as exc:
+            raise HTTPError(exc.status, str(exc), "authorization", [(b"www-authenticate", b"Bearer")]) from None
+
+    def snapshot(self) -> Snapshot:
+        snap = self.serving.snapshot
+        if snap is None:
+            raise not_ready()
+        return snap
+
+    def lane(self, tenant: str, intent: str, version: str | None, intent_field: str) -> Lane:
+        """The lane serving (tenant, intent), or the 404/503 that says why there is none."""
+        try:
+            lane = self.serving.lane(tenant, intent)
+        except RouteError as exc:
+            raise no_route(exc, self.snapshot(), intent, intent_field) from None
+        if lane is None:
+            raise not_ready()
+        check_version(lane.predictor, intent, version)
+        return lane
+
+    @staticmethod
+    def check_tenant(principal: Principal, tenant: str, field: str) -> None:
+        if principal.tenant is not None and tenant != principal.tenant:
+            raise HTTPError(
+                403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
+            )
+
+    @staticmethod
+    async def score(lane: Lane, X: np.ndarray) -> Scores:
+        """X scored, recorded and shadowed by the lane; 503 when the model's queue is full."""
+        try:
+            return await lane.score(X)
+        except Overloaded as exc:
+            raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
+
+    def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
+        self.metrics.observe_error(tenant, intent, predictor, exc.status, REASONS.get(exc.status, "error"))
+
+    def admin(self, req: Request) -> None:
+        if not self.authenticate(req).admin:
+            raise HTTPError(403, "the admin API needs an admin key (`muse keys add --admin`)", "authorization")
+
+    async def in_loader(self, fn: Any, *args: Any) -> Any:
+        """Deployment work on the background thread; a refused deployment is a 422."""
+        try:
+            return await self.serving.in_background(fn, *args)
+        except SpecError as exc:
+            raise HTTPError(422, str(exc), "$") from None
