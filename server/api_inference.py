@@ -77,7 +77,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         predictor_name = predictor.name
         X = infer_matrix(r, binary, predictor.num_feature)
         binary_out = wants_binary(r)
-        scores = await app.score(lane, X)
+        scores = await lane.score(X)
         params = {"predictor": predictor.name, "generation": lane.generation}
         if binary_out:
             raw = scores.mapped.astype("<f8").tobytes()

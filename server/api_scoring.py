@@ -34,7 +34,7 @@ async def score(app: Context, req: Request) -> Response:
         predictor = lane.predictor
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
-        scores = await app.score(lane, X)
+        scores = await lane.score(X)
         body = encode(
             ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), _ids(r.events))
         )

@@ -8,17 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
-from muse.compile import Scores
-from muse.core.batching import Overloaded
 from muse.core.registry import Registry
 from muse.core.snapshot import RouteError, Snapshot
 from muse.core.spec import SpecError
 
 from .asgi import Request
 from .auth import Authenticator, AuthError, Principal, keys_path
-from .errors import REASONS, RETRY_AFTER, HTTPError, check_version, no_route, not_ready
+from .errors import REASONS, HTTPError, check_version, no_route, not_ready
 from .lanes import Lane
 from .metrics import Metrics
 from .routes import RouteTable
@@ -83,14 +79,6 @@ class Context:
             raise HTTPError(
                 403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
             )
-
-    @staticmethod
-    async def score(lane: Lane, X: np.ndarray) -> Scores:
-        """X scored, recorded and shadowed by the lane; 503 when the model's queue is full."""
-        try:
-            return await lane.score(X)
-        except Overloaded as exc:
-            raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
 
     def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
         self.metrics.observe_error(tenant, intent, predictor, exc.status, REASONS.get(exc.status, "error"))

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from muse.compile import Scores
+from muse.core.batching import Overloaded
 from muse.core.snapshot import Route, Snapshot
 
+from .errors import RETRY_AFTER, HTTPError
 from .metrics import Metrics, RequestSeries
 from .recording import Recorder, ServedSeries
 
@@ -39,8 +41,12 @@ class Lane:
         self.map_index, self.metrics, self.served, self.shadows = map_index, metrics, served, shadows
 
     async def score(self, X: np.ndarray) -> Scores:
-        """X scored by the route's active predictor, recorded, and queued for its shadows."""
-        scores = await self.predictor.score_async(X, self.map_index)
+        """X scored by the route's active predictor, recorded, and queued for its shadows; 503
+        when the model's queue is full."""
+        try:
+            scores = await self.predictor.score_async(X, self.map_index)
+        except Overloaded as exc:
+            raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
         self.served.add(scores)
         if self.route.shadows:
             self.shadows.put(self.route, X, self.tenant, self.generation)
