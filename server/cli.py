@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="parallel compiler processes (default: all cores)")
     p.set_defaults(func=cmd_compile)
 
-    from muse.server import cli_calib, cli_demo, cli_serve
+    from muse.server import cli_calib, cli_serve, demo
 
     cli_calib.register(sub)
     cli_serve.register(sub)
-    cli_demo.register(sub)
+    demo.register(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """A deterministic generator of fraud-like card events, by month and tenant.
 
-No public fraud data set can be downloaded here, so demos, tests and
-benchmarks use this.  It is built to have what makes fraud scoring hard:
+The data of `muse demo` (no public fraud data set can be downloaded here).
+It is built to have what makes fraud scoring hard:
 
 * ~1% positives, varying by tenant;
 * numeric and categorical features (merchant category as an integer code),
@@ -15,6 +15,7 @@ benchmarks use this.  It is built to have what makes fraud scoring hard:
 
 Everything is a pure function of (seed, month, tenant): the same call always
 returns the same events."""
+
 from __future__ import annotations
 
 import zlib
@@ -73,8 +74,20 @@ def generate(month: int, rows: int, tenant: str = "acme-bank", seed: int = 0) ->
     card_present = ((~online) & (rng.random(n) < 0.9)).astype(np.float64)
     avg = rng.lognormal(3.2, 0.8, n) * amount_scale
     X = np.column_stack(
-        [np.log1p(amount), hour, mcc, online.astype(np.float64), new_device, age, tx24,
-         np.log1p(distance), email_risk, country_risk, card_present, amount / avg]
+        [
+            np.log1p(amount),
+            hour,
+            mcc,
+            online.astype(np.float64),
+            new_device,
+            age,
+            tx24,
+            np.log1p(distance),
+            email_risk,
+            country_risk,
+            card_present,
+            amount / avg,
+        ]
     )
     w = _attack_weight(month)
     early = 1.4 * (np.log1p(amount) - 4.5) + 2.2 * new_device + 0.8 * (hour < 6) + 1.2 * (mcc == 7) - 0.0004 * age

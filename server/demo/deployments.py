@@ -1,0 +1,42 @@
+"""What the demo deploys, as Structs: each variant is the previous one with a change, and
+is written as the TOML file that `muse deploy apply` reads, for the user to review."""
+
+from __future__ import annotations
+
+import pathlib
+
+from msgspec.structs import replace
+
+from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec, encode_spec
+
+FRAUD_V1 = PredictorSpec(name="fraud-v1", version="1", intent="fraud", models=["fraud/1"], calibration="fraud/1")
+# The second intent shares v1's model: the server loads it once for both predictors.
+REVIEW_V1 = PredictorSpec(
+    name="review-v1", version="1", intent="review", models=["fraud/1"], calibration="fraud-review/1"
+)
+FRAUD_V2 = PredictorSpec(name="fraud-v2", version="2", intent="fraud", models=["fraud/2"])  # no maps yet
+FRAUD_ROUTE = RouteSpec(tenant="*", intent="fraud", active="fraud-v1")
+
+V1 = DeploymentSpec(
+    predictors=[FRAUD_V1, REVIEW_V1],
+    routes=[FRAUD_ROUTE, RouteSpec(tenant="*", intent="review", active="review-v1")],
+    description="demo: v1 serves both intents",
+)
+# v2 scores copies of live fraud rows; callers still get v1.
+V2_SHADOW = replace(
+    V1,
+    predictors=[*V1.predictors, FRAUD_V2],
+    routes=[replace(FRAUD_ROUTE, shadows=["fraud-v2"]), *V1.routes[1:]],
+    description="demo: v2 shadows v1 on the fraud intent, unmapped",
+)
+# The same, once v2's maps are fitted from its shadow scores.
+V2_CALIBRATED_SHADOW = replace(
+    V2_SHADOW,
+    predictors=[*V1.predictors, replace(FRAUD_V2, calibration="fraud/2")],
+    description="demo: v2 shadows v1 on the fraud intent, with its fitted maps",
+)
+
+
+def write(spec: DeploymentSpec, path: pathlib.Path) -> pathlib.Path:
+    path.write_bytes(encode_spec(spec))
+    return path
