@@ -1,5 +1,6 @@
 """The `muse` command line.  Each subcommand is a thin shell over a library
 call; errors print one line that names the file and the fix, and exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     model = load_artifact(target)  # proves the artifact loads before we report success
     m = model.manifest
     print(f"compiled {args.model_file} -> {target}")
-    print(f"  {m.num_tree} trees, {m.num_feature} features, format {m.format}, beta {m.beta}, {m.compile_seconds:.1f} s")
+    print(
+        f"  {m.num_tree} trees, {m.num_feature} features, format {m.format}, beta {m.beta}, {m.compile_seconds:.1f} s"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model file into a native artifact in the registry")
     p.add_argument("model_file", type=pathlib.Path)
-    p.add_argument("--registry", required=True, help="registry directory (artifacts go to REGISTRY/models/NAME/VERSION)")
+    p.add_argument(
+        "--registry", required=True, help="registry directory (artifacts go to REGISTRY/models/NAME/VERSION)"
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--version", help="default: one more than the highest numeric version present")
     p.add_argument("--beta", type=float, default=1.0, help="negative keep-rate used at training, in (0, 1]")
