@@ -1,4 +1,5 @@
 """Every way a model file or an artifact can be wrong gives an error that names it."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import shutil
 import msgspec
 import numpy as np
 import pytest
-
 from conftest import training_data
+
 from muse.compile import ArtifactError, ModelFormatError, build_artifact, load_artifact
 from muse.compile.manifest import read_manifest, sha256_file, write_manifest
 from muse.server.cli import main as cli
@@ -49,8 +50,10 @@ def test_corrupt_lightgbm(tmp_path, models):
         build_artifact(bad, models, name="m")
 
 
-@pytest.mark.parametrize("objective, words", [("multiclass", "multi-class model \\(3 classes\\)"),
-                                              ("regression", "is not a binary classifier")])
+@pytest.mark.parametrize(
+    "objective, words",
+    [("multiclass", "multi-class model \\(3 classes\\)"), ("regression", "is not a binary classifier")],
+)
 def test_non_binary_lightgbm(tmp_path, models, objective, words):
     path = _lgb_file(tmp_path / f"{objective}.txt", objective)
     with pytest.raises(ModelFormatError, match=f"{objective}.txt: .*{words}"):
@@ -65,11 +68,11 @@ def test_xgboost_multiclass_and_truncated(tmp_path, models):
     booster = xgb.train({"objective": "multi:softprob", "num_class": 3, "max_depth": 2}, xgb.DMatrix(X, y), 2)
     path = tmp_path / "multi.json"
     booster.save_model(str(path))
-    with pytest.raises(ModelFormatError, match="multi.json: multi-class model"):
+    with pytest.raises(ModelFormatError, match=r"multi\.json: multi-class model"):
         build_artifact(path, models, name="m")
     cut = tmp_path / "cut.json"
     cut.write_text(path.read_text()[:500])
-    with pytest.raises(ModelFormatError, match="cut.json: XGBoost JSON is corrupt or truncated"):
+    with pytest.raises(ModelFormatError, match=r"cut\.json: XGBoost JSON is corrupt or truncated"):
         build_artifact(cut, models, name="m")
 
 
@@ -79,24 +82,24 @@ def test_unsupported_sklearn_estimator(tmp_path, models):
     X, y = training_data(rows=100, nan=False)
     path = tmp_path / "lr.pkl"
     path.write_bytes(pickle.dumps(LogisticRegression().fit(X, y)))
-    with pytest.raises(ModelFormatError, match="lr.pkl: unsupported scikit-learn estimator LogisticRegression"):
+    with pytest.raises(ModelFormatError, match=r"lr\.pkl: unsupported scikit-learn estimator LogisticRegression"):
         build_artifact(path, models, name="m")
     garbage = tmp_path / "garbage.pkl"
     garbage.write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(ModelFormatError, match="garbage.pkl: not a readable pickle"):
+    with pytest.raises(ModelFormatError, match=r"garbage\.pkl: not a readable pickle"):
         build_artifact(garbage, models, name="m")
 
 
 def test_empty_and_unknown_files(tmp_path, models):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    with pytest.raises(ModelFormatError, match="empty.txt: file is empty"):
+    with pytest.raises(ModelFormatError, match=r"empty\.txt: file is empty"):
         build_artifact(empty, models, name="m")
     prose = tmp_path / "notes.md"
     prose.write_text("hello")
-    with pytest.raises(ModelFormatError, match="notes.md: cannot tell the model format.*--format"):
+    with pytest.raises(ModelFormatError, match=r"notes\.md: cannot tell the model format.*--format"):
         build_artifact(prose, models, name="m")
-    with pytest.raises(ModelFormatError, match="missing.txt: no such model file"):
+    with pytest.raises(ModelFormatError, match=r"missing\.txt: no such model file"):
         build_artifact(tmp_path / "missing.txt", models, name="m")
 
 
@@ -106,7 +109,7 @@ def test_versions_are_immutable_and_names_checked(tmp_path, models):
     assert first.name == "1" and build_artifact(path, models, name="m").name == "2"
     with pytest.raises(FileExistsError, match="versions are immutable"):
         build_artifact(path, models, name="m", version="1")
-    with pytest.raises(ValueError, match="model name '../x'"):
+    with pytest.raises(ValueError, match=r"model name '\.\./x'"):
         build_artifact(path, models, name="../x")
     with pytest.raises(ValueError, match="beta must be in"):
         build_artifact(path, models, name="m", beta=0)
@@ -122,7 +125,7 @@ def test_tampered_library_refused(artifact):
     data = bytearray(lib.read_bytes())
     data[len(data) // 2] ^= 0xFF
     lib.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="does not match the manifest.*recompile"):
+    with pytest.raises(ArtifactError, match=r"does not match the manifest.*recompile"):
         load_artifact(artifact)
 
 
@@ -163,7 +166,7 @@ def test_missing_pieces(artifact):
     with pytest.raises(ArtifactError, match="invalid manifest"):
         load_artifact(artifact)
     (artifact / "manifest.json").unlink()
-    with pytest.raises(ArtifactError, match="no manifest.json"):
+    with pytest.raises(ArtifactError, match=r"no manifest\.json"):
         load_artifact(artifact)
 
 
