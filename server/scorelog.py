@@ -2,7 +2,8 @@
 generation, margin, corrected, mapped) records in rotating Parquet files.
 
 Requests are sampled (``sample``: the fraction of requests logged, every row
-of each); records collect in preallocated columns and go to disk, through
+of each: serving asks ``sampled()`` per request and ``append``s the rows of
+those kept); records collect in preallocated columns and go to disk, through
 Polars, when a file's worth (``rows_per_file``) has gathered, every
 ``flush_seconds``, and at shutdown.
 Each file is written under a temporary name and renamed, so a reader never
@@ -10,6 +11,7 @@ sees half a file.  Disk use is bounded: past ``max_bytes`` the oldest files
 are deleted.  `muse calib fit --scores DIR --predictor NAME` fits maps from it.
 
 File names sort by time: ``scores-<unix ms>-<pid>-<seq>.parquet``."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +28,15 @@ import polars as pl
 log = logging.getLogger("muse.scorelog")
 
 SCHEMA = {
-    "time": pl.Datetime("us", "UTC"), "tenant": pl.Utf8, "intent": pl.Utf8, "predictor": pl.Utf8,
-    "version": pl.Utf8, "role": pl.Utf8, "generation": pl.Int64, "margin": pl.Float64, "corrected": pl.Float64,
+    "time": pl.Datetime("us", "UTC"),
+    "tenant": pl.Utf8,
+    "intent": pl.Utf8,
+    "predictor": pl.Utf8,
+    "version": pl.Utf8,
+    "role": pl.Utf8,
+    "generation": pl.Int64,
+    "margin": pl.Float64,
+    "corrected": pl.Float64,
     "mapped": pl.Float64,
 }
 LABELS = ("tenant", "intent", "predictor", "version", "role")
@@ -58,17 +67,27 @@ class _Buffer:
         n = self.rows
         codes = pl.Series(self.label[:n])
         table = {name: pl.Series([t[i] for t in labels], dtype=pl.Utf8) for i, name in enumerate(LABELS)}
-        return pl.DataFrame({
-            "time": pl.Series(self.time[:n]).cast(pl.Datetime("us", "UTC")),
-            **{name: values.gather(codes) for name, values in table.items()},
-            "generation": self.generation[:n], "margin": self.margin[:n],
-            "corrected": self.corrected[:n], "mapped": self.mapped[:n],
-        }).cast(SCHEMA)
+        return pl.DataFrame(
+            {
+                "time": pl.Series(self.time[:n]).cast(pl.Datetime("us", "UTC")),
+                **{name: values.gather(codes) for name, values in table.items()},
+                "generation": self.generation[:n],
+                "margin": self.margin[:n],
+                "corrected": self.corrected[:n],
+                "mapped": self.mapped[:n],
+            }
+        ).cast(SCHEMA)
 
 
 class ScoreLog:
-    def __init__(self, directory: str | pathlib.Path, sample: float = 1.0, rows_per_file: int = 100_000,
-                 flush_seconds: float = 10.0, max_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        sample: float = 1.0,
+        rows_per_file: int = 100_000,
+        flush_seconds: float = 10.0,
+        max_bytes: int = 1 << 30,
+    ):
         self.dir = pathlib.Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sample = sample
@@ -85,19 +104,23 @@ class ScoreLog:
         self._write_lock = threading.Lock()
         self._rng = random.Random()
 
-    def record(self, tenant: str, intent: str, predictor: str, version: str, role: str, generation: int,
-               margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray) -> None:
-        """Log one request's scores (sampled per request) for one tenant, timed now."""
-        if self.sampled():
-            self.append(tenant, intent, predictor, version, role, generation, margins, corrected, mapped,
-                        np.full(len(margins), int(time.time() * 1e6)))
-
     def sampled(self) -> bool:
         """Whether to keep a request's scores (decided per request)."""
         return self.sample >= 1.0 or self._rng.random() < self.sample
 
-    def append(self, tenant: str, intent: str, predictor: str, version: str, role: str, generation: int,
-               margins: np.ndarray, corrected: np.ndarray, mapped: np.ndarray, at_us: np.ndarray) -> None:
+    def append(
+        self,
+        tenant: str,
+        intent: str,
+        predictor: str,
+        version: str,
+        role: str,
+        generation: int,
+        margins: np.ndarray,
+        corrected: np.ndarray,
+        mapped: np.ndarray,
+        at_us: np.ndarray,
+    ) -> None:
         """Store rows (already sampled) scored at ``at_us`` (microseconds since the epoch).  Thread-safe."""
         key = (tenant, intent, predictor, version, role)
         with self._lock:
@@ -135,8 +158,7 @@ class ScoreLog:
 
     @property
     def due(self) -> bool:
-        return bool(self._full) or (
-            self._buffer.rows > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
+        return bool(self._full) or (self._buffer.rows > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
 
     def flush(self) -> list[pathlib.Path]:
         """Write every filled buffer and the current one, one Parquet file each; any thread."""
@@ -172,9 +194,6 @@ class ScoreLog:
         for f, size in zip(files[:-1], sizes):  # the newest file always stays
             if total <= self.max_bytes:
                 break
-            try:
-                f.unlink()
-            except FileNotFoundError:  # another worker removed it first
-                pass
+            f.unlink(missing_ok=True)  # another worker may have removed it first
             total -= size
             log.warning("score log over %d bytes: removed %s", self.max_bytes, f.name)

@@ -1,27 +1,23 @@
 """`muse calib fit` / `muse calib report` end to end on a compiled model."""
+
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import training_data
-from muse.calib import AlertRateCurve, ReferenceFile, alert_rates, correct_margins, fit_quantile_map
-from muse.calib.reference import encode_reference
-from muse.core.registry import Registry
-from muse.server.cli import main as cli
+from helpers import CURVE
 
-CURVE = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
+from muse.calib import ReferenceFile, alert_rates, correct_margins, fit_quantile_map
+from muse.server.cli import main as cli
+from muse.server.testing import build_registry
 
 
 @pytest.fixture
 def reg(tmp_path, lgb_case):
-    registry = Registry(tmp_path / "reg")
-    registry.models_dir.mkdir(parents=True)
-    (registry.models_dir / "lightgbm").symlink_to(lgb_case.artifact.parent)
-    registry.references_dir.mkdir()
-    registry.reference_path("fraud").write_bytes(encode_reference(ReferenceFile("fraud", CURVE)))
-    return registry
+    return build_registry(
+        tmp_path / "reg", models={"lightgbm": lgb_case.artifact.parent}, references=[ReferenceFile("fraud", CURVE)]
+    )
 
 
 def test_fit_from_margins_per_tenant_then_report(reg, lgb_case, tmp_path, capsys):
@@ -29,8 +25,20 @@ def test_fit_from_margins_per_tenant_then_report(reg, lgb_case, tmp_path, capsys
     tenants = np.where(np.arange(6000) % 3 == 0, "small", "big")
     tenants[:10] = "tiny"
     pl.DataFrame({"tenant": tenants, "margin": margins}).write_parquet(tmp_path / "log.parquet")
-    args = ["calib", "fit", "--registry", str(reg.root), "--model", "lightgbm", "--reference", "fraud",
-            "--scores", str(tmp_path / "log.parquet"), "--by", "tenant"]
+    args = [
+        "calib",
+        "fit",
+        "--registry",
+        str(reg.root),
+        "--model",
+        "lightgbm",
+        "--reference",
+        "fraud",
+        "--scores",
+        str(tmp_path / "log.parquet"),
+        "--by",
+        "tenant",
+    ]
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert "tenant tiny: skipped" in out
@@ -44,8 +52,25 @@ def test_fit_from_margins_per_tenant_then_report(reg, lgb_case, tmp_path, capsys
     np.testing.assert_allclose(rates, CURVE.rates, atol=2 / (tenants == "big").sum())
 
     png = tmp_path / "report.png"
-    assert cli(["calib", "report", "--registry", str(reg.root), "--calibration", "lightgbm", "--scores",
-                str(tmp_path / "log.parquet"), "--compare", "lightgbm/1", "--out", str(png)]) == 0
+    assert (
+        cli(
+            [
+                "calib",
+                "report",
+                "--registry",
+                str(reg.root),
+                "--calibration",
+                "lightgbm",
+                "--scores",
+                str(tmp_path / "log.parquet"),
+                "--compare",
+                "lightgbm/1",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
@@ -53,8 +78,25 @@ def test_fit_from_features(reg, lgb_case, tmp_path):
     X, _ = training_data(rows=3000, seed=22)
     names = lgb_case.model.manifest.feature_names
     pl.DataFrame({n: X[:, i] for i, n in enumerate(names)}).write_csv(tmp_path / "features.csv")
-    assert cli(["calib", "fit", "--registry", str(reg.root), "--model", "lightgbm/1", "--reference", "fraud",
-                "--features", str(tmp_path / "features.csv"), "--version", "7"]) == 0
+    assert (
+        cli(
+            [
+                "calib",
+                "fit",
+                "--registry",
+                str(reg.root),
+                "--model",
+                "lightgbm/1",
+                "--reference",
+                "fraud",
+                "--features",
+                str(tmp_path / "features.csv"),
+                "--version",
+                "7",
+            ]
+        )
+        == 0
+    )
     cal = reg.load_calibration("lightgbm/7")
     assert cal.quantile_map() == fit_quantile_map(correct_margins(lgb_case.model.predict(X, margin=True), 0.25), CURVE)
 

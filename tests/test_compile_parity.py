@@ -1,4 +1,5 @@
 """Compiled models score exactly like the library that trained them."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import FEATURES, training_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FEATURES, training_data
 from muse.compile.frontends import load_source_model
 
 _thresholds: dict[str, list[float]] = {}
@@ -59,7 +60,13 @@ def check_parity(case, X):
     for margin in (False, True):
         got = case.model.predict(X, margin=margin)
         want = np.asarray(case.reference(X, margin), dtype=np.float64)
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{case.kind} margin={margin} X={X.tolist() if len(X) < 4 else X.shape}")
+        np.testing.assert_allclose(
+            got,
+            want,
+            rtol=0,
+            atol=1e-6,
+            err_msg=f"{case.kind} margin={margin} X={X.tolist() if len(X) < 4 else X.shape}",
+        )
 
 
 def test_parity_on_training_distribution(case):
@@ -83,7 +90,7 @@ def test_manifest_describes_model(case):
     m = case.model.manifest
     assert m.num_feature == FEATURES and len(m.feature_names) == FEATURES
     assert m.beta == 0.25
-    assert m.margin_kind == ("probability" if case.kind == "sklearn-rf" else "logit")
+    assert m.margin_kind == ("probability" if case.kind in ("sklearn-rf", "sklearn-et") else "logit")
     assert m.library_file.startswith(f"lib{case.kind}-{m.version}-")
     assert (case.artifact / m.library_file).is_file()
     assert "-DMUSE_BLOCKED" in m.compiler_flags  # the tree-blocked entry point is what these tests check
@@ -93,8 +100,8 @@ def test_scores_do_not_depend_on_batch_composition(case):
     """Tree blocking changes the order of work, not of each row's additions: bitwise equal."""
     X, _ = training_data(rows=150, seed=8, nan=nan_allowed(case))
     whole = case.model.predict(X, margin=True)
-    one_by_one = np.concatenate([case.model.predict(X[i:i + 1], margin=True) for i in range(len(X))])
-    odd_blocks = np.concatenate([case.model.predict(X[i:i + 37], margin=True) for i in range(0, len(X), 37)])
+    one_by_one = np.concatenate([case.model.predict(X[i : i + 1], margin=True) for i in range(len(X))])
+    odd_blocks = np.concatenate([case.model.predict(X[i : i + 37], margin=True) for i in range(0, len(X), 37)])
     assert whole.tobytes() == one_by_one.tobytes() == odd_blocks.tobytes()
 
 

@@ -1,19 +1,26 @@
 """Deployment files: validation that names the entry, publishing generations,
 shared model copies, ensembles."""
+
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
-
 from conftest import get_case
+from helpers import calibrate, make_registry, rows
+
 from muse.calib import correct_margins
 from muse.core.deploy import DeploymentStore
 from muse.core.snapshot import ModelPool, build_snapshot
-from muse.core.spec import SpecError, decode_spec
+from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec, SpecError, decode_spec, encode_spec
 from muse.server.cli import main as cli
-from servers import as_json_rows, calibrate, make_registry, rows
+from muse.server.testing import as_json_rows, deploy
 
-BASE = """
+replace = msgspec.structs.replace
+A = PredictorSpec("a", "1", "fraud", ["lightgbm/1"], calibration="lightgbm/1")
+ROUTE = RouteSpec("*", "fraud", "a")
+BASE = DeploymentSpec(predictors=[A], routes=[ROUTE])
+BASE_TOML = """
 [[predictors]]
 name = "a"
 version = "1"
@@ -26,6 +33,11 @@ tenant = "*"
 intent = "fraud"
 active = "a"
 """
+
+
+def with_a(**changes) -> DeploymentSpec:
+    """BASE with predictor a changed."""
+    return replace(BASE, predictors=[replace(A, **changes)])
 
 
 @pytest.fixture(scope="module")
@@ -43,52 +55,71 @@ def spec(text: str):
     return decode_spec(text.encode(), "deploy.toml")
 
 
-@pytest.mark.parametrize("text, message", [
-    (BASE.replace('models = ["lightgbm/1"]', 'models = ["nope/1"]'),
-     "predictors[0] (a): model nope/1: model 'nope' is not in"),
-    (BASE.replace('models = ["lightgbm/1"]', 'models = ["lightgbm/7"]'), "has no version '7'"),
-    (BASE.replace('calibration = "lightgbm/1"', 'calibration = "xgb-cal/1"'),
-     "predictors[0] (a): calibration xgb-cal/1 was fitted for model xgboost-json/1"),
-    (BASE.replace('models = ["lightgbm/1"]', 'models = ["lightgbm/1", "xgboost-json/1"]'),
-     "predictors[0] (a): ensemble member xgboost-json/1 has features"),
-    (BASE.replace('intent = "fraud"', 'intent = "churn"', 1).replace('intent = "fraud"\nactive', 'intent = "churn"\nactive'),
-     "predictors[0] (a): unknown reference for intent 'churn'"),
-    (BASE + '[[routes]]\ntenant = "*"\nintent = "fraud"\nactive = "a"\n', "routes[1] (tenant '*', intent 'fraud'): duplicate route"),
-    (BASE.replace('active = "a"', 'active = "b"'), "routes[0] (tenant '*', intent 'fraud'): active predictor 'b' is not defined"),
-    (BASE.replace('active = "a"', 'active = "a"\nshadows = ["a"]'), "is both active and shadow"),
-    (BASE + BASE.split("[[routes]]")[0], "predictors[1] (a): duplicate predictor name"),
-    (BASE.replace('calibration = "lightgbm/1"', 'calibration = "lightgbm/1"\ncombine = "mean_logit"')
-     .replace('models = ["lightgbm/1"]', 'models = ["lightgbm/1", "lightgbm-copy/1"]'),
-     "calibration lightgbm/1 was fitted for model lightgbm/1"),  # an ensemble needs its own calibration
-])
-def test_validation_names_the_entry(reg, text, message):
+def test_base_toml_is_base():
+    assert spec(BASE_TOML) == BASE and decode_spec(encode_spec(BASE), "deploy.toml") == BASE
+
+
+@pytest.mark.parametrize(
+    "deployment, message",
+    [
+        (with_a(models=["nope/1"]), "predictors[0] (a): model nope/1: model 'nope' is not in"),
+        (with_a(models=["lightgbm/7"]), "predictors[0] (a): model lightgbm/7: model 'lightgbm' has no version '7'"),
+        (
+            with_a(calibration="xgb-cal/1"),
+            "predictors[0] (a): calibration xgb-cal/1 was fitted for model xgboost-json/1",
+        ),
+        (
+            with_a(models=["lightgbm/1", "xgboost-json/1"]),
+            "predictors[0] (a): ensemble member xgboost-json/1 has features",
+        ),
+        (
+            replace(with_a(intent="churn"), routes=[replace(ROUTE, intent="churn")]),
+            "predictors[0] (a): unknown reference for intent 'churn'",
+        ),
+        (replace(BASE, routes=[ROUTE, ROUTE]), "routes[1] (tenant '*', intent 'fraud'): duplicate route"),
+        (
+            replace(BASE, routes=[replace(ROUTE, active="b")]),
+            "routes[0] (tenant '*', intent 'fraud'): active predictor 'b' is not defined",
+        ),
+        (
+            replace(BASE, routes=[replace(ROUTE, shadows=["a"])]),
+            "routes[0] (tenant '*', intent 'fraud'): predictor 'a' is both active and shadow",
+        ),
+        (replace(BASE, predictors=[A, A]), "predictors[1] (a): duplicate predictor name"),
+        (
+            with_a(combine="mean_logit", models=["lightgbm/1", "lightgbm-copy/1"]),
+            "predictors[0] (a): calibration lightgbm/1 was fitted for model lightgbm/1",
+        ),  # an ensemble needs its own calibration
+    ],
+)
+def test_validation_names_the_entry(reg, deployment, message):
     with pytest.raises(SpecError) as err:
-        DeploymentStore(reg).validate(spec(text), source="deploy.toml")
+        DeploymentStore(reg).validate(deployment, source="deploy.toml")
     assert message in str(err.value)
     assert str(err.value).startswith("deploy.toml: ")
 
 
 def test_schema_errors_name_the_path(reg):
     with pytest.raises(SpecError, match=r"deploy.toml: .*at `\$.predictors\[0\].models`"):
-        spec(BASE.replace('models = ["lightgbm/1"]', "models = []"))
+        spec(BASE_TOML.replace('models = ["lightgbm/1"]', "models = []"))
     with pytest.raises(SpecError, match=r"Object contains unknown field `colour` - at `\$.routes\[0\]`"):
-        spec(BASE.replace('active = "a"', 'active = "a"\ncolour = "red"'))
+        spec(BASE_TOML.replace('active = "a"', 'active = "a"\ncolour = "red"'))
     with pytest.raises(SpecError, match="not valid TOML"):
         spec("[[predictors]\n")
     with pytest.raises(SpecError, match=r"length >= 1 - at `\$.routes`"):
-        spec("routes = []\n" + BASE.split("[[routes]]")[0])  # an empty deployment would take everyone offline
+        spec("routes = []\n" + BASE_TOML.split("[[routes]]")[0])  # an empty deployment would take everyone offline
 
 
 def test_apply_publishes_generations_and_refuses_broken_ones(reg, tmp_path, capsys):
     store = DeploymentStore(reg)
     good = tmp_path / "good.toml"
-    good.write_text(BASE)
+    good.write_bytes(encode_spec(BASE))
     assert cli(["deploy", "apply", str(good), "--registry", str(reg.root)]) == 0
     first = store.current_generation()
     assert cli(["deploy", "apply", str(good), "--registry", str(reg.root)]) == 0
     assert store.current_generation() == first + 1
     bad = tmp_path / "bad.toml"
-    bad.write_text(BASE.replace('models = ["lightgbm/1"]', 'models = ["gone/1"]'))
+    bad.write_bytes(encode_spec(with_a(models=["gone/1"])))
     capsys.readouterr()
     assert cli(["deploy", "apply", str(bad), "--registry", str(reg.root)]) == 2
     err = capsys.readouterr().err
@@ -100,20 +131,15 @@ def test_apply_publishes_generations_and_refuses_broken_ones(reg, tmp_path, caps
 
 
 def test_predictors_share_one_loaded_model_and_ensembles_combine(reg):
-    text = BASE + """
-[[predictors]]
-name = "b"
-version = "1"
-intent = "fraud"
-models = ["lightgbm/1"]
-
-[[predictors]]
-name = "ens"
-version = "1"
-intent = "fraud"
-models = ["lightgbm/1", "lightgbm-copy/1"]
-"""
-    snap = build_snapshot(spec(text), ModelPool(reg), generation=1)
+    deployment = replace(
+        BASE,
+        predictors=[
+            A,
+            PredictorSpec("b", "1", "fraud", ["lightgbm/1"]),
+            PredictorSpec("ens", "1", "fraud", ["lightgbm/1", "lightgbm-copy/1"]),
+        ],
+    )
+    snap = build_snapshot(deployment, ModelPool(reg), generation=1)
     a, b, ens = (snap.predictors[n] for n in ("a", "b", "ens"))
     assert a.batchers[0] is b.batchers[0] is ens.batchers[0]
     assert ens.batchers[1] is not ens.batchers[0]  # another NAME/VERSION is another copy
@@ -136,30 +162,23 @@ def test_a_replaced_generation_is_freed_without_the_cycle_collector(reg):
     from muse.server.metrics import Metrics
     from muse.server.serving import Serving
 
-    other = """
-[[predictors]]
-name = "x"
-version = "1"
-intent = "fraud"
-models = ["xgboost-json/1"]
-
-[[routes]]
-tenant = "*"
-intent = "fraud"
-active = "x"
-"""
+    other = DeploymentSpec(
+        predictors=[PredictorSpec("x", "1", "fraud", ["xgboost-json/1"])], routes=[RouteSpec("*", "fraud", "x")]
+    )
     store = DeploymentStore(reg)
 
     async def run():
-        store.apply(spec(BASE))
+        store.apply(BASE)
         serving = Serving(reg, Metrics())
         await serving.start()
         try:
             route = serving.snapshot.route("acme", "fraud")
-            await route.active.score_async(rows(3, seed=2), route.active.map_index("acme"))  # through the batcher and model thread
+            await route.active.score_async(
+                rows(3, seed=2), route.active.map_index("acme")
+            )  # through the batcher and model thread
             batcher, snapshot = weakref.ref(route.active.batchers[0]), weakref.ref(serving.snapshot)
             del route
-            store.apply(spec(other))
+            store.apply(other)
             assert await serving.refresh()
             return batcher, snapshot
         finally:
@@ -188,7 +207,7 @@ def test_every_served_score_is_recorded_and_idle_lanes_are_dropped(reg, tmp_path
     from muse.server.settings import Settings
     from muse.server.testing import ASGIClient
 
-    DeploymentStore(reg).apply(spec(BASE))
+    deploy(reg, BASE)
 
     async def post(client, tenant, X):
         body = json.dumps({"tenant": tenant, "intent": "fraud", "events": [{"features": r} for r in as_json_rows(X)]})

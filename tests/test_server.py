@@ -1,5 +1,6 @@
 """The scoring server over real HTTP on loopback: one `muse serve` process for
 the module, started before anything is deployed."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -9,68 +10,36 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import get_case
+from helpers import calibrate, make_registry, rows
+
 from muse.calib import correct_margins
+from muse.core.spec import BatchingSpec, DeploymentSpec, PredictorSpec, RouteSpec, encode_spec
 from muse.server.auth import add_key, keys_path
 from muse.server.cli import main as cli
-from servers import Server, as_json_rows, calibrate, make_registry, rows
+from muse.server.testing import LocalServer, as_json_rows, wait_until
 
-DEPLOYMENT = """
-[[predictors]]
-name = "fraud-lgb"
-version = "1"
-intent = "fraud"
-models = ["lightgbm/1"]
-calibration = "lightgbm/1"
-
-[[predictors]]
-name = "fraud-xgb"
-version = "1"
-intent = "fraud"
-models = ["xgboost-json/1"]
-
-[[predictors]]
-name = "risk-xgb"
-version = "3"
-intent = "risk"
-models = ["xgboost-json/1"]
-
-[[predictors]]
-name = "slow"
-version = "1"
-intent = "slow"
-models = ["sklearn-hgb/1"]
-
-[[routes]]
-tenant = "*"
-intent = "fraud"
-active = "fraud-lgb"
-
-[[routes]]
-tenant = "acme"
-intent = "fraud"
-active = "fraud-lgb"
-shadows = ["fraud-xgb"]
-
-[[routes]]
-tenant = "globex"
-intent = "risk"
-active = "risk-xgb"
-
-[[routes]]
-tenant = "*"
-intent = "slow"
-active = "slow"
-
-[batching."lightgbm/1"]
-max_wait_us = 2000          # lingers so that concurrent requests visibly coalesce
-
-[batching."sklearn-hgb/1"]
-max_rows = 1000
-max_wait_us = 100000        # holds its queue long enough to overflow it on purpose
-max_queue_rows = 4
-"""
+DEPLOYMENT = DeploymentSpec(
+    predictors=[
+        PredictorSpec("fraud-lgb", "1", "fraud", ["lightgbm/1"], calibration="lightgbm/1"),
+        PredictorSpec("fraud-xgb", "1", "fraud", ["xgboost-json/1"]),
+        PredictorSpec("fraud-xgb-solo", "1", "fraud", ["xgboost-json/1"]),  # hooli's shadow only
+        PredictorSpec("risk-xgb", "3", "risk", ["xgboost-json/1"]),
+        PredictorSpec("slow", "1", "slow", ["sklearn-hgb/1"]),
+    ],
+    routes=[
+        RouteSpec("*", "fraud", "fraud-lgb"),
+        RouteSpec("acme", "fraud", "fraud-lgb", shadows=["fraud-xgb"]),
+        RouteSpec("hooli", "fraud", "fraud-lgb", shadows=["fraud-xgb-solo"]),
+        RouteSpec("globex", "risk", "risk-xgb"),
+        RouteSpec("*", "slow", "slow"),
+    ],
+    batching={
+        "lightgbm/1": BatchingSpec(max_wait_us=2000),  # lingers so that concurrent requests visibly coalesce
+        # holds its queue (100 ms, the most allowed) so that it overflows on purpose: see test_overload_...
+        "sklearn-hgb/1": BatchingSpec(max_rows=1000, max_wait_us=100_000, max_queue_rows=4),
+    },
+)
 TENANTS = {"acme": 1, "globex": 2}
 
 
@@ -87,14 +56,17 @@ def env(tmp_path_factory, model_dir):
     calibrate(reg, "lightgbm", TENANTS)
     e = Env()
     e.reg, e.cases = reg, cases
-    e.keys = {t: add_key(keys_path(reg_dir), t, False)[1] for t in ("acme", "globex", "initech")}
+    e.keys = {t: add_key(keys_path(reg_dir), t, False)[1] for t in ("acme", "globex", "initech", "hooli")}
     e.admin = add_key(keys_path(reg_dir), None, True)[1]
-    e.server = Server(reg_dir, "--max-body-bytes", "200000")
+    e.server = LocalServer(reg_dir, "--max-body-bytes", "200000")
     try:
-        e.before_deploy = (e.server.get("/v2/health/ready")[0],
-                           e.server.post("/v1/score", {"tenant": "acme", "intent": "fraud",
-                                                       "events": [{"features": [0.0] * 6}]}, e.keys["acme"]))
-        (root / "deploy.toml").write_text(DEPLOYMENT)
+        e.before_deploy = (
+            e.server.get("/v2/health/ready")[0],
+            e.server.post(
+                "/v1/score", {"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}]}, e.keys["acme"]
+            ),
+        )
+        (root / "deploy.toml").write_bytes(encode_spec(DEPLOYMENT))
         assert cli(["deploy", "apply", str(root / "deploy.toml"), "--registry", str(reg_dir)]) == 0
         e.server.wait_ready(generation=1)
         yield e
@@ -138,10 +110,13 @@ def test_scores_match_offline_predictor_per_tenant(env):
 def test_features_by_name_and_ids(env):
     names = env.cases["lightgbm"].model.manifest.feature_names
     X = rows(3, seed=4)
-    events = [{"id": f"tx-{i}", "features": {n: (None if np.isnan(v) else v) for n, v in zip(names, row)}}
-              for i, row in enumerate(X)]
-    status, body, _ = env.server.post("/v1/score", {"tenant": "acme", "intent": "fraud", "events": events},
-                                      env.keys["acme"])
+    events = [
+        {"id": f"tx-{i}", "features": {n: (None if np.isnan(v) else v) for n, v in zip(names, row)}}
+        for i, row in enumerate(X)
+    ]
+    status, body, _ = env.server.post(
+        "/v1/score", {"tenant": "acme", "intent": "fraud", "events": events}, env.keys["acme"]
+    )
     assert status == 200, body
     assert body["ids"] == ["tx-0", "tx-1", "tx-2"]
     np.testing.assert_allclose(body["scores"], expected_fraud(env, X, "acme"), rtol=1e-12)
@@ -172,21 +147,21 @@ def test_concurrent_tenants_coalesce_and_match(env):
     assert after[ok] - before.get(ok, 0) == 20
     err = 'muse_request_errors_total{intent="fraud",predictor="fraud-lgb",reason="invalid",tenant="acme"}'
     assert after[err] - before.get(err, 0) == 60
-    assert 'muse_request_duration_seconds_bucket{intent="fraud",le="0.005",predictor="fraud-lgb",tenant="acme"}' \
-        in after
+    assert (
+        'muse_request_duration_seconds_bucket{intent="fraud",le="0.005",predictor="fraud-lgb",tenant="acme"}' in after
+    )
 
 
 def test_shadow_scored_off_path_and_counted(env):
-    before = env.server.metrics().get('muse_shadow_events_scored_total{intent="fraud",predictor="fraud-xgb"}', 0)
+    """hooli's route is the only one with shadow fraud-xgb-solo: its counter moves with this test only."""
+    key = 'muse_shadow_events_scored_total{intent="fraud",predictor="fraud-xgb-solo"}'
     X = rows(7, seed=9)
-    status, body, _ = score(env, "acme", X)
+    status, body, _ = score(env, "hooli", X)
     assert status == 200 and body["predictor"] == "fraud-lgb"  # the caller sees only the active predictor
-    for _ in range(100):
-        after = env.server.metrics().get('muse_shadow_events_scored_total{intent="fraud",predictor="fraud-xgb"}', 0)
-        if after - before >= 7:
-            break
-        threading.Event().wait(0.05)
-    assert after - before == 7
+    np.testing.assert_allclose(body["scores"], expected_fraud(env, X, "hooli"), rtol=1e-12)
+    wait_until(lambda: env.server.metrics().get(key, 0) >= 7, 10, "7 rows scored by the shadow")
+    assert env.server.metrics()[key] == 7
+    assert env.server.metrics().get('muse_shadow_dropped_total{intent="fraud"}', 0) == 0
 
 
 def test_uncalibrated_predictor_serves_corrected_scores(env):
@@ -194,27 +169,44 @@ def test_uncalibrated_predictor_serves_corrected_scores(env):
     status, body, _ = score(env, "globex", X, intent="risk")
     assert status == 200 and body["version"] == "3"
     model = env.cases["xgboost-json"].model
-    np.testing.assert_allclose(body["scores"], correct_margins(model.predict(X, margin=True), model.manifest.beta),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        body["scores"], correct_margins(model.predict(X, margin=True), model.manifest.beta), rtol=1e-12
+    )
 
 
-@pytest.mark.parametrize("payload, status, field", [
-    (b"{not json", 400, "$"),
-    ({"tenant": 5, "intent": "fraud", "events": [{"features": [0.0] * 6}]}, 422, "$.tenant"),
-    ({"tenant": "acme", "events": [{"features": [0.0] * 6}]}, 422, "$.intent"),
-    ({"tenant": "acme", "intent": "fraud", "events": []}, 422, "$.events"),
-    ({"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}, {"features": [0.0] * 5}]},
-     422, "$.events[1].features"),
-    ({"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 5 + ["x"]}]}, 422, "$.events[0].features[5]"),
-    ({"tenant": "acme", "intent": "fraud", "events": [{"features": {"bogus": 1.0}}]}, 422,
-     "$.events[0].features.bogus"),
-    ({"tenant": "acme", "intent": "fraud", "events": [{"features": {"Column_0": 1.0}}]}, 422,
-     "$.events[0].features.Column_1"),
-    ({"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}], "extra": 1}, 422, "$"),
-    ({"tenant": "acme", "intent": "nope", "events": [{"features": [0.0] * 6}]}, 404, "$.intent"),
-    ({"tenant": "acme", "intent": "risk", "events": [{"features": [0.0] * 6}]}, 404, "$.tenant"),
-    ({"tenant": "globex", "intent": "fraud", "events": [{"features": [0.0] * 6}]}, 403, "$.tenant"),
-])
+@pytest.mark.parametrize(
+    "payload, status, field",
+    [
+        (b"{not json", 400, "$"),
+        ({"tenant": 5, "intent": "fraud", "events": [{"features": [0.0] * 6}]}, 422, "$.tenant"),
+        ({"tenant": "acme", "events": [{"features": [0.0] * 6}]}, 422, "$.intent"),
+        ({"tenant": "acme", "intent": "fraud", "events": []}, 422, "$.events"),
+        (
+            {"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}, {"features": [0.0] * 5}]},
+            422,
+            "$.events[1].features",
+        ),
+        (
+            {"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 5 + ["x"]}]},
+            422,
+            "$.events[0].features[5]",
+        ),
+        (
+            {"tenant": "acme", "intent": "fraud", "events": [{"features": {"bogus": 1.0}}]},
+            422,
+            "$.events[0].features.bogus",
+        ),
+        (
+            {"tenant": "acme", "intent": "fraud", "events": [{"features": {"Column_0": 1.0}}]},
+            422,
+            "$.events[0].features.Column_1",
+        ),
+        ({"tenant": "acme", "intent": "fraud", "events": [{"features": [0.0] * 6}], "extra": 1}, 422, "$"),
+        ({"tenant": "acme", "intent": "nope", "events": [{"features": [0.0] * 6}]}, 404, "$.intent"),
+        ({"tenant": "acme", "intent": "risk", "events": [{"features": [0.0] * 6}]}, 404, "$.tenant"),
+        ({"tenant": "globex", "intent": "fraud", "events": [{"features": [0.0] * 6}]}, 403, "$.tenant"),
+    ],
+)
 def test_client_errors_name_the_field(env, payload, status, field):
     got, body, _ = env.server.post("/v1/score", payload, env.keys["acme"])
     assert (got, body.get("field")) == (status, field), body
@@ -232,7 +224,7 @@ def test_credentials(env):
     assert env.server.post("/v1/score", payload, env.admin)[0] == 200  # admin may score any tenant
     assert env.server.get("/admin/deployment", env.keys["acme"])[0] == 403
     status, body, _ = env.server.get("/admin/deployment", env.admin)
-    assert status == 200 and body["generation"] == 1 and len(body["deployment"]["routes"]) == 4
+    assert status == 200 and body["generation"] == 1 and len(body["deployment"]["routes"]) == len(DEPLOYMENT.routes)
 
 
 def test_keys_added_and_revoked_while_serving(env):
@@ -247,10 +239,8 @@ def test_keys_added_and_revoked_while_serving(env):
 
 
 def wait_for_status(env, payload, key, status, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while env.server.post("/v1/score", payload, key)[0] != status:
-        assert time.monotonic() < deadline, f"still not {status} after {timeout} s"
-        time.sleep(0.05)
+    """Until a request with ``key`` is answered ``status`` (keys are reloaded at every poll)."""
+    wait_until(lambda: env.server.post("/v1/score", payload, key)[0] == status, timeout, f"status {status}")
 
 
 def test_compressed_bodies(env):
@@ -288,7 +278,9 @@ def test_bodies_in_pieces_and_chunked_on_one_connection(env):
             conn.putheader(k, v)
         conn.endheaders()
         conn.send(raw[:40])
-        time.sleep(0.05)  # the rest arrives as a second chunk
+        # Not a wait for a state: a pause between two sends, so that the rest of the body arrives
+        # as a second TCP segment (a second body chunk for the server), which is what is tested.
+        time.sleep(0.05)
         conn.send(raw[40:])
         return answer()
 
@@ -312,17 +304,35 @@ def test_oversized_body_is_413(env):
 
 
 def test_overload_is_503_with_retry_after(env):
-    """The 'slow' model lingers 100 ms for a fuller batch and queues at most 4 rows: of two
-    3-row requests sent together, whichever arrives second finds the queue full."""
+    """The 'slow' model lingers 100 ms for a fuller batch and queues at most 4 rows: of 3-row requests
+    sent together, all but the first to arrive find the queue full.  Each round releases four at once;
+    a round whose requests the machine spread over more than 100 ms could see no 503, so rounds are
+    repeated until one does (in practice the first)."""
     payload = {"tenant": "acme", "intent": "slow", "events": [{"features": [0.0] * 6}] * 3}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(env.server.post, "/v1/score", payload, env.keys["acme"])
-        threading.Event().wait(0.02)
-        second = pool.submit(env.server.post, "/v1/score", payload, env.keys["acme"])
-        results = sorted([first.result(), second.result()], key=lambda r: r[0])
-    (ok, _, _), (status, body, headers) = results
-    assert (ok, status) == (200, 503)
-    assert headers["retry-after"] == "1" and "overloaded" in body["error"]
+    rounds = []
+
+    def one_round():
+        start = threading.Barrier(4)
+
+        def post():
+            start.wait()
+            return env.server.post("/v1/score", payload, env.keys["acme"])
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: post(), range(4)))
+        rounds.append(results)
+        return any(status == 503 for status, _, _ in results)
+
+    wait_until(one_round, 30, "a 503 from the full queue")
+    results = rounds[-1]
+    assert {status for status, _, _ in results} == {200, 503}, [r[:2] for r in results]
+    for status, body, headers in results:
+        if status == 503:
+            assert headers["retry-after"] == "1" and "overloaded" in body["error"], body
+        else:
+            assert body["predictor"] == "slow" and len(body["scores"]) == 3, body
+    assert all(status in (200, 503) for r in rounds for status, _, _ in r)
+    assert score(env, "acme", rows(3, seed=2), intent="slow")[0] == 200  # and it recovers
 
 
 def test_routing_errors(env):
@@ -346,6 +356,7 @@ def test_openapi_and_metadata(env):
 
 # -- Open Inference Protocol, driven by tritonclient ---------------------------------------
 
+
 def test_tritonclient_end_to_end(env):
     httpclient = pytest.importorskip("tritonclient.http")
     client = httpclient.InferenceServerClient(f"127.0.0.1:{env.server.port}")
@@ -359,36 +370,49 @@ def test_tritonclient_end_to_end(env):
         tensor = httpclient.InferInput("features", list(X.shape), "FP64" if dtype == np.float64 else "FP32")
         tensor.set_data_from_numpy(X.astype(dtype), binary_data=binary)
         outputs = [httpclient.InferRequestedOutput("score", binary_data=binary)]
-        result = client.infer("fraud", [tensor], outputs=outputs, headers=dict(auth), request_id="r1")  # it writes into headers
+        result = client.infer(
+            "fraud", [tensor], outputs=outputs, headers=dict(auth), request_id="r1"
+        )  # it writes into headers
         expected = expected_fraud(env, X.astype(dtype).astype(np.float64), "acme")
         np.testing.assert_allclose(result.as_numpy("score"), expected, rtol=1e-12)
         assert result.get_response()["model_version"] == "1"
     for algorithm in ("gzip", "deflate"):
         tensor = httpclient.InferInput("features", list(X.shape), "FP64")
         tensor.set_data_from_numpy(X)
-        result = client.infer("fraud", [tensor], headers=dict(auth), request_compression_algorithm=algorithm,
-                              response_compression_algorithm=algorithm)
+        result = client.infer(
+            "fraud",
+            [tensor],
+            headers=dict(auth),
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
         np.testing.assert_allclose(result.as_numpy("score"), expected_fraud(env, X, "acme"), rtol=1e-12)
     # no outputs requested: tritonclient asks for binary; tenant given as a parameter by an admin key
     tensor = httpclient.InferInput("features", list(X.shape), "FP64")
     tensor.set_data_from_numpy(X)
-    result = client.infer("fraud", [tensor], headers={"Authorization": f"Bearer {env.admin}"},
-                          parameters={"tenant": "globex"})
+    result = client.infer(
+        "fraud", [tensor], headers={"Authorization": f"Bearer {env.admin}"}, parameters={"tenant": "globex"}
+    )
     np.testing.assert_allclose(result.as_numpy("score"), expected_fraud(env, X, "globex"), rtol=1e-12)
 
 
-@pytest.mark.parametrize("mutate, status, field", [
-    (lambda r: r["inputs"][0].update(shape=[2, 5]), 422, "$.inputs[0].shape"),
-    (lambda r: r["inputs"][0].update(datatype="INT64"), 422, "$.inputs[0].datatype"),
-    (lambda r: r["inputs"][0].update(data=[1.0] * 11), 422, "$.inputs[0].data"),
-    (lambda r: r["inputs"][0].update(data=["a"] * 12), 422, "$.inputs[0].data"),
-    (lambda r: r.update(outputs=[{"name": "proba"}]), 422, "$.outputs[0].name"),
-    (lambda r: r.update(inputs=[]), 422, "$.inputs"),
-    (lambda r: r["parameters"].update(tenant="globex"), 403, "$.parameters.tenant"),
-])
+@pytest.mark.parametrize(
+    "mutate, status, field",
+    [
+        (lambda r: r["inputs"][0].update(shape=[2, 5]), 422, "$.inputs[0].shape"),
+        (lambda r: r["inputs"][0].update(datatype="INT64"), 422, "$.inputs[0].datatype"),
+        (lambda r: r["inputs"][0].update(data=[1.0] * 11), 422, "$.inputs[0].data"),
+        (lambda r: r["inputs"][0].update(data=["a"] * 12), 422, "$.inputs[0].data"),
+        (lambda r: r.update(outputs=[{"name": "proba"}]), 422, "$.outputs[0].name"),
+        (lambda r: r.update(inputs=[]), 422, "$.inputs"),
+        (lambda r: r["parameters"].update(tenant="globex"), 403, "$.parameters.tenant"),
+    ],
+)
 def test_oip_errors_name_the_field(env, mutate, status, field):
-    request = {"inputs": [{"name": "features", "shape": [2, 6], "datatype": "FP64", "data": [0.5] * 12}],
-               "parameters": {}}
+    request = {
+        "inputs": [{"name": "features", "shape": [2, 6], "datatype": "FP64", "data": [0.5] * 12}],
+        "parameters": {},
+    }
     mutate(request)
     got, body, _ = env.server.post("/v2/models/fraud/infer", request, env.keys["acme"])
     assert (got, body.get("field")) == (status, field), body
@@ -396,14 +420,41 @@ def test_oip_errors_name_the_field(env, mutate, status, field):
 
 def test_oip_json_infer_and_version_path(env):
     X = rows(2, seed=13)
-    request = {"id": "abc", "inputs": [{"name": "features", "shape": [2, 6], "datatype": "FP64",
-                                        "data": as_json_rows(X)}]}
+    request = {
+        "id": "abc",
+        "inputs": [{"name": "features", "shape": [2, 6], "datatype": "FP64", "data": as_json_rows(X)}],
+    }
     status, body, _ = env.server.post("/v2/models/fraud/versions/1/infer", request, env.keys["initech"])
     assert status == 200 and body["id"] == "abc" and body["outputs"][0]["shape"] == [2]
     np.testing.assert_allclose(body["outputs"][0]["data"], expected_fraud(env, X, "initech"), rtol=1e-12)
     assert env.server.post("/v2/models/fraud/versions/9/infer", request, env.keys["initech"])[0] == 404
     status, body, _ = env.server.post("/v2/models/fraud/infer", request, headers={})
     assert status == 401
-    bad_header = env.server.post("/v2/models/fraud/infer", json.dumps(request).encode(), env.keys["acme"],
-                                 headers={"Inference-Header-Content-Length": "99999"})
+    bad_header = env.server.post(
+        "/v2/models/fraud/infer",
+        json.dumps(request).encode(),
+        env.keys["acme"],
+        headers={"Inference-Header-Content-Length": "99999"},
+    )
     assert bad_header[0] == 400 and bad_header[1]["field"] == "inference-header-content-length"
+
+
+def test_oip_json_with_bare_nan_and_infinity(env):
+    """tritonclient (through Python's json) writes NaN and +-Infinity as bare literals, which strict
+    JSON lacks: they are read as the numbers they name, NaN a missing value."""
+    X = rows(4, seed=15)
+    X[0, 1], X[1, 2], X[2, 0] = np.inf, -np.inf, np.nan
+    assert np.isnan(X).any()
+    request = {"inputs": [{"name": "features", "shape": list(X.shape), "datatype": "FP64", "data": X.ravel().tolist()}]}
+    raw = json.dumps(request).encode()
+    assert b"NaN" in raw and b"-Infinity" in raw and b"Infinity," in raw
+    status, body, _ = env.server.post("/v2/models/fraud/infer", raw, env.keys["acme"])
+    assert status == 200, body
+    np.testing.assert_allclose(body["outputs"][0]["data"], expected_fraud(env, X, "acme"), rtol=1e-12)
+    # NaN scores as null does (missing)
+    nulls = {"inputs": [{**request["inputs"][0], "data": [None if v != v else v for v in X.ravel().tolist()]}]}
+    status, with_nulls, _ = env.server.post("/v2/models/fraud/infer", json.dumps(nulls).encode(), env.keys["acme"])
+    assert status == 200 and with_nulls["outputs"][0]["data"] == body["outputs"][0]["data"]
+    # what neither JSON nor Python's json reads is still a 400 naming the body
+    status, body, _ = env.server.post("/v2/models/fraud/infer", raw.replace(b"NaN", b"nan"), env.keys["acme"])
+    assert (status, body["field"]) == (400, "$"), body
