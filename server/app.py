@@ -135,7 +135,9 @@ class MuseApp(Context):
         req = Request(scope, receive, self.settings.max_body_bytes)
         try:
             endpoint, params = self.routes.match(req.method, req.path)
-            status, body, content_type, headers = await endpoint.handler(self, req, **params)
+            # (no ** for the common parameterless call: it builds a dict each time)
+            coro = endpoint.handler(self, req, **params) if params else endpoint.handler(self, req)
+            status, body, content_type, headers = await coro
         except HTTPError as exc:
             status, body, content_type, headers = exc.status, exc.body(), b"application/json", exc.headers
         except ConnectionAbortedError:
