@@ -1,5 +1,6 @@
 """Build glue: maps the top-level folders onto the ``muse`` namespace and
 builds the Cython extensions that call compiled models without the GIL."""
+
 import pathlib
 
 import numpy
@@ -20,9 +21,14 @@ for name in ("compile",):
 
 
 def native(module: str, source: str, **extra) -> Extension:
-    return Extension(module, [source], include_dirs=[numpy.get_include()],
-                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                     extra_compile_args=["-O3"], **extra)
+    return Extension(
+        module,
+        [source],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+        **extra,
+    )
 
 
 extensions = cythonize(

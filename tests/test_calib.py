@@ -1,4 +1,5 @@
 """The score transformation: properties of correction, references, fitted maps and kernels."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """LightGBM categorical splits (category sets, not thresholds) through the
 tree-blocked entry point: parity with LightGBM, unseen and missing categories included."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,15 @@ def categorical_model(tmp_path_factory):
     risky = np.isin(X[:, 0], [2, 7, 11, 19, 23])
     y = ((risky & (X[:, 1] > -0.5)) | (rng.random(n) < 0.05)).astype(int)
     X[rng.random(n) < 0.05, 0] = np.nan
-    params = {"objective": "binary", "num_leaves": 15, "min_data_in_leaf": 10, "verbose": -1, "seed": 1,
-              "max_cat_to_onehot": 4, "cat_smooth": 1}
+    params = {
+        "objective": "binary",
+        "num_leaves": 15,
+        "min_data_in_leaf": 10,
+        "verbose": -1,
+        "seed": 1,
+        "max_cat_to_onehot": 4,
+        "cat_smooth": 1,
+    }
     booster = lgb.train(params, lgb.Dataset(X, y, categorical_feature=[0]), num_boost_round=20)
     path = tmp_path_factory.mktemp("cat") / "cat.txt"
     booster.save_model(str(path))
@@ -34,5 +42,6 @@ def test_categorical_parity(categorical_model):
     X[::17, 0] = np.nan  # missing category
     X[::23, 0] = 1e6  # far outside the categories seen in training
     for margin in (False, True):
-        np.testing.assert_allclose(model.predict(X, margin=margin), booster.predict(X, raw_score=margin),
-                                   rtol=0, atol=1e-9)
+        np.testing.assert_allclose(
+            model.predict(X, margin=margin), booster.predict(X, raw_score=margin), rtol=0, atol=1e-9
+        )
