@@ -27,18 +27,20 @@ import polars as pl
 
 log = logging.getLogger("muse.scorelog")
 
-SCHEMA = {
-    "time": pl.Datetime("us", "UTC"),
-    "tenant": pl.Utf8,
-    "intent": pl.Utf8,
-    "predictor": pl.Utf8,
-    "version": pl.Utf8,
-    "role": pl.Utf8,
-    "generation": pl.Int64,
-    "margin": pl.Float64,
-    "corrected": pl.Float64,
-    "mapped": pl.Float64,
-}
+SCHEMA = pl.Schema(
+    {
+        "time": pl.Datetime("us", "UTC"),
+        "tenant": pl.Utf8(),
+        "intent": pl.Utf8(),
+        "predictor": pl.Utf8(),
+        "version": pl.Utf8(),
+        "role": pl.Utf8(),
+        "generation": pl.Int64(),
+        "margin": pl.Float64(),
+        "corrected": pl.Float64(),
+        "mapped": pl.Float64(),
+    }
+)
 LABELS = ("tenant", "intent", "predictor", "version", "role")
 
 
