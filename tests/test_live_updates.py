@@ -208,8 +208,11 @@ def test_shadow_scores_are_logged_but_never_returned(live):
     # The shadow's scores are logged as computed, never returned: the log holds fraud-v2's own scores.
     served_scores = np.sort(np.concatenate([b["scores"] for _, b, _ in responses]))
     np.testing.assert_allclose(np.sort(active["mapped"].to_numpy()), served_scores, rtol=1e-12)
-    every_x = np.concatenate([X for _, _, X in responses])
-    assert set(np.round(shadow["mapped"].to_numpy(), 12)) <= set(np.round(expected(live, "fraud-v2", every_x), 12))
+    want = np.sort(expected(live, "fraud-v2", np.concatenate([X for _, _, X in responses])))
+    got = shadow["mapped"].to_numpy()
+    nearest = want[np.clip(np.searchsorted(want, got), 0, want.size - 1)]
+    below = want[np.clip(np.searchsorted(want, got) - 1, 0, want.size - 1)]
+    assert np.minimum(abs(got - nearest), abs(got - below)).max() <= 1e-12  # each one a score fraud-v2 gives
 
 
 def test_calibrate_shadow_from_log_then_promote_and_roll_back_under_load(live, tmp_path):
