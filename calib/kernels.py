@@ -115,7 +115,7 @@ def calibrate_rows(
 
 
 # The same kernel as a C function, for callers that hold no GIL (the native model thread) or
-# cannot afford a Numba dispatch (~10 us in the server, for 9 arguments): compile/_native.pyx
+# cannot afford a Numba dispatch (~10 us in the server, for 9 arguments): compile/_library.pyx
 # calls it through ``calibrate_rows_c.address`` with this signature.  The scores are read from
 # ``raw`` and written to ``out`` as [2, n] (corrected, mapped); ``index`` is read only when
 # ``single`` < 0; the table is MapTable's arrays.
