@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from muse.bench.models import fraud_like_matrix, train_lightgbm
 from muse.bench.timing import print_table
@@ -177,30 +178,24 @@ def main(argv: list[str] | None = None) -> None:
             "2048",
             "--no-ws",
         ]  # as `muse serve` runs it
-        servers = {
-            "no-op granian+msgspec": lambda port: Process(
-                [*granian, "--port", str(port), "muse.bench.noop_app:app"], port
-            ),
-            "muse /v1/score": lambda port: Process(
-                [
-                    sys.executable,
-                    "-m",
-                    "muse.server.cli",
-                    "serve",
-                    "--registry",
-                    str(registry),
-                    "--port",
-                    str(port),
-                    "--workers",
-                    str(args.workers),
-                ],
-                port,
-            ),
+
+        def start_noop() -> Process:
+            port = local.free_port()
+            return Process([*granian, "--port", str(port), "muse.bench.noop_app:app"], port)
+
+        def start_muse() -> local.LocalServer:
+            server = local.LocalServer(registry, workers=args.workers)
+            server.wait_ready(timeout=120)
+            return server
+
+        servers: dict[str, Callable[[], Process | local.LocalServer]] = {
+            "no-op granian+msgspec": start_noop,
+            "muse /v1/score": start_muse,
         }
-        started = {}
+        started: dict[str, Process | local.LocalServer] = {}
         try:
             for label, start in servers.items():
-                started[label] = start(local.free_port())
+                started[label] = start()
             reqs = {label: request_file(work, server.port, key) for label, server in started.items()}
             rates = [float(r) for r in args.rates.split(",")]
             # Rounds alternate the two servers, so that both see the same moments of a shared,

@@ -114,6 +114,17 @@ def score(env, tenant: str, X: np.ndarray):
     return env.server.post("/v1/score", payload, env.keys[tenant])
 
 
+def send_traffic(env, rows_each: int, seeds: range) -> int:
+    """Every tenant scores ``rows_each`` rows per seed; returns the rows sent (all answered 200)."""
+    sent = 0
+    for tenant in TENANTS:
+        for seed in seeds:
+            X = rows(rows_each, seed=seed)
+            assert score(env, tenant, X)[0] == 200
+            sent += len(X)
+    return sent
+
+
 def logged(env, generation: int, role: str | None = None) -> pl.DataFrame:
     """The score log's rows of ``generation`` (and ``role``)."""
     frame = read_log(env.log_dir).filter(pl.col("generation") == generation)
@@ -217,13 +228,7 @@ def test_shadow_scores_are_logged_but_never_returned(live):
 
 def test_calibrate_shadow_from_log_then_promote_and_roll_back_under_load(live, tmp_path):
     shadowed = publish(live, V1_WITH_SHADOW)
-    # Enough shadow traffic to fit a map per tenant.
-    sent = 0
-    for tenant in TENANTS:
-        for seed in range(3):
-            X = rows(400, seed=500 + seed)
-            assert score(live, tenant, X)[0] == 200
-            sent += len(X)
+    sent = send_traffic(live, 400, range(500, 503))  # enough shadow traffic to fit a map per tenant
     wait_until(
         lambda: logged(live, shadowed, "shadow").height >= 500,
         10,
@@ -333,12 +338,7 @@ def test_drift_gauges_and_calib_status(live, capsys):
     traffic's distribution) is within tolerance, uncalibrated fraud-v2 is not."""
 
     def serve(generation: int, roles: tuple[str, ...]) -> None:
-        sent = 0
-        for tenant in TENANTS:
-            for seed in range(4):
-                X = rows(500, seed=700 + seed)
-                assert score(live, tenant, X)[0] == 200
-                sent += len(X)
+        sent = send_traffic(live, 500, range(700, 704))
         for role in roles:
             wait_until(
                 lambda role=role: logged(live, generation, role).height >= sent,
