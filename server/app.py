@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import api_admin, api_health, api_inference, api_scoring
-from .asgi import Receive, Request, Send, send
+from .asgi import BodyDeadlines, Receive, Request, Send, send
 from .context import Context, log
 from .errors import HTTPError
 from .routes import ADMIN_ERRORS, Endpoint, RouteTable
@@ -125,6 +125,7 @@ ROUTES = RouteTable(
 class MuseApp(Context):
     def __init__(self, settings: Settings, routes: RouteTable = ROUTES):
         super().__init__(settings, routes)
+        self.body_deadlines = BodyDeadlines(settings.body_timeout)
 
     # -- ASGI ----------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send_fn: Send) -> None:
@@ -132,7 +133,7 @@ class MuseApp(Context):
             return await self._lifespan(receive, send_fn)
         if scope["type"] != "http":
             return None
-        req = Request(scope, receive, self.settings.max_body_bytes)
+        req = Request(scope, receive, self.settings.max_body_bytes, self.body_deadlines)
         try:
             endpoint, params = self.routes.match(req.method, req.path)
             # (no ** for the common parameterless call: it builds a dict each time)
@@ -155,6 +156,7 @@ class MuseApp(Context):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    self.body_deadlines.start()
                     await self.serving.start()
                 except Exception as exc:
                     log.exception("start-up")
@@ -162,6 +164,7 @@ class MuseApp(Context):
                     return
                 await send_fn({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self.body_deadlines.stop()
                 await self.serving.stop()
                 await send_fn({"type": "lifespan.shutdown.complete"})
                 return

@@ -1,7 +1,9 @@
-"""The little ASGI plumbing the app needs: reading a bounded body and sending a response."""
+"""The little ASGI plumbing the app needs: reading a bounded body in bounded time, and
+sending a response."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,16 +19,77 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 _ENCODER = msgspec.json.Encoder()
 
 
-class Request:
-    __slots__ = ("scope", "receive", "headers", "path", "method", "max_body")
+class BodyDeadlines:
+    """Ends body reads that outlast ``seconds`` (a client trickling its body, or sending headers
+    and then nothing), with a 408.  One timer for every read in flight, ticking every
+    ``tick`` seconds: a timer per request (asyncio.timeout) cost ~4 us of a ~50 us request,
+    registering here ~0.3 us (measured in-process, uvloop).  A read may so run up to one
+    tick past its deadline."""
 
-    def __init__(self, scope: dict[str, Any], receive: Receive, max_body: int):
+    def __init__(self, seconds: float, tick: float = 0.5):
+        self.seconds = seconds
+        self.tick = min(tick, seconds)
+        self._reading: dict[asyncio.Task, float] = {}  # task -> deadline (loop time)
+        self._expired: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """On the serving loop (the app's lifespan start-up)."""
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(self.tick, self._sweep)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        for task, deadline in list(self._reading.items()):
+            if now > deadline and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._timer = self._loop.call_later(self.tick, self._sweep)
+
+    def enter(self) -> asyncio.Task | None:
+        if self._loop is None:  # not started (an app driven without its lifespan): no deadline
+            return None
+        task = asyncio.current_task()
+        if task is not None:
+            self._reading[task] = self._loop.time() + self.seconds
+        return task
+
+    def leave(self, task: asyncio.Task | None) -> None:
+        if task is not None:
+            self._reading.pop(task, None)
+
+    def expired(self, task: asyncio.Task | None) -> bool:
+        """Whether ``task`` was cancelled by its deadline (and so the cancellation is ours)."""
+        if task is None or task not in self._expired:
+            return False
+        self._expired.discard(task)
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+ counts cancellations; 3.10 does not
+        if uncancel is not None:
+            uncancel()
+        return True
+
+
+NO_DEADLINES = BodyDeadlines(1.0)  # never started: reads without a deadline
+
+
+class Request:
+    __slots__ = ("scope", "receive", "headers", "path", "method", "max_body", "deadlines")
+
+    def __init__(self, scope: dict[str, Any], receive: Receive, max_body: int, deadlines: BodyDeadlines = NO_DEADLINES):
         self.scope = scope
         self.receive = receive
         self.path: str = scope["path"]
         self.method: str = scope["method"]
         self.headers: dict[bytes, bytes] = dict(scope["headers"])  # ASGI lowercases names
         self.max_body = max_body
+        self.deadlines = deadlines
 
     async def body(self) -> bytes:
         """The request body, bounded by max_body.  It is complete once content-length bytes have
@@ -42,19 +105,33 @@ class Request:
             if length > self.max_body:
                 raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {self.max_body}")
         chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ConnectionAbortedError("client went away")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:  # chunked uploads have no content-length to check up front
-                raise HTTPError(413, f"request body exceeds the limit of {self.max_body} bytes")
-            chunks.append(chunk)
-            if size == length or not message.get("more_body", False):
-                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                encoding = self.headers.get(b"content-encoding")
-                return body if encoding in (None, b"identity") else self._decompress(body, encoding)
+        task = self.deadlines.enter()
+        try:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise ConnectionAbortedError("client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:  # chunked uploads have no content-length to check up front
+                    raise HTTPError(413, f"request body exceeds the limit of {self.max_body} bytes")
+                chunks.append(chunk)
+                if size == length or not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self.deadlines.expired(task):
+                raise
+            raise HTTPError(
+                408,
+                f"the request body did not arrive within {self.deadlines.seconds:g} s ({size} bytes came)",
+                "body",
+                [(b"connection", b"close")],
+            ) from None
+        finally:
+            self.deadlines.leave(task)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = self.headers.get(b"content-encoding")
+        return body if encoding in (None, b"identity") else self._decompress(body, encoding)
 
     def _decompress(self, body: bytes, encoding: bytes) -> bytes:
         """gzip/deflate request bodies (tritonclient can send them), bounded like plain ones."""

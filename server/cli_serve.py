@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
+import resource
 import shutil
 import sys
 import tempfile
@@ -15,30 +17,17 @@ from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
 from muse.core.spec import SpecError, encode_spec
 
+from .logs import FORMATS
 from .settings import DEFAULTS, Settings, to_environment
+
+log = logging.getLogger("muse.serve")
+FILES_RESERVED = 512  # descriptors a worker keeps for libraries, the score log and the registry
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
-
-    from .auth import keys_path, read_keys
-
     registry = pathlib.Path(args.registry).resolve()
     if not registry.is_dir():
         raise SpecError(f"{registry}: no such registry directory; create one with `muse compile --registry {registry}`")
-    if not args.no_auth and not read_keys(keys_path(registry)).keys:
-        print(
-            f"muse serve: warning: {keys_path(registry)} holds no keys, so every scoring request will get 401; "
-            "add one with `muse keys add --tenant T` or pass --no-auth",
-            file=sys.stderr,
-        )
-    if DeploymentStore(Registry(registry)).current_generation() is None:
-        print(
-            "muse serve: warning: nothing is deployed yet; the server stays not-ready until "
-            "`muse deploy apply` publishes a deployment",
-            file=sys.stderr,
-        )
     score_log = None
     if args.score_log_sample > 0:
         score_log = str(pathlib.Path(args.score_log or registry / "scorelog").resolve())
@@ -48,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 registry=str(registry),
                 auth=not args.no_auth,
                 max_body_bytes=args.max_body_bytes,
+                body_timeout=args.body_timeout,
+                access_log=args.access_log,
                 score_log=score_log,
                 score_log_sample=args.score_log_sample,
                 score_log_max_bytes=args.score_log_max_mb << 20,
@@ -57,30 +48,103 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
     except msgspec.ValidationError as exc:
         raise ValueError(f"{exc}; see `muse serve --help`") from None
+    if args.header_timeout <= 0 or args.max_connections < 1:
+        raise ValueError("--header-timeout must be > 0 and --max-connections >= 1; see `muse serve --help`")
     to_environment(settings)
     # Polars (the score log) would start a thread per core in every worker and compete with the
     # request path for the CPU; one background thread per worker is plenty.
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
-    metrics_dir = None
-    if args.workers > 1:  # every worker writes its metrics here; /metrics merges them
-        metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Every worker, and this process (worker restarts), write their metrics here; /metrics merges
+    # them.  Set before prometheus_client is first imported (supervisor.py imports it).
+    metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        Granian(
-            "muse.server.app:create_app",
-            factory=True,
-            interface=Interfaces.ASGI,
-            loop=Loops.uvloop,
-            address=args.host,
-            port=args.port,
-            workers=args.workers,
-            backlog=args.backlog,
-            log_access=args.access_log,
-            websockets=False,
-        ).serve()
+        _serve(args, settings, registry)
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, settings: Settings, registry: pathlib.Path) -> None:
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
+
+    from . import logs
+    from .auth import keys_path, read_keys
+    from .supervisor import SupervisedGranian
+
+    logs.configure(args.log_format)
+    keys = read_keys(keys_path(registry)).keys
+    if settings.auth and not keys:
+        log.warning(
+            "%s holds no keys, so every scoring request will get 401; add one with `muse keys add --tenant T` "
+            "or pass --no-auth",
+            keys_path(registry),
+        )
+    generation = DeploymentStore(Registry(registry)).current_generation()
+    if generation is None:
+        log.warning(
+            "nothing is deployed yet; the server stays not-ready until `muse deploy apply` publishes a deployment"
+        )
+    connections = _connection_cap(args.max_connections)
+    log.info(
+        "muse serve on http://%s:%d, %d workers, auth %s, registry %s, generation %s",
+        args.host,
+        args.port,
+        args.workers,
+        "on" if settings.auth else "OFF",
+        registry,
+        generation,
+        extra={
+            "event": "start",
+            "listen": f"{args.host}:{args.port}",
+            "workers": args.workers,
+            "auth": settings.auth,
+            "registry": str(registry),
+            "generation": generation,
+            "score_log": settings.score_log,
+            "max_connections": connections,
+            "header_timeout": args.header_timeout,
+            "body_timeout": settings.body_timeout,
+        },
+    )
+    SupervisedGranian(
+        "muse.server.app:create_app",
+        factory=True,
+        interface=Interfaces.ASGI,
+        loop=Loops.uvloop,
+        address=args.host,
+        port=args.port,
+        workers=args.workers,
+        backlog=args.backlog,
+        # HTTP/1.1 only: with protocol detection (auto), Granian applies no header timeout, and
+        # a connection that never sends a byte is held for ever.
+        http=HTTPModes.http1,
+        http1_settings=HTTP1Settings(header_read_timeout=int(args.header_timeout * 1000)),
+        # Granian holds one permit of this per open connection, idle or not.
+        backpressure=connections,
+        log_dictconfig=logs.config(args.log_format),
+        log_access=False,  # the app's own access log names the tenant and key (--access-log)
+        websockets=False,
+    ).serve()
+
+
+def _connection_cap(wanted: int) -> int:
+    """Connections a worker may hold open: ``wanted``, within what the process may open.  The
+    soft file limit is raised to the hard one first (idle connections cost little here: a
+    socket and a small buffer in Granian's Rust side, no Python until headers arrive)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    usable = max(64, soft - FILES_RESERVED)
+    if wanted > usable:
+        log.warning(
+            "--max-connections %d is more than this process may open (file limit %d); using %d",
+            wanted,
+            soft,
+            usable,
+        )
+    return min(wanted, usable)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -146,8 +210,27 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads every model)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without keys (local demos only)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="larger requests get 413")
-    p.add_argument("--backlog", type=int, default=2048)
-    p.add_argument("--access-log", action="store_true")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=10_000,
+        help="open connections per worker; more wait in the listen backlog",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a connection may wait before sending a request's headers (idle keep-alive included)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULTS.body_timeout,
+        help="seconds for a request's body to arrive; slower ones get 408",
+    )
+    p.add_argument("--backlog", type=int, default=2048, help="connections waiting to be accepted")
+    p.add_argument("--access-log", action="store_true", help="a log line per request (tenant, key id, status, time)")
+    p.add_argument("--log-format", choices=FORMATS, default="json", help="json: one object a line")
     p.add_argument("--score-log", help="score log directory (default: REGISTRY/scorelog)")
     p.add_argument(
         "--score-log-sample",

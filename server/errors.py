@@ -19,6 +19,7 @@ REASONS = {
     401: "unauthenticated",
     403: "forbidden",
     404: "not_found",
+    408: "body_timeout",
     413: "too_large",
     415: "unsupported_encoding",
     422: "invalid",

@@ -22,6 +22,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     registry: str
     auth: bool = True  # False: every request is accepted without a key (local demos only)
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 16 << 20  # larger requests get 413
+    body_timeout: Positive = 10.0  # seconds for a request's body to arrive; slower ones get 408
+    access_log: bool = False  # a log line per request
     poll_interval: Positive = 0.25  # seconds between looks at deployments/current
     shadow_queue: Annotated[int, msgspec.Meta(ge=1)] = 8192  # shadow work beyond this is dropped and counted
     score_log: str | None = None  # directory of the score log; None: no log
