@@ -11,6 +11,7 @@ import pathlib
 
 import msgspec
 
+from .names import LimitError, check_name, check_tenant, parse_document
 from .quantile_map import QuantileMap
 from .reference import Reference
 
@@ -46,12 +47,19 @@ class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format_version: int = FORMAT_VERSION
     checksum: str = ""
 
+    def __post_init__(self) -> None:
+        # The names become the file's path in a registry (calibrations/NAME/VERSION/tenants/...).
+        check_name("calibration name", self.name)
+        check_name("calibration version", self.version)
+        check_name("reference name", self.reference_name)
+        if self.tenant is not None:
+            check_tenant(self.tenant)
+
     def quantile_map(self) -> QuantileMap:
         return QuantileMap(self.knots_x, self.knots_y)
 
 
 _encoder = msgspec.json.Encoder(order="deterministic")
-_decoder = msgspec.json.Decoder(Calibration)
 
 
 def _digest(cal: Calibration) -> str:
@@ -103,9 +111,11 @@ def write_calibration(cal: Calibration, path: str | pathlib.Path) -> pathlib.Pat
 def read_calibration(path: str | pathlib.Path) -> Calibration:
     path = pathlib.Path(path)
     try:
-        cal = _decoder.decode(path.read_bytes())
+        cal = msgspec.convert(parse_document(path.read_bytes(), str(path), toml=False), Calibration)
     except FileNotFoundError:
         raise CalibrationError(f"{path}: no such calibration file") from None
+    except LimitError as exc:
+        raise CalibrationError(str(exc)) from None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise CalibrationError(f"{path}: not a valid calibration ({exc})") from None
     if cal.format_version != FORMAT_VERSION:

@@ -4,20 +4,27 @@
       models/NAME/VERSION/            manifest.json + libNAME-VERSION-HASH.so  (muse compile)
       references/NAME.toml            reference distributions, one per intent
       calibrations/NAME/VERSION/      calibration.json (all traffic) and
-                                      tenants/TENANT.json (per-tenant maps)
+                                      tenants/TENANT.json (per-tenant maps; the tenant
+                                      name encoded, muse.calib.names.tenant_file_stem)
       deployments/GENERATION.toml     every applied deployment, numbered
       deployments/current             the generation being served
       keys.toml                       hashed API keys (muse keys)
 
 Versions are directory names; "latest" means the highest numeric version.
-Nothing is ever rewritten in place: a new version is a new directory."""
+Nothing is ever rewritten in place: a new version is a new directory.
+Every name that becomes a path is checked first (muse.calib.names: check_name,
+and tenant names encoded), so no argument can name a file outside the registry."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
-from muse.calib import Calibration, ReferenceFile, load_reference, read_calibration
+import msgspec
+
+from muse.calib import Calibration, ReferenceError, ReferenceFile, load_reference, read_calibration
 from muse.calib.artifact import write_calibration
+from muse.calib.names import LimitError, check_name, parse_document, tenant_file_stem, tenant_from_file_stem
 from muse.compile import CompiledModel, load_artifact
 
 
@@ -34,6 +41,9 @@ def _versions(directory: pathlib.Path) -> list[str]:
 
 def _version_dir(base: pathlib.Path, kind: str, name: str, version: str | None, fix: str) -> pathlib.Path:
     """base/name/version, the highest version when none is given; errors say what exists."""
+    check_name(f"{kind} name", name)
+    if version:
+        check_name(f"{kind} version", version)
     versions = _versions(base / name)
     if not versions:
         raise RegistryError(f"{kind} {name!r} is not in {base}; {fix}")
@@ -75,39 +85,66 @@ class Registry:
 
     # -- references ----------------------------------------------------------
     def reference_path(self, name: str) -> pathlib.Path:
-        return self.references_dir / f"{name}.toml"
+        return self.references_dir / f"{check_name('reference name', name)}.toml"
 
     def load_reference(self, name_or_path: str) -> ReferenceFile:
+        """A reference by name (references/NAME.toml), or from a .toml/.json file given by path."""
         path = pathlib.Path(name_or_path)
-        if path.suffix in (".toml", ".json") and path.exists():
-            return load_reference(str(path))
-        if not self.reference_path(name_or_path).exists():
-            known = sorted(p.stem for p in self.references_dir.glob("*.toml"))
-            raise RegistryError(
-                f"reference {name_or_path!r} not found in {self.references_dir} (have: {', '.join(known) or 'none'})"
-            )
-        return load_reference(str(self.reference_path(name_or_path)))
+        if not (path.suffix in (".toml", ".json") and path.exists()):
+            try:
+                path = self.reference_path(name_or_path)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; or give the path of a .toml/.json reference file") from None
+            if not path.exists():
+                known = sorted(p.stem for p in self.references_dir.glob("*.toml"))
+                have = ", ".join(known) or "none"
+                raise RegistryError(f"reference {name_or_path!r} not found in {self.references_dir} (have: {have})")
+        try:  # within the document limits first: load_reference would recurse into any nesting
+            parse_document(path.read_bytes(), str(path), toml=path.suffix == ".toml")
+        except LimitError as exc:
+            raise ReferenceError(str(exc)) from None
+        except (msgspec.DecodeError, OSError):
+            pass  # load_reference says what is wrong with the file
+        return load_reference(str(path))
 
     # -- calibrations --------------------------------------------------------
     def calibration_dir(self, name: str, version: str | None = None) -> pathlib.Path:
         return _version_dir(self.calibrations_dir, "calibration", name, version, "fit it with `muse calib fit`")
 
     def next_calibration_version(self, name: str) -> str:
-        numeric = [int(v) for v in _versions(self.calibrations_dir / name) if v.isdigit()]
+        versions = _versions(self.calibrations_dir / check_name("calibration name", name))
+        numeric = [int(v) for v in versions if v.isdigit()]
         return str(max(numeric, default=0) + 1)
+
+    @staticmethod
+    def _calibration_file(directory: pathlib.Path, tenant: str | None) -> pathlib.Path:
+        if tenant is None:
+            return directory / "calibration.json"
+        return directory / "tenants" / f"{tenant_file_stem(tenant)}.json"
 
     def load_calibration(self, ref: str, tenant: str | None = None) -> Calibration:
         name, _, version = ref.partition("/")
-        directory = self.calibration_dir(name, version or None)
-        path = directory / "tenants" / f"{tenant}.json" if tenant else directory / "calibration.json"
-        return read_calibration(path)
+        return read_calibration(self._calibration_file(self.calibration_dir(name, version or None), tenant))
 
     def calibration_tenants(self, ref: str) -> list[str]:
+        """The tenants with a map of their own in calibration ``ref``, decoded from the file names."""
         name, _, version = ref.partition("/")
         directory = self.calibration_dir(name, version or None) / "tenants"
-        return sorted(p.stem for p in directory.glob("*.json"))
+        tenants = []
+        for path in directory.glob("*.json"):
+            try:
+                tenants.append(tenant_from_file_stem(path.stem))
+            except ValueError:
+                fix = "remove it or refit"
+                with contextlib.suppress(ValueError):
+                    fix = f"rename it to {tenant_file_stem(path.stem)}.json"
+                raise RegistryError(
+                    f"{path}: not a tenant calibration file name (tenant names are encoded, "
+                    f"see muse.calib.names.tenant_file_stem); {fix}"
+                ) from None
+        return sorted(tenants)
 
     def save_calibration(self, cal: Calibration) -> pathlib.Path:
-        directory = self.calibrations_dir / cal.name / cal.version
-        path = directory / "tenants" / f"{cal.tenant}.json" if cal.tenant else directory / "calibration.json"
-        return write_calibration(cal, path)
+        directory = self.calibrations_dir / check_name("calibration name", cal.name)
+        directory = directory / check_name("calibration version", cal.version)
+        return write_calibration(cal, self._calibration_file(directory, cal.tenant))

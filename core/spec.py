@@ -27,8 +27,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
-ModelRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+from muse.calib.names import TENANT_RULE, LimitError, Name, NameRef, parse_document, tenant_problem
+
+ModelRef = NameRef  # NAME/VERSION of a model or calibration, each part a Name
 DEFAULT_TENANT = "*"
 
 
@@ -42,10 +43,18 @@ class PredictorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omi
 
 
 class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    tenant: str
+    tenant: str  # a tenant name (muse.calib.names.check_tenant) or DEFAULT_TENANT
     intent: Name
     active: Name
     shadows: list[Name] = []
+
+    def __post_init__(self) -> None:
+        problem = None if self.tenant == DEFAULT_TENANT else tenant_problem(self.tenant)
+        if problem is not None:  # decoding reports it at the route's path, `$.routes[i]`
+            raise ValueError(
+                f"tenant {self.tenant!r} is not a tenant name ({problem}); "
+                f"use {TENANT_RULE}, or {DEFAULT_TENANT!r} for the intent's default route"
+            )
 
 
 class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -68,10 +77,12 @@ class SpecError(ValueError):
 
 
 def decode_spec(raw: bytes, source: str) -> DeploymentSpec:
+    """A deployment from TOML (JSON when ``source`` ends in .json), within the document limits
+    of muse.calib.names; SpecError naming ``source`` and the entry otherwise."""
     try:
-        if source.endswith(".json"):
-            return msgspec.json.decode(raw, type=DeploymentSpec)
-        return msgspec.toml.decode(raw, type=DeploymentSpec)
+        return msgspec.convert(parse_document(raw, source, toml=not source.endswith(".json")), DeploymentSpec)
+    except LimitError as exc:
+        raise SpecError(str(exc)) from None
     except msgspec.ValidationError as exc:
         raise SpecError(f"{source}: {exc}") from None
     except msgspec.DecodeError as exc:

@@ -20,13 +20,19 @@ import secrets
 
 import msgspec
 
+from muse.calib.names import check_tenant
+
 
 class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     id: str
     sha256: str
-    tenant: str | None = None
+    tenant: str | None = None  # a tenant name (muse.calib.names.check_tenant)
     admin: bool = False
     created_at: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tenant is not None:
+            check_tenant(self.tenant, f"key {self.id}: tenant")
 
 
 class KeyFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,6 +82,8 @@ def add_key(path: pathlib.Path, tenant: str | None, admin: bool) -> tuple[KeyRec
     """Store a new key's hash; returns the record and the one-time plain key."""
     if (tenant is None) == (not admin):
         raise ValueError("a key is either for one tenant (--tenant T) or for the admin API (--admin)")
+    if tenant is not None:
+        check_tenant(tenant, "--tenant")
     keys = read_keys(path)
     key_id = secrets.token_hex(4)
     secret = secrets.token_urlsafe(24).replace("_", "-")
