@@ -53,6 +53,18 @@ def _version_dir(base: pathlib.Path, kind: str, name: str, version: str | None, 
     return base / name / version
 
 
+def _split_ref(kind: str, ref: str) -> tuple[str, str | None]:
+    """NAME or NAME/VERSION as (name, version or None), each part a valid name."""
+    name, _, version = ref.partition("/")
+    try:
+        check_name(f"{kind} name", name)
+        if version:
+            check_name(f"{kind} version", version)
+    except ValueError as exc:
+        raise ValueError(f"{kind} {ref!r} is not NAME or NAME/VERSION: {exc}") from None
+    return name, version or None
+
+
 class Registry:
     def __init__(self, root: str | pathlib.Path):
         self.root = pathlib.Path(root)
@@ -80,8 +92,7 @@ class Registry:
 
     def load_model(self, ref: str) -> CompiledModel:
         """``ref`` is NAME or NAME/VERSION."""
-        name, _, version = ref.partition("/")
-        return load_artifact(self.model_dir(name, version or None))
+        return load_artifact(self.model_dir(*_split_ref("model", ref)))
 
     # -- references ----------------------------------------------------------
     def reference_path(self, name: str) -> pathlib.Path:
@@ -123,13 +134,11 @@ class Registry:
         return directory / "tenants" / f"{tenant_file_stem(tenant)}.json"
 
     def load_calibration(self, ref: str, tenant: str | None = None) -> Calibration:
-        name, _, version = ref.partition("/")
-        return read_calibration(self._calibration_file(self.calibration_dir(name, version or None), tenant))
+        return read_calibration(self._calibration_file(self.calibration_dir(*_split_ref("calibration", ref)), tenant))
 
     def calibration_tenants(self, ref: str) -> list[str]:
         """The tenants with a map of their own in calibration ``ref``, decoded from the file names."""
-        name, _, version = ref.partition("/")
-        directory = self.calibration_dir(name, version or None) / "tenants"
+        directory = self.calibration_dir(*_split_ref("calibration", ref)) / "tenants"
         tenants = []
         for path in directory.glob("*.json"):
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import sys
 from typing import cast
 
 import numpy as np
@@ -19,6 +20,7 @@ from muse.calib import (
     fit_quantile_map,
     make_calibration,
 )
+from muse.calib.names import check_name, is_tenant, tenant_problem
 from muse.calib.samples import read_frame, read_table
 from muse.core.registry import Registry
 
@@ -36,10 +38,15 @@ def register(sub) -> None:
     src.add_argument("--features", help="Parquet/CSV file of feature rows to score with the model")
     fit.add_argument("--column", default=None, help="score column (default: 'corrected', else 'margin')")
     fit.add_argument("--predictor", help="only rows of this predictor (a score log holds every predictor's scores)")
-    fit.add_argument("--by", default=None, help="also fit one map per value of this column (e.g. tenant)")
+    fit.add_argument(
+        "--by",
+        default=None,
+        help="also fit one map per tenant, named by this column (e.g. tenant); rows without a valid "
+        "tenant name count only toward the all-traffic map",
+    )
     fit.add_argument("--min-samples", type=int, default=1000)
-    fit.add_argument("--name", help="calibration name (default: the model name)")
-    fit.add_argument("--version", help="calibration version (default: next number)")
+    fit.add_argument("--name", help="calibration name (default: the model name); a name: letters, digits, _ . -")
+    fit.add_argument("--version", help="calibration version (default: next number); a name like --name")
     fit.set_defaults(func=cmd_fit)
 
     st = csub.add_parser(
@@ -110,7 +117,38 @@ def feature_matrix(frame: pl.DataFrame, feature_names: list[str], source: str) -
     return frame.select(feature_names).cast(pl.Float64).to_numpy()
 
 
+def warn(message: str) -> None:
+    print(f"muse calib: warning: {message}", file=sys.stderr)
+
+
+def tenant_rows(frame: pl.DataFrame, by: str, scores: np.ndarray) -> pl.DataFrame:
+    """(by, score) rows whose ``by`` value is a tenant name (muse.calib.names), as strings.  A
+    score log holds what clients sent: rows without a value or with a value that is no tenant
+    name are left out (they still count toward the all-traffic map), with a warning."""
+    data = pl.DataFrame({by: frame[by].cast(pl.String), "score": scores})
+    nulls = data[by].null_count()
+    if nulls:
+        warn(f"--by {by}: {nulls} rows have no {by}; they count only toward the all-traffic map")
+    data = data.filter(pl.col(by).is_not_null())
+    invalid = [v for v in data[by].unique().sort().to_list() if not is_tenant(v)]
+    if invalid:
+        rows = data.filter(pl.col(by).is_in(invalid)).height
+        shown = "; ".join(f"{v!r}: {tenant_problem(v)}" for v in invalid[:5])
+        more = f" and {len(invalid) - 5} more" if len(invalid) > 5 else ""
+        warn(
+            f"--by {by}: {len(invalid)} values are not tenant names ({shown}{more}); "
+            f"their {rows} rows count only toward the all-traffic map"
+        )
+        data = data.filter(~pl.col(by).is_in(invalid))
+    return data
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
+    # Both become directory names in the registry: checked before any work.
+    if args.name is not None:
+        check_name("--name (the calibration name)", args.name)
+    if args.version is not None:
+        check_name("--version (the calibration version)", args.version)
     reg = Registry(args.registry)
     model = reg.load_model(args.model)
     m = model.manifest
@@ -150,7 +188,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         if args.by not in frame.columns:
             raise ValueError(f"--by {args.by}: the score file has no such column")
         groups = fit_per_group(
-            pl.DataFrame({args.by: frame[args.by], "score": scores}),
+            tenant_rows(frame, args.by, scores),
             ref.reference,
             by=args.by,
             min_samples=args.min_samples,
@@ -245,7 +283,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         generation = cast("int | None", frame["generation"].max())
         print(f"generation {generation} (the latest in the log; --all-generations for history)")
     drifted = 0
-    for intent in sorted(frame["intent"].unique().to_list()):
+    for intent in sorted(frame["intent"].drop_nulls().unique().to_list()):
+        try:
+            check_name("intent", intent)
+        except ValueError as exc:
+            warn(f"{source}: {exc}; its rows are not judged")
+            continue
         edges = reg.load_reference(intent).reference.edge_rates()
         rates = (
             frame.filter(pl.col("intent") == intent)
@@ -266,8 +309,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             off = [abs(a - t) > args.tolerance * t for a, (_, t) in zip(achieved, edges)]
             status = "too few" if row["n"] < args.min_samples else "DRIFTED" if any(off) else "ok"
             drifted += status == "DRIFTED"
+            tenant = row["tenant"] if is_tenant(row["tenant"]) else repr(row["tenant"])  # no control characters
             print(
-                f"  {row['predictor']:<14} {row['role']:<7} {row['tenant']:<14} {row['n']:>8}  "
+                f"  {row['predictor']:<14} {row['role']:<7} {tenant:<14} {row['n']:>8}  "
                 + " ".join(f"{a:>7.3f} [{t:.3f}]" for a, (_, t) in zip(achieved, edges))
                 + f"  {status}"
             )

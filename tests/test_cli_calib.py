@@ -116,3 +116,55 @@ def test_fit_errors_are_one_line(reg, tmp_path, capsys, extra, words):
     assert cli(["calib", "fit", "--registry", str(reg.root), "--model", "lightgbm", *extra]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+# -- names from arguments and from the score log never leave the registry (issue 14) ---------------
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--name", "../../x"], "--name (the calibration name) '../../x' is not a valid name"),
+        (["--version", "../x"], "--version (the calibration version) '../x' is not a valid name"),
+        (["--version", "1\n"], "is not a valid name"),
+        (["--model", "../../lightgbm"], "model '../../lightgbm' is not NAME or NAME/VERSION"),
+        (["--reference", "../../fraud"], "or give the path of a .toml/.json reference file"),
+    ],
+)
+def test_fit_refuses_names_that_would_be_paths(reg, tmp_path, capsys, extra, words):
+    pl.DataFrame({"margin": np.linspace(-3, 3, 2000)}).write_parquet(tmp_path / "log.parquet")
+    before = files_under(tmp_path)
+    args = ["--registry", str(reg.root), "--model", "lightgbm", "--reference", "fraud"]
+    args += ["--scores", str(tmp_path / "log.parquet"), *extra]
+    assert cli(["calib", "fit", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "letters, digits" in err
+    assert files_under(tmp_path) == before
+
+
+def test_fit_by_tenant_keeps_hostile_score_log_values_inside_the_registry(reg, tmp_path, capsys):
+    """The score log holds tenants as clients sent them: a null, empty, path-like or
+    right-to-left-override value gets no file of its own; a valid one gets exactly one."""
+    tenants = ["../../../../srv-evil", None, "", "\u202eacme", "ok", "Acme Corp"]
+    column = [t for t in tenants for _ in range(1200)]
+    margins = np.random.default_rng(3).logistic(-3, 1.5, len(column))
+    pl.DataFrame({"tenant": column, "margin": margins}).write_parquet(tmp_path / "log.parquet")
+    before = files_under(tmp_path)
+    args = ["--registry", str(reg.root), "--model", "lightgbm", "--reference", "fraud"]
+    assert cli(["calib", "fit", *args, "--scores", str(tmp_path / "log.parquet"), "--by", "tenant"]) == 0
+    err = capsys.readouterr().err
+    assert "1200 rows have no tenant" in err
+    assert "3 values are not tenant names" in err and "'../../../../srv-evil'" in err and "'\\u202eacme'" in err
+    assert reg.calibration_tenants("lightgbm") == ["Acme Corp", "ok"]
+    assert reg.load_calibration("lightgbm", tenant="Acme Corp").sample_size == 1200
+    assert reg.load_calibration("lightgbm").sample_size == len(column)  # every row counts toward it
+    written = sorted(set(files_under(tmp_path)) - set(before))
+    assert written == [
+        "reg/calibrations/lightgbm/1/calibration.json",
+        "reg/calibrations/lightgbm/1/tenants/Acme%20Corp.json",
+        "reg/calibrations/lightgbm/1/tenants/ok.json",
+    ]
