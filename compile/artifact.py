@@ -19,11 +19,11 @@ import treelite
 
 from muse.calib.kernels import correction
 
-from . import codegen
+from . import codegen, probe
 from ._library import NativeLibrary, NativeLoadError, NativeMapTable
 from ._worker import NativeWorker
 from .errors import ArtifactError, ModelFormatError
-from .frontends import load_source_model
+from .frontends import SourceModel, load_source_model
 from .manifest import Manifest, read_manifest, sha256_file, write_manifest
 from .scores import Scores
 
@@ -39,6 +39,13 @@ def check_name(kind: str, value: str) -> str:
 def next_version(model_dir: pathlib.Path) -> str:
     numeric = [int(p.name) for p in model_dir.glob("*") if p.name.isdigit()] if model_dir.is_dir() else []
     return str(max(numeric, default=0) + 1)
+
+
+def expected_margins(source: SourceModel, rows: np.ndarray) -> np.ndarray:
+    """Treelite's own raw margins (GTIL, no compiled code) for ``rows``: the positive class."""
+    X = rows.astype(np.float32) if source.float32_inputs else rows
+    pred = treelite.gtil.predict(source.model, X, pred_margin=True)
+    return np.asarray(pred, dtype=np.float64).reshape(len(rows), -1)[:, source.output_index]
 
 
 def build_artifact(
@@ -73,6 +80,11 @@ def build_artifact(
         staged = work / "lib.so"
         flags = codegen.build_library(source, sources, staged, jobs=jobs, progress=progress)
         lib_sha = sha256_file(staged)
+        # The new library's first load is a probe in a child process: its margins on the probe
+        # batch must match Treelite's prediction of the source model, and are stored as what
+        # every later load must reproduce.
+        rows = probe.probe_rows(probe.PROBE_SEED, probe.PROBE_ROWS, int(source.model.num_feature))
+        probe_spec = probe.make_probe(staged, probe.PROBE_SEED, rows, expected_margins(source, rows))
         lib_name = f"lib{name}-{version}-{lib_sha[:12]}.so"
         out = work / "artifact"
         out.mkdir()
@@ -99,10 +111,12 @@ def build_artifact(
             codegen_params=params,
             compile_seconds=round(time.perf_counter() - started, 3),
             created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            probe=probe_spec,
         )
         write_manifest(out, manifest)
         # Appear atomically: a half-written version is never visible to a loader.
         out.rename(target)
+    probe.remember(target / lib_name, lib_sha)  # probed above, under its staging name
     return target
 
 
@@ -178,6 +192,9 @@ def load_artifact(directory: str | pathlib.Path) -> CompiledModel:
             f"{lib_path}: sha256 {actual[:16]}... does not match the manifest's {manifest.library_sha256[:16]}...; "
             "the library was modified or corrupted, recompile the model"
         )
+    # Loaded, warmed up and checked against the manifest's expected output in a child process
+    # first (once per library per process): a library that crashes there never loads here.
+    probe.verify_library(lib_path, manifest, actual)
     try:
         lib = NativeLibrary(str(lib_path.resolve()))
     except NativeLoadError as exc:

@@ -10,6 +10,16 @@ import msgspec
 MANIFEST_FILE = "manifest.json"
 
 
+class Probe(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the library must score before it is served (muse.compile.probe): the batch
+    ``probe_rows(seed, rows, num_feature)`` and the raw margins the library returned for it at
+    compile time, which matched Treelite's own prediction of the source model."""
+
+    seed: int
+    rows: int
+    margins: list[float]
+
+
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     version: str
@@ -32,6 +42,9 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     codegen_params: dict[str, int]
     compile_seconds: float
     created_at: str
+    # None in manifests written before probes existed: those libraries are only checked to load
+    # and score finite values (muse.compile.probe.verify_library).
+    probe: Probe | None = None
 
 
 _encoder = msgspec.json.Encoder(order="deterministic")
