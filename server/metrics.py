@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
@@ -25,6 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from muse.core.batching import BatchStats
 
 from .drift import DriftMonitor
+
+if TYPE_CHECKING:
+    from .scorelog import ScoreLog
 
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536)
@@ -117,15 +120,50 @@ class Metrics:
         )
         # one sample per live worker; outside multiprocess mode, prometheus_client's default
         gauge_mode: dict[str, Literal["liveall"]] = {"multiprocess_mode": "liveall"} if self.multiprocess else {}
+        sum_mode: dict[str, Literal["livesum"]] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
         self.generation = Gauge(
             "muse_deployment_generation", "Deployment generation being served.", registry=r, **gauge_mode
         )
         self.ready = Gauge("muse_ready", "1 once every model and kernel is loaded and warm.", registry=r, **gauge_mode)
         self.deploy_failures = Counter("muse_deployment_failures", "Deployments refused while loading.", registry=r)
+        # The score log's counts (server/scorelog.py keeps them; ``flush`` adds what is new).
+        self.scorelog_records = Counter(
+            "muse_scorelog_records", "Score log records written to Parquet files.", registry=r
+        )
+        self.scorelog_dropped = Counter(
+            "muse_scorelog_dropped_records",
+            "Score log records lost, by reason: beyond the records kept in memory while files cannot be written "
+            "(disk_full, io_error), not encodable (encode_error), or still unwritten at shutdown.",
+            ["reason"],
+            registry=r,
+        )
+        self.scorelog_failures = Counter(
+            "muse_scorelog_write_failures",
+            "Score log files that could not be written, by reason (their records are kept and retried).",
+            ["reason"],
+            registry=r,
+        )
+        self.scorelog_pending = Gauge(
+            "muse_scorelog_pending_records",
+            "Score log records in memory, not yet written.",
+            registry=r,
+            **sum_mode,
+        )
+        self.score_log: ScoreLog | None = None  # set by watch_score_log
         self._request_series: dict[tuple[str, str, str], RequestSeries] = {}
         self.batch_stats: dict[str, BatchStats] = {}  # model key -> its batcher's stats (the model pool's)
         self._tenants: set[str] = set()
         self.drift = DriftMonitor(r, self.tenant_label, gauge_kwargs=gauge_mode)
+
+    def watch_score_log(self, score_log: ScoreLog) -> None:
+        """Report ``score_log``'s counts at every ``flush``; every reason's series shows from now, at 0."""
+        self.score_log = score_log
+        for reason in score_log.stats.dropped:
+            self.scorelog_dropped.labels(reason)
+        for reason in score_log.stats.failed:
+            self.scorelog_failures.labels(reason)
+        self.scorelog_records.inc(0)
+        self.scorelog_pending.set(score_log.pending)
 
     def tenant_label(self, tenant: str) -> str:
         if tenant in self._tenants:
@@ -158,6 +196,17 @@ class Metrics:
             rows, waits = stats.take()
             add_to_histogram(self.batch_rows.labels(model), ROW_BUCKETS, rows)
             add_to_histogram(self.queue_wait.labels(model), LATENCY_BUCKETS, waits)
+        if self.score_log is not None:
+            written, dropped, failed = self.score_log.stats.take()
+            if written:
+                self.scorelog_records.inc(written)
+            for reason, n in dropped.items():
+                if n:
+                    self.scorelog_dropped.labels(reason).inc(n)
+            for reason, n in failed.items():
+                if n:
+                    self.scorelog_failures.labels(reason).inc(n)
+            self.scorelog_pending.set(self.score_log.pending)
 
     def render(self) -> bytes:
         self.flush()

@@ -5,20 +5,33 @@ Requests are sampled (``sample``: the fraction of requests logged, every row
 of each: serving asks ``sampled()`` per request and ``append``s the rows of
 those kept); records collect in preallocated columns and go to disk, through
 Polars, when a file's worth (``rows_per_file``) has gathered, every
-``flush_seconds``, and at shutdown.
-Each file is written under a temporary name and renamed, so a reader never
-sees half a file.  Disk use is bounded: past ``max_bytes`` the oldest files
-are deleted.  `muse calib fit --scores DIR --predictor NAME` fits maps from it.
+``flush_seconds``, and at shutdown (``close``).
+Each file is encoded in memory, written under a temporary name, fsynced and
+renamed, so a reader never sees half a file, even after a power cut.  Disk use
+is bounded: past ``max_bytes`` the oldest files are deleted.
+`muse calib fit --scores DIR --predictor NAME` fits maps from it.
 
-File names sort by time: ``scores-<unix ms>-<pid>-<seq>.parquet``."""
+Writing never fails serving.  When a file cannot be written (disk full, any
+OSError) its records stay in memory, at most ``max_pending_rows`` of them (the
+oldest are dropped beyond that), and are retried every ``flush_seconds``; one
+warning when writing starts failing, one line when it recovers.  What is lost
+is counted by reason in ``stats`` (server/metrics.py turns it into
+``muse_scorelog_dropped_records_total``).  Temporary files of processes that
+died mid-write are removed at start.
+
+File names sort by time: ``scores-<unix ms>-<pid>-<seq>.parquet``; a file being
+written is ``.scores-<unix ms>-<pid>-<seq>.parquet.tmp``."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import logging
 import os
 import pathlib
 import random
+import re
 import threading
 import time
 
@@ -43,6 +56,21 @@ SCHEMA = pl.Schema(
 )
 LABELS = ("tenant", "intent", "predictor", "version", "role")
 
+# Why records were not written (the `reason` of muse_scorelog_dropped_records_total and
+# muse_scorelog_write_failures_total): a fixed set.
+DISK_FULL = "disk_full"  # ENOSPC, EDQUOT
+IO_ERROR = "io_error"  # any other error writing the file (permissions, EIO, a removed directory...)
+ENCODE_ERROR = "encode_error"  # Polars could not encode the records: retrying cannot help, so they are dropped
+SHUTDOWN = "shutdown"  # still unwritten when the server stopped
+DROP_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR, SHUTDOWN)
+FAILURE_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR)
+# Records kept in memory while files cannot be written, in files' worth (``rows_per_file``):
+# 44 bytes a row, so 400,000 rows (17.6 MB) a worker by default -- about a minute of a fully
+# sampled 3,000 req/s worker, hours of a typical one, and within a few buffers of what a worker
+# holds anyway.
+PENDING_FILES = 4
+_TEMP = re.compile(r"^\.scores-\d+-(\d+)-\d+\.parquet\.tmp$")
+
 
 class _Buffer:
     """Preallocated columns; strings are stored as codes into a small table of label tuples.
@@ -51,6 +79,8 @@ class _Buffer:
     frame is a handful of vectorised calls whatever the number of requests: an
     earlier design that built the frame from per-request tuples held the GIL for
     ~100 ms per flush at 3,000 req/s, which showed as p99.9 stalls."""
+
+    COLUMNS = ("time", "label", "generation", "margin", "corrected", "mapped")
 
     def __init__(self, capacity: int):
         self.time = np.empty(capacity, dtype=np.int64)
@@ -64,6 +94,18 @@ class _Buffer:
     @property
     def capacity(self) -> int:
         return self.time.size
+
+    @classmethod
+    def join(cls, parts: list[tuple[_Buffer, int]]) -> _Buffer:
+        """One buffer, exactly full, of the last ``keep`` rows of each (buffer, keep) in order."""
+        if len(parts) == 1 and parts[0][1] == parts[0][0].rows == parts[0][0].capacity:
+            return parts[0][0]
+        joined = cls(0)
+        for column in cls.COLUMNS:
+            pieces = [getattr(b, column)[b.rows - keep : b.rows] for b, keep in parts]
+            setattr(joined, column, np.concatenate(pieces))
+        joined.rows = joined.capacity
+        return joined
 
     def frame(self, labels: list[tuple]) -> pl.DataFrame:
         n = self.rows
@@ -81,6 +123,109 @@ class _Buffer:
         ).cast(SCHEMA)
 
 
+class ScoreLogStats:
+    """What became of the records appended, counted since start: ``written`` to files, ``dropped``
+    and files that ``failed`` by reason.  ``take`` hands over what was counted since its last
+    call (server/metrics.py adds it to its counters)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.failed = dict.fromkeys(FAILURE_REASONS, 0)
+        self._taken = (0, dict(self.dropped), dict(self.failed))
+        self._lock = threading.Lock()
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def count(self, written: int = 0, dropped: tuple[str, int] | None = None, failed: str | None = None) -> None:
+        with self._lock:
+            self.written += written
+            if dropped is not None:
+                self.dropped[dropped[0]] += dropped[1]
+            if failed is not None:
+                self.failed[failed] += 1
+
+    def take(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """(records written, {reason: records dropped}, {reason: files failed}) since the last call."""
+        with self._lock:
+            written, dropped, failed = self.written, dict(self.dropped), dict(self.failed)
+            before = self._taken
+            self._taken = (written, dropped, failed)
+        return (
+            written - before[0],
+            {r: n - before[1][r] for r, n in dropped.items()},
+            {r: n - before[2][r] for r, n in failed.items()},
+        )
+
+
+class _EncodeError(Exception):
+    pass
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, _EncodeError):
+        return ENCODE_ERROR
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DISK_FULL
+    return IO_ERROR
+
+
+def _write_file(path: pathlib.Path, data: memoryview) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, on disk before this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: the file is in place either way)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _process_started(pid: int) -> float | None:
+    """Unix time process ``pid`` started (Linux's /proc; None elsewhere or if it is gone)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if fields[0] in ("Z", "X"):  # a zombie writes nothing more
+            return float("inf")
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in ticks since boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def writer_gone(pid: int, mtime: float) -> bool:
+    """Whether the process that wrote a temporary file last modified at ``mtime`` is gone: no
+    process has its pid, or the one that has it started after the file was written (its pid
+    was reused, as it is in a restarted container)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process
+    started = _process_started(pid)
+    # btime is whole seconds (rounded down), so ``started`` is never late: a live writer's file is
+    # never older than it; the second's margin is for a clock stepped back meanwhile.
+    return started is not None and mtime < started - 1.0
+
+
 class ScoreLog:
     def __init__(
         self,
@@ -89,6 +234,7 @@ class ScoreLog:
         rows_per_file: int = 100_000,
         flush_seconds: float = 10.0,
         max_bytes: int = 1 << 30,
+        max_pending_rows: int | None = None,
     ):
         self.dir = pathlib.Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +242,13 @@ class ScoreLog:
         self.rows_per_file = rows_per_file
         self.flush_seconds = flush_seconds
         self.max_bytes = max_bytes
+        # records kept while files cannot be written; beyond this the oldest are dropped
+        self.max_pending_rows = PENDING_FILES * rows_per_file if max_pending_rows is None else max_pending_rows
+        self.stats = ScoreLogStats()
         self._buffer = _Buffer(rows_per_file)
         self._full: list[_Buffer] = []  # filled buffers waiting for the writer
+        self._retry: list[_Buffer] = []  # buffers that could not be written, oldest first (writer only)
+        self._appended = 0
         self._labels: list[tuple] = []
         self._codes: dict[tuple, int] = {}
         self._seq = 0
@@ -105,6 +256,10 @@ class ScoreLog:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._rng = random.Random()
+        # the failure episode under way: (reason, monotonic start, records dropped before it)
+        self._failing: tuple[str, float, int] | None = None
+        self._budget_failing = False
+        self.remove_orphans()
 
     def sampled(self) -> bool:
         """Whether to keep a request's scores (decided per request)."""
@@ -130,6 +285,7 @@ class ScoreLog:
             if code is None:
                 code = self._codes[key] = len(self._labels)
                 self._labels.append(key)
+            self._appended += len(margins)
             start = 0
             while start < len(margins):
                 b = self._buffer
@@ -159,43 +315,191 @@ class ScoreLog:
         b.frame([("",) * len(LABELS)]).write_parquet(io.BytesIO())
 
     @property
+    def pending(self) -> int:
+        """Records appended and not yet written or dropped."""
+        return self._appended - self.stats.written - self.stats.dropped_total
+
+    @property
+    def failing(self) -> str | None:
+        """Why files cannot be written now (a reason of FAILURE_REASONS), or None."""
+        return self._failing[0] if self._failing else None
+
+    @property
     def due(self) -> bool:
-        return bool(self._full) or (self._buffer.rows > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
+        waited = time.monotonic() - self._last_flush >= self.flush_seconds
+        if self._failing is not None:  # retried every flush_seconds, not at every poll
+            return waited
+        return bool(self._full) or (self._buffer.rows > 0 and waited)
 
     def flush(self) -> list[pathlib.Path]:
-        """Write every filled buffer and the current one, one Parquet file each; any thread."""
-        with self._lock:
-            buffers = self._full + ([self._buffer] if self._buffer.rows else [])
-            self._full = []
-            if self._buffer.rows:
-                self._buffer = _Buffer(self.rows_per_file)
-            self._last_flush = time.monotonic()
-            labels = list(self._labels)
-        written = []
-        with self._write_lock:  # file names and the disk budget: one writer at a time
-            for b in buffers:
-                self._seq += 1
-                name = f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{self._seq:06d}.parquet"
-                tmp = self.dir / f".{name}.tmp"
-                b.frame(labels).write_parquet(tmp)
-                os.replace(tmp, self.dir / name)
-                written.append(self.dir / name)
+        """Write what failed before, every filled buffer and the current one, a Parquet file each
+        (in order, stopping at the first failure); any thread.  Never raises for a write that
+        fails: its records wait for the next flush (see the module's doc)."""
+        with self._write_lock:  # file names, the retry list, the disk budget: one writer at a time
+            with self._lock:
+                buffers = self._retry + self._full + ([self._buffer] if self._buffer.rows else [])
+                self._full = []
+                if self._buffer.rows:
+                    self._buffer = _Buffer(self.rows_per_file)
+                self._last_flush = time.monotonic()
+                labels = list(self._labels)
+            self._retry = []
+            written: list[pathlib.Path] = []
+            for i, b in enumerate(buffers):
+                try:
+                    written.append(self._write(b, labels))
+                except Exception as exc:
+                    reason = failure_reason(exc)
+                    self._failed(reason, exc)
+                    if reason == ENCODE_ERROR:  # these records, not the disk: go on with the others
+                        self.stats.count(dropped=(reason, b.rows))
+                        continue
+                    self._retry = self._bounded(buffers[i:], reason)
+                    break
+                self.stats.count(written=b.rows)
             if written:
                 self._enforce_budget()
+            if self._failing is not None and written and not self._retry:
+                self._recovered()
         return written
 
-    def _enforce_budget(self) -> None:
-        files, sizes = [], []
-        for f in sorted(self.dir.glob("scores-*.parquet")):
+    def close(self) -> int:
+        """The last flush, at shutdown: what cannot be written is dropped, logged and counted
+        (reason ``shutdown``).  Returns the number of records lost."""
+        self.flush()
+        with self._write_lock:
+            lost = sum(b.rows for b in self._retry)
+            self._retry = []
+            if lost:
+                self.stats.count(dropped=(SHUTDOWN, lost))
+                log.error(
+                    "score log: %d records could not be written to %s at shutdown (%s) and are lost",
+                    lost,
+                    self.dir,
+                    self.failing,
+                )
+        return lost
+
+    def _write(self, b: _Buffer, labels: list[tuple]) -> pathlib.Path:
+        try:
+            encoded = io.BytesIO()
+            b.frame(labels).write_parquet(encoded)
+        except Exception as exc:
+            raise _EncodeError(f"{type(exc).__name__}: {exc}") from exc
+        self._seq += 1
+        name = f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{self._seq:06d}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        try:
+            # fsync before the rename: otherwise a power cut can leave a renamed but empty or torn
+            # file (ext4 and XFS allocate late), and `muse calib fit`, which reads every file, fails
+            # on it.  Measured: ~1 ms more for a 100,000-row (2.2 MB) file, the directory's fsync
+            # ~0.1 ms, on a virtio ext4 disk -- once a file, on the loader thread, GIL released.
+            _write_file(tmp, encoded.getbuffer())
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            with contextlib.suppress(OSError):  # else removed at the next start
+                tmp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(self.dir)
+        return self.dir / name
+
+    def _bounded(self, buffers: list[_Buffer], reason: str) -> list[_Buffer]:
+        """``buffers`` to retry, at most ``max_pending_rows`` rows of them, the newest; partly
+        filled buffers joined into ones of up to ``rows_per_file`` rows, exactly sized."""
+        excess = sum(b.rows for b in buffers) - self.max_pending_rows
+        if excess > 0:
+            self.stats.count(dropped=(reason, excess))
+        kept: list[_Buffer] = []
+        parts: list[tuple[_Buffer, int]] = []
+        size = 0
+        for b in buffers:
+            keep = b.rows - min(b.rows, max(excess, 0))
+            excess -= b.rows - keep
+            if keep == 0:
+                continue
+            if parts and size + keep > self.rows_per_file:
+                kept.append(_Buffer.join(parts))
+                parts, size = [], 0
+            parts.append((b, keep))
+            size += keep
+        if parts:
+            kept.append(_Buffer.join(parts))
+        return kept
+
+    def _failed(self, reason: str, exc: BaseException) -> None:
+        self.stats.count(failed=reason)
+        if self._failing is not None:
+            self._failing = (reason, *self._failing[1:])
+            log.debug("score log: still cannot write to %s: %s", self.dir, exc)
+            return
+        self._failing = (reason, time.monotonic(), self.stats.dropped_total)
+        if reason == ENCODE_ERROR:
+            then = "dropping those records (counted in muse_scorelog_dropped_records_total)"
+        else:
+            then = (
+                f"keeping up to {self.max_pending_rows} records in memory and retrying every {self.flush_seconds:g} s, "
+                "dropping the oldest beyond that (counted in muse_scorelog_dropped_records_total)"
+            )
+        log.warning("score log: cannot write to %s (%s: %s); %s", self.dir, reason, exc, then)
+
+    def _recovered(self) -> None:
+        assert self._failing is not None
+        reason, since, dropped_before = self._failing
+        self._failing = None
+        log.info(
+            "score log: writing to %s again after %.0f s of %s; %d records dropped meanwhile",
+            self.dir,
+            time.monotonic() - since,
+            reason,
+            self.stats.dropped_total - dropped_before,
+        )
+
+    def remove_orphans(self) -> list[pathlib.Path]:
+        """Remove temporary files whose writer is gone (a process killed mid-write; several
+        workers share the directory, so only those)."""
+        removed, failures = [], []
+        try:
+            names = os.listdir(self.dir)
+        except OSError as exc:
+            names, failures = [], [exc]
+        for name in names:
+            match = _TEMP.match(name)
+            if not match:
+                continue
+            f = self.dir / name
             try:
-                sizes.append(f.stat().st_size)
-                files.append(f)
-            except FileNotFoundError:  # another worker's budget pass got there first
+                if writer_gone(int(match[1]), f.stat().st_mtime):
+                    f.unlink()
+                    removed.append(f)
+            except FileNotFoundError:  # another worker removed it first
                 pass
-        total = sum(sizes)
-        for f, size in zip(files[:-1], sizes):  # the newest file always stays
-            if total <= self.max_bytes:
-                break
-            f.unlink(missing_ok=True)  # another worker may have removed it first
-            total -= size
-            log.warning("score log over %d bytes: removed %s", self.max_bytes, f.name)
+            except OSError as exc:
+                failures.append(exc)
+        if removed:
+            log.info("score log: removed %d temporary files left in %s by stopped processes", len(removed), self.dir)
+        if failures:
+            log.warning("score log: cannot remove temporary files left in %s: %s", self.dir, failures[0])
+        return removed
+
+    def _enforce_budget(self) -> None:
+        try:
+            files, sizes = [], []
+            for f in sorted(self.dir.glob("scores-*.parquet")):
+                try:
+                    sizes.append(f.stat().st_size)
+                    files.append(f)
+                except FileNotFoundError:  # another worker's budget pass got there first
+                    pass
+            total = sum(sizes)
+            for f, size in zip(files[:-1], sizes):  # the newest file always stays
+                if total <= self.max_bytes:
+                    break
+                f.unlink(missing_ok=True)  # another worker may have removed it first
+                total -= size
+                log.warning("score log over %d bytes: removed %s", self.max_bytes, f.name)
+        except OSError as exc:
+            if not self._budget_failing:
+                log.warning("score log: cannot keep %s within %d bytes: %s", self.dir, self.max_bytes, exc)
+            self._budget_failing = True
+        else:
+            self._budget_failing = False
