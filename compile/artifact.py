@@ -7,9 +7,11 @@ dynamic loader caches libraries by path: a new version must never reuse one."""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import pathlib
 import re
 import shutil
+import socket
 import tempfile
 import time
 
@@ -39,6 +41,49 @@ def check_name(kind: str, value: str) -> str:
 def next_version(model_dir: pathlib.Path) -> str:
     numeric = [int(p.name) for p in model_dir.glob("*") if p.name.isdigit()] if model_dir.is_dir() else []
     return str(max(numeric, default=0) + 1)
+
+
+# Staging folders: models_dir/NAME/.NAME-VERSION.pidPID@HOST-RANDOM, so the next compile can tell
+# a folder whose compile was killed (SIGKILL, power loss: nothing ran to remove it) from one
+# still in use.  RANDOM is tempfile's suffix: letters, digits and '_'.
+_STAGING_RE = re.compile(r"^\..+\.pid(\d+)@(.*)-[a-z0-9_]+$")
+
+
+def _host() -> str:
+    """This machine, as staging folder names carry it: pids are only comparable on one host
+    (and in one container, which usually has a hostname of its own)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:40]
+
+
+def _staging_prefix(name: str, version: str) -> str:
+    return f".{name}-{version}.pid{os.getpid()}@{_host()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(models_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Remove staging folders under ``models_dir/*/`` whose compile is gone (its process died on
+    this host without cleaning up); returns what was removed.  Folders of live compiles, of other
+    hosts, and anything not named like a staging folder are kept."""
+    removed = []
+    host = _host()
+    for folder in pathlib.Path(models_dir).glob("*/.*"):
+        match = _STAGING_RE.match(folder.name)
+        if not match or match.group(2) != host or not folder.is_dir() or folder.is_symlink():
+            continue
+        if _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def expected_margins(source: SourceModel, rows: np.ndarray) -> np.ndarray:
@@ -72,7 +117,10 @@ def build_artifact(
     compiler = codegen.compiler_version()
     params = codegen.codegen_params(source.model.num_tree, source.model.num_feature)
     model_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-{version}-", dir=model_dir) as tmp:
+    remove_stale_staging(model_dir.parent)
+    # TemporaryDirectory removes the folder on any way out of the block, KeyboardInterrupt included;
+    # a SIGKILL leaves it for the next compile's remove_stale_staging.
+    with tempfile.TemporaryDirectory(prefix=_staging_prefix(name, version), dir=model_dir) as tmp:
         work = pathlib.Path(tmp)
         src_dir = work / "src"
         src_dir.mkdir()

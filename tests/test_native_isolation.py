@@ -1,6 +1,6 @@
 """A model library is native code: one that crashes, hangs or computes the wrong thing is
 refused by a probe in a child process before this process loads it, with an error that names
-it."""
+it.  And a killed `muse compile` leaves nothing behind that the next one does not remove."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import pathlib
 import shutil
 import socket
 import subprocess
+import sys
 
 import msgspec
 import pytest
 from conftest import training_data
 
 from muse.compile import ArtifactError, build_artifact, load_artifact, probe
+from muse.compile import artifact as artifact_module
 from muse.compile.manifest import read_manifest, sha256_file, write_manifest
 from muse.core.deploy import DeploymentStore
 from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec, SpecError
@@ -265,3 +267,46 @@ def test_deployment_store_refuses_with_spec_error(art, tmp_path):
     spec = DeploymentSpec(predictors=[PredictorSpec("a", "1", "fraud", ["m/1"])], routes=[RouteSpec("*", "fraud", "a")])
     with pytest.raises(SpecError, match=r"model m/1: .*killed by SIGSEGV while scoring the probe batch"):
         store.validate(spec)
+
+
+# -- compile staging folders ---------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_staging_folders_are_removed_by_the_next_compile(tmp_path):
+    models = tmp_path / "models"
+    host = artifact_module._host()
+    dead = models / "m" / f".m-7.pid{_dead_pid()}@{host}-abc_1234"
+    elsewhere = models / "other" / f".other-2.pid{_dead_pid()}@{host}-zz9"
+    live = models / "m" / f".m-8.pid{os.getpid()}@{host}-live0001"
+    other_host = models / "m" / f".m-9.pid{_dead_pid()}@not-{host}-x1"
+    unrelated = models / "m" / ".m-notes"
+    for folder in (dead, elsewhere, live, other_host, unrelated):
+        folder.mkdir(parents=True)
+        (folder / "lib.so").write_bytes(b"x" * 1000)
+    build_artifact(_lgb_file(tmp_path / "m.txt"), models, name="m")
+    assert not dead.exists() and not elsewhere.exists()
+    assert live.exists() and other_host.exists() and unrelated.exists()
+    assert sorted(p.name for p in (models / "m").iterdir() if not p.name.startswith(".")) == ["1"]
+
+
+def test_killed_compile_leaves_a_folder_the_next_compile_removes(tmp_path):
+    """`muse compile` killed (SIGKILL) by its own C compiler, mid-build: its staging folder stays,
+    named after the dead process, and the next compile removes it."""
+    fake_cc = tmp_path / "cc.sh"
+    fake_cc.write_text('#!/bin/sh\nif [ "$1" = --version ]; then exec gcc --version; fi\nkill -KILL $PPID\n')
+    fake_cc.chmod(0o755)
+    source = _lgb_file(tmp_path / "m.txt")
+    models = tmp_path / "reg" / "models"
+    cmd = [sys.executable, "-m", "muse.server.cli", "compile", str(source), "--registry", str(tmp_path / "reg")]
+    compile_ = subprocess.Popen([*cmd, "--name", "m", "--jobs", "1"], env={**os.environ, "CC": str(fake_cc)})
+    assert compile_.wait() == -9
+    left = list((models / "m").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(f".m-1.pid{compile_.pid}@") and (left[0] / "src").is_dir()
+    build_artifact(source, models, name="m")
+    assert sorted(p.name for p in (models / "m").iterdir()) == ["1"]
