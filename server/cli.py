@@ -71,13 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = "muse"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"muse {args.command}"
         code = args.func(args)
     except (CliError, ModelFormatError, ArtifactError, RegistryError, FileExistsError, ValueError, OSError) as exc:
-        print(f"muse {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: what the command was doing cleans up as the exception unwinds (muse compile's
+        # staging folder, a probe process); the user sees one line, not a traceback.
+        start = "\n" if sys.stderr.isatty() else ""  # off the line a progress report or ^C left open
+        print(f"{start}{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code or 0
 
 

@@ -310,3 +310,26 @@ def test_killed_compile_leaves_a_folder_the_next_compile_removes(tmp_path):
     assert len(left) == 1 and left[0].name.startswith(f".m-1.pid{compile_.pid}@") and (left[0] / "src").is_dir()
     build_artifact(source, models, name="m")
     assert sorted(p.name for p in (models / "m").iterdir()) == ["1"]
+
+
+def test_failure_and_interrupt_remove_the_staging_folder(tmp_path, monkeypatch, capsys):
+    source = _lgb_file(tmp_path / "m.txt")
+    models = tmp_path / "reg" / "models"
+
+    def interrupted(*args, **kwargs):
+        staging = [p.name for p in (models / "m").iterdir()]
+        assert len(staging) == 1 and staging[0].startswith(".m-1.pid")  # it exists now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact_module.codegen, "build_library", interrupted)
+    assert cli(["compile", str(source), "--registry", str(tmp_path / "reg"), "--name", "m"]) == 130
+    assert capsys.readouterr().err == "muse compile: interrupted\n"
+    assert list((models / "m").iterdir()) == []
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(artifact_module.codegen, "build_library", failing)
+    with pytest.raises(RuntimeError, match="compiler exploded"):
+        build_artifact(source, models, name="m")
+    assert list((models / "m").iterdir()) == []
