@@ -20,6 +20,7 @@ import tl2cgen
 import treelite
 
 from muse.calib.kernels import correction
+from muse.calib.names import check_name
 
 from . import codegen, probe
 from ._library import NativeLibrary, NativeLoadError, NativeMapTable
@@ -28,14 +29,6 @@ from .errors import ArtifactError, ModelFormatError
 from .frontends import SourceModel, load_source_model
 from .manifest import Manifest, read_manifest, sha256_file, write_manifest
 from .scores import Scores
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
-        raise ValueError(f"{kind} {value!r} must match {NAME_RE.pattern} (letters, digits, '_', '.', '-')")
-    return value
 
 
 def next_version(model_dir: pathlib.Path) -> str:
