@@ -62,6 +62,8 @@ class Serving:
         self.last_error: str | None = None
         self._refused_generation: int | None = None  # not retried until `current` moves on
         self.score_log = score_log
+        if score_log is not None:
+            metrics.watch_score_log(score_log)  # its written, dropped and pending records
         self.recorder = Recorder(metrics, score_log)
         self.shadows = ShadowQueue(shadow_queue, metrics, self.recorder)
         self.lanes = Lanes(metrics, self.recorder, self.shadows)
@@ -89,7 +91,11 @@ class Serving:
         self.pool.thread.close()
         self.record_served()
         if self.score_log is not None:
-            self.score_log.flush()  # nothing logged is lost on a clean shutdown
+            try:
+                self.score_log.close()  # written, or logged and counted as lost
+            except Exception:
+                log.exception("score log, at shutdown")
+        self.metrics.flush()  # with several workers, the last counts reach the shared files
 
     async def in_background(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the background thread (loading, shadows, log writes, admin work)."""
@@ -167,13 +173,20 @@ class Serving:
                 log.exception("recording served scores")
 
     async def _watch(self) -> None:
+        """Every poll: follow deployments, run ``on_poll``, flush the score log if due -- each
+        outliving its own failures, and none skipped for another's (the score log reports its
+        own write failures; what reaches here is unexpected)."""
         while True:
             await asyncio.sleep(self.poll_interval)
-            try:
-                await self.refresh()
-                if self.on_poll is not None:
-                    await self.in_background(self.on_poll)
-                if self.score_log is not None and self.score_log.due:
-                    await self.in_background(self.score_log.flush)
-            except Exception:  # the watcher must outlive any one bad deployment or full disk
-                log.exception("deployment watcher")
+            await self._guarded("deployment watcher", self.refresh)
+            if self.on_poll is not None:
+                await self._guarded("poll hook", self.in_background, self.on_poll)
+            if self.score_log is not None and self.score_log.due:
+                await self._guarded("score log flush", self.in_background, self.score_log.flush)
+
+    @staticmethod
+    async def _guarded(what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            log.exception(what)

@@ -1,14 +1,16 @@
 """The score log when files cannot be written: records kept (within a bound) and retried,
 what is lost counted by reason and logged once per episode, temporary files cleaned up,
-the shutdown flush reporting what it could not write -- with injected errors and on a tiny
-real filesystem."""
+the shutdown flush reporting what it could not write -- with injected errors, on a tiny
+real filesystem, and through a real server stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -16,12 +18,13 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from helpers import read_log
+from conftest import get_case
+from helpers import calibrate, make_registry, read_log, rows
 
 from muse.server import scorelog
 from muse.server.metrics import Metrics
 from muse.server.scorelog import DISK_FULL, ENCODE_ERROR, IO_ERROR, SHUTDOWN, ScoreLog
-from muse.server.testing import wait_until
+from muse.server.testing import LocalServer, as_json_rows, deploy, wait_until
 
 T0 = 1_700_000_000_000_000  # microseconds since the epoch
 
@@ -201,6 +204,47 @@ def test_writer_gone_sees_a_reused_pid():
     assert not scorelog.writer_gone(os.getpid(), time.time())
 
 
+def test_score_log_failures_are_not_deployment_watcher_failures(tmp_path, caplog):
+    """The watcher's three jobs fail apart: a failing refresh does not skip the score log's
+    flush, and a failing flush is reported as the score log's."""
+    from muse.core.registry import Registry
+    from muse.server.serving import Serving
+
+    log = ScoreLog(tmp_path, flush_seconds=0.001)
+    serving = Serving(Registry(tmp_path / "no-registry"), Metrics(), poll_interval=0.001, score_log=log)
+    calls = {"refresh": 0, "flush": 0}
+
+    async def refresh() -> bool:
+        calls["refresh"] += 1
+        raise RuntimeError("bad deployment")
+
+    def flush() -> list:
+        calls["flush"] += 1
+        raise RuntimeError("unexpected")
+
+    serving.refresh = refresh  # type: ignore[method-assign]
+    log.flush = flush  # type: ignore[method-assign]
+    Rows(log).append(3)
+
+    async def run() -> None:
+        task = asyncio.create_task(serving._watch())
+        try:
+            while calls["flush"] < 3:  # each poll refreshes, then flushes, both failing
+                await asyncio.sleep(0.001)
+                assert not task.done(), task
+        finally:
+            task.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 10))
+    finally:
+        serving._loader.shutdown()
+        serving.pool.thread.close()
+    labels = [r.getMessage() for r in caplog.records if r.name == "muse.serve"]
+    assert labels.count("score log flush") == calls["flush"]
+    assert labels.count("deployment watcher") == calls["refresh"] >= calls["flush"]
+
+
 # -- a real (tiny) filesystem ----------------------------------------------------------------------
 
 
@@ -262,3 +306,56 @@ def test_full_disk_every_record_is_on_disk_pending_or_counted(tiny_disk, caplog)
     assert log.stats.dropped[SHUTDOWN] == pending and log.pending == 0 and accounted()
     assert not temporary_files(directory)
     assert len(messages(caplog, logging.WARNING)) == 2 and len(messages(caplog, logging.ERROR)) == 1
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory, model_dir):
+    from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec
+
+    root = tmp_path_factory.mktemp("scorelog-faults")
+    reg = make_registry(root / "registry", {"lightgbm": get_case("lightgbm", model_dir, root / "compiled")})
+    calibrate(reg, "lightgbm", {})
+    deploy(
+        reg,
+        DeploymentSpec(
+            predictors=[PredictorSpec("a", "1", "fraud", ["lightgbm/1"], "lightgbm/1")],
+            routes=[RouteSpec("*", "fraud", "a")],
+        ),
+    )
+    return reg
+
+
+def test_server_on_a_full_disk_serves_on_and_reports_at_sigterm(reg, tiny_disk):
+    """`muse serve` logging scores to a 256 KiB filesystem: every request is served once the
+    disk is full, /metrics shows the failures and records waiting, and SIGTERM logs how many
+    records it could not write -- which, with those on disk, are every row served."""
+    directory = tiny_disk / "log"
+    server = LocalServer(reg.root, "--no-auth", "--score-log", str(directory), "--score-log-flush-seconds", "0.05")
+    served = 0
+
+    def score_until_full() -> bool:
+        nonlocal served
+        for i in range(10):
+            events = [{"features": r} for r in as_json_rows(rows(200, seed=served + i))]
+            status, body, _ = server.post("/v1/score", {"tenant": "acme", "intent": "fraud", "events": events})
+            assert status == 200, body
+            served += len(body["scores"])
+        return server.metrics().get('muse_scorelog_write_failures_total{reason="disk_full"}', 0) >= 3
+
+    try:
+        server.wait_ready()
+        wait_until(score_until_full, 120, "the score log's filesystem to fill")
+        metrics = server.metrics()
+        assert metrics["muse_scorelog_pending_records"] > 0
+        assert sum(v for k, v in metrics.items() if k.startswith("muse_scorelog_dropped_records_total")) == 0
+        assert metrics["muse_scorelog_records_total"] == len(on_disk(directory)) > 0
+    finally:
+        server.stop()  # SIGTERM
+    output = server.log_path.read_text(errors="replace")
+    assert server.proc.returncode == 0, output[-4000:]
+    lost = re.findall(r"score log: (\d+) records could not be written to \S+ at shutdown", output)
+    assert len(lost) == 1, output[-4000:]
+    assert len(on_disk(directory)) + int(lost[0]) == served
+    assert output.count("score log: cannot write to") == 1  # one warning, for the one episode
+    assert "deployment watcher" not in output and "Traceback" not in output
+    assert not temporary_files(directory)
