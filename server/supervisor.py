@@ -10,15 +10,24 @@ again) rather than burn the CPU restarting it.
 
 The count is a prometheus_client multiprocess counter written by this process into the
 directory the workers' /metrics merges; a dead worker's live gauges (``muse_ready``) are
-removed from there, so a scrape counts only live workers."""
+removed from there, so a scrape counts only live workers.
+
+On Linux Granian gives each worker a listening socket of its own (SO_REUSEPORT): when a
+worker dies, the connections the kernel had queued on its socket are reset, unless
+net.ipv4.tcp_migrate_req is 1.  Without that setting the workers share one listening socket
+instead (Granian's way on other systems), so a dying worker loses only the requests it
+was serving."""
 
 from __future__ import annotations
 
 import logging
+import pathlib
 import signal
+import socket
 from typing import Any
 
 from granian import Granian
+from granian.net import SocketSpec
 from prometheus_client import Counter, multiprocess, values
 
 log = logging.getLogger("muse.supervisor")
@@ -33,6 +42,16 @@ class SupervisedGranian(Granian):  # type: ignore[misc, valid-type]
         self.restarts = Counter(
             "muse_worker_restarts", "Worker processes started again after they died.", registry=None
         )
+
+    def _init_shared_socket(self) -> None:
+        if self.workers == 1 or self.bind_uds or migrates_queued_connections():
+            super()._init_shared_socket()
+            return
+        self._shd = SocketSpec(self.bind_addr, self.bind_port, self.backlog).build()
+        self._sfd = self._shd.get_fd()
+        self._ssp = None
+        self._sso = socket.socket(fileno=self._sfd)
+        self._sso.set_inheritable(True)
 
     def _respawn_workers(self, workers: Any, spawn_target: Any, target_loader: Any, delay: float = 0) -> Any:
         for idx in workers:
@@ -51,3 +70,10 @@ class SupervisedGranian(Granian):  # type: ignore[misc, valid-type]
             multiprocess.mark_process_dead(worker.inner.pid)
             self.restarts.inc()
         return super()._respawn_workers(workers, spawn_target, target_loader, delay)
+
+
+def migrates_queued_connections() -> bool:
+    try:
+        return pathlib.Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"
+    except OSError:
+        return False

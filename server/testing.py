@@ -154,9 +154,12 @@ def wait_for(
     wait_until(answered, timeout, f"the server on port {port} to serve generation {generation or 'any'}", 0.05)
 
 
-def scrape(port: int) -> dict[str, float]:
-    """/metrics as {'name{label="value",...}': value}, labels sorted by name."""
-    _, raw, _ = request(port, "GET", "/metrics")
+def scrape(port: int, key: str | None = None) -> dict[str, float]:
+    """/metrics as {'name{label="value",...}': value}, labels sorted by name; ``key`` for a
+    server that wants a credential for them (--metrics-auth)."""
+    status, raw, _ = request(port, "GET", "/metrics", headers={"authorization": f"Bearer {key}"} if key else None)
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}: {raw!r}")
     samples = {}
     for family in text_string_to_metric_families(raw.decode()):
         for s in family.samples:
