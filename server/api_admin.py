@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import msgspec
 
+from muse.calib.names import too_deep
 from muse.core.spec import DeploymentSpec, SpecError, decode_spec
 
 from .asgi import Request, Response, json_response
@@ -55,6 +56,8 @@ async def rollback(app: Context, req: Request) -> Response:
 
 
 async def _spec_from_body(req: Request) -> DeploymentSpec:
+    """A deployment as TOML or JSON (by content type), within the document limits of
+    muse.calib.names (decode_spec says which it exceeds); 422 naming the entry otherwise."""
     kind = req.headers.get(b"content-type", b"application/json").split(b";")[0].strip()
     source = "request.json" if kind == b"application/json" else "request.toml"
     try:
@@ -68,6 +71,8 @@ def _decode(raw: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(raw, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise validation_error(exc) from None
+    except RecursionError:  # defence in depth: these schemas forbid unknown fields and nest 2 deep
+        raise HTTPError(400, str(too_deep("request body")), "$") from None
 
 
 async def _published(app: Context, generation: int) -> Response:

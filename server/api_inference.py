@@ -5,12 +5,14 @@ The tenant comes from the key, or from ``parameters.tenant`` with an admin key."
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from muse.calib.names import too_deep
 from muse.core.predictor import Predictor
 from muse.core.snapshot import RouteError
 
@@ -65,13 +67,14 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         principal = app.authenticate(req)
         body, binary = _split_body(await req.body(), req.headers.get(b"inference-header-content-length"))
         r = decode_infer_request(body)
-        claimed = principal.tenant or r.parameters.get("tenant")
-        if not isinstance(claimed, str) or not claimed:
+        claimed = r.parameters.get("tenant", principal.tenant)
+        if claimed is None:
             raise HTTPError(
                 422, "parameters.tenant: required (a string) unless the key belongs to a tenant", "$.parameters.tenant"
             )
-        tenant = claimed
-        app.check_tenant(principal, r.parameters.get("tenant", tenant), "$.parameters.tenant")
+        app.check_tenant(principal, claimed, "$.parameters.tenant")
+        assert isinstance(claimed, str)  # check_tenant refuses anything else
+        tenant = claimed  # a metrics label from here on: a valid tenant name, the key's own
         lane = app.lane(tenant, intent, version, "model_name")
         predictor = lane.predictor
         predictor_name = predictor.name
@@ -113,20 +116,43 @@ def _split_body(body: bytes, header_length: bytes | None) -> tuple[bytes, memory
 
 
 def decode_infer_request(body: bytes) -> InferRequest:
+    """The request, typed like /v1's: numbers only (no strings, no booleans), tensors flat or
+    as rows, parameters scalars; errors name the field.  Nothing nests deeper than the schema:
+    msgspec refuses a level too many before it reads it (a RecursionError, possible only in
+    fields the schema skips, is a 400 naming the limit)."""
     try:
         return DECODER.decode(body)
     except msgspec.ValidationError as exc:
-        raise validation_error(exc) from None
+        raise _invalid(exc) from None
+    except RecursionError:
+        raise HTTPError(400, str(too_deep("request body")), "$") from None
     except msgspec.DecodeError as exc:
         # tritonclient writes NaN and Infinity as bare literals (Python's json does); accept them on a slow path.
         try:
             obj = json.loads(body)
+        except RecursionError:
+            raise HTTPError(400, str(too_deep("request body")), "$") from None
         except ValueError:
             raise validation_error(exc) from None
         try:
             return msgspec.convert(obj, InferRequest)
         except msgspec.ValidationError as exc2:
-            raise validation_error(exc2) from None
+            raise _invalid(exc2) from None
+        except RecursionError:
+            raise HTTPError(400, str(too_deep("request body")), "$") from None
+
+
+_DATA_PATH = re.compile(r"^(\$\.inputs\[\d+\]\.data)\[")
+
+
+def _invalid(exc: msgspec.ValidationError) -> HTTPError:
+    """A 422 naming the field; within a tensor's data, the tensor (the message names the element)."""
+    error = validation_error(exc)
+    within_data = _DATA_PATH.match(error.field or "")
+    if within_data is None:
+        return error
+    message = f"{error.message}; data holds numbers (null for missing), flat or as rows of a [N, F] shape"
+    return HTTPError(422, message, within_data.group(1))
 
 
 def infer_matrix(r: InferRequest, binary: memoryview, num_feature: int) -> np.ndarray:
@@ -144,7 +170,7 @@ def infer_matrix(r: InferRequest, binary: memoryview, num_feature: int) -> np.nd
     count = shape[0] * shape[1]
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
-        if size != count * dtype.itemsize or size > len(binary):
+        if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
             raise HTTPError(
                 422,
                 f"binary_data_size {size} does not hold a {tensor.datatype} tensor of shape {shape} "

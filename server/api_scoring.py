@@ -10,6 +10,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from muse.calib.names import too_deep
+
 from ._rows import rows_matrix
 from .asgi import Request, Response, encode
 from .context import Context
@@ -28,8 +30,11 @@ async def score(app: Context, req: Request) -> Response:
             r = DECODER.decode(await req.body())
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise validation_error(exc) from None
-        tenant, intent = r.tenant, r.intent
-        app.check_tenant(principal, tenant, "$.tenant")
+        except RecursionError:  # defence in depth: the schema nests 4 deep and refuses more
+            raise HTTPError(400, str(too_deep("request body")), "$") from None
+        intent = r.intent
+        app.check_tenant(principal, r.tenant, "$.tenant")
+        tenant = r.tenant  # a metrics label from here on: a valid tenant name, the key's own
         lane = app.lane(tenant, intent, None, "$.intent")
         predictor = lane.predictor
         predictor_name = predictor.name

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from muse.calib.names import TENANT_RULE, tenant_problem
 from muse.core.registry import Registry
 from muse.core.snapshot import RouteError, Snapshot
 from muse.core.spec import SpecError
@@ -74,13 +75,30 @@ class Context:
         return lane
 
     @staticmethod
-    def check_tenant(principal: Principal, tenant: str, field: str) -> None:
-        if principal.tenant is not None and tenant != principal.tenant:
+    def check_tenant(principal: Principal, tenant: object, field: str) -> None:
+        """422 unless ``tenant`` is a tenant name (muse.calib.names), 403 unless the key may
+        score for it.  Only then may it become a metrics label or a score-log value."""
+        if tenant == principal.tenant:
+            return  # the key's own tenant: checked when the key was added
+        problem = tenant_problem(tenant)
+        if problem is not None:
+            shown = repr(tenant) if not isinstance(tenant, str) or len(tenant) <= 40 else repr(tenant[:40]) + "..."
+            raise HTTPError(422, f"{shown} is not a tenant name ({problem}); use {TENANT_RULE}", field)
+        if principal.tenant is not None:
             raise HTTPError(
                 403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
             )
 
     def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
+        """Count a refused scoring request.  Labels name only what is served: a request refused
+        for its credential (401/403) is counted with no tenant, intent or predictor (whatever it
+        named is the client's choice), and an intent that is not served counts as ''."""
+        if exc.status in (401, 403):
+            tenant = intent = predictor = ""
+        elif intent:
+            snap = self.serving.snapshot
+            if snap is None or intent not in snap.intents:
+                intent = ""
         self.metrics.observe_error(tenant, intent, predictor, exc.status, REASONS.get(exc.status, "error"))
 
     def admin(self, req: Request) -> None:

@@ -1,4 +1,8 @@
-"""Wire schemas as msgspec Structs: one decoder per type, errors that name the path."""
+"""Wire schemas as msgspec Structs: one decoder per type, errors that name the path.
+
+Every request type is typed down to its leaves (no ``Any``), so a request nests no deeper
+than its schema: msgspec refuses anything deeper at the first level too many, without
+recursing into it.  Numbers are numbers: no strings, no booleans (``float`` takes ints)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,12 @@ from typing import Annotated, Any
 
 import msgspec
 
+from muse.calib.names import MAX_ELEMENTS, MAX_TENANT_BYTES, TENANT_RULE, Name, tenant_problem
+
 Feature = float | None  # null = missing
+# A tenant name (muse.calib.names.check_tenant; Context.check_tenant applies all of the rule).
+Tenant = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TENANT_BYTES, description=TENANT_RULE)]
+Many = msgspec.Meta(max_length=MAX_ELEMENTS)  # the element-count limit of muse.calib.names
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
@@ -15,9 +24,9 @@ class Event(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
-    tenant: str
+    tenant: Tenant
     intent: str
-    events: Annotated[list[Event], msgspec.Meta(min_length=1)]
+    events: Annotated[list[Event], msgspec.Meta(min_length=1, max_length=MAX_ELEMENTS)]
 
 
 class ScoreResponse(msgspec.Struct, omit_defaults=True):
@@ -29,8 +38,14 @@ class ScoreResponse(msgspec.Struct, omit_defaults=True):
 
 
 class PromoteRequest(msgspec.Struct, forbid_unknown_fields=True):
-    predictor: str
-    tenants: list[str] | None = None  # default: every route of the predictor's intent
+    predictor: Name
+    tenants: list[str] | None = None  # tenant names or "*"; default: every route of the predictor's intent
+
+    def __post_init__(self) -> None:
+        for i, tenant in enumerate(self.tenants or ()):
+            problem = None if tenant == "*" else tenant_problem(tenant)
+            if problem is not None:  # decoding reports it at `$`
+                raise ValueError(f"tenants[{i}] {tenant!r} is not a tenant name ({problem}) nor '*'")
 
 
 class RollbackRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -44,25 +59,31 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 
 # --- Open Inference Protocol (KServe v2) ------------------------------------------
 
+# Parameter values are scalars (the protocol's $parameter), or one level of them.
+Scalar = str | int | float | bool | None
+Parameters = Annotated[dict[str, Scalar | list[Scalar] | dict[str, Scalar]], Many]
+# A tensor's numbers, flat or as rows (shape [N, F]); null (or NaN, see api_inference) = missing.
+TensorData = Annotated[list[Feature | Annotated[list[Feature], Many]], Many]
+
 
 class InferInput(msgspec.Struct):
     name: str
-    shape: list[int]
+    shape: Annotated[list[int], msgspec.Meta(max_length=8)]
     datatype: str
-    data: Any = None  # flat or nested numbers; absent with the binary tensor extension
-    parameters: dict[str, Any] = {}
+    data: TensorData | None = None  # absent with the binary tensor extension
+    parameters: Parameters = {}
 
 
 class RequestedOutput(msgspec.Struct):
     name: str
-    parameters: dict[str, Any] = {}
+    parameters: Parameters = {}
 
 
 class InferRequest(msgspec.Struct):
-    inputs: Annotated[list[InferInput], msgspec.Meta(min_length=1)]
+    inputs: Annotated[list[InferInput], msgspec.Meta(min_length=1, max_length=64)]
     id: str | None = None
-    parameters: dict[str, Any] = {}
-    outputs: list[RequestedOutput] = []
+    parameters: Parameters = {}
+    outputs: Annotated[list[RequestedOutput], msgspec.Meta(max_length=64)] = []
 
 
 class InferOutput(msgspec.Struct, omit_defaults=True):
