@@ -287,3 +287,13 @@ def test_keys_for_hostile_tenants_are_refused(tmp_path, tenant):
     assert not path.exists()
     add_key(path, "acme", False)
     assert [k.tenant for k in read_keys(path).keys] == ["acme"]
+
+
+def test_muse_keys_add_refuses_a_hostile_tenant_in_one_line(tmp_path, capsys):
+    from muse.server.cli import main as cli
+
+    assert cli(["keys", "add", "--registry", str(tmp_path), "--tenant", "../../x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("muse keys: error: --tenant '../../x' is not a valid tenant name (holds '/')")
+    assert err.count("\n") == 1 and not (tmp_path / "keys.toml").exists()
+    assert cli(["keys", "add", "--registry", str(tmp_path), "--tenant", "acme"]) == 0
