@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -33,6 +34,7 @@ LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536)
 MAX_TENANT_LABELS = 1000  # client-chosen tenant names must not grow the series without bound
 OTHER = "_other"
+TORN_READS = 5  # tries at reading the multiprocess files while a worker starts or dies
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -210,8 +212,15 @@ class Metrics:
 
     def render(self) -> bytes:
         self.flush()
-        if self.multiprocess:
-            merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged)
-            return generate_latest(merged)
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        for _ in range(TORN_READS - 1):
+            try:
+                return generate_latest(merged)
+            except (struct.error, FileNotFoundError):
+                # a worker starting (its file created, not yet sized) or one that died (its
+                # files removed) while they were read: read them again
+                continue
+        return generate_latest(merged)

@@ -61,6 +61,7 @@ class Serving:
         self.snapshot: Snapshot | None = None
         self.last_error: str | None = None
         self._refused_generation: int | None = None  # not retried until `current` moves on
+        self._current_missing = False  # said once, until `current` is back
         self.score_log = score_log
         if score_log is not None:
             metrics.watch_score_log(score_log)  # its written, dropped and pending records
@@ -118,7 +119,21 @@ class Serving:
             generation = self.store.current_generation()
         except SpecError as exc:
             return self._refused(str(exc))
-        if generation is None or (self.snapshot and self.snapshot.generation == generation):
+        if generation is None:
+            if not self._current_missing:
+                self._current_missing = True
+                served = self.snapshot.generation if self.snapshot else None
+                log.warning(
+                    "%s is missing; still serving generation %s until a deployment is published",
+                    self.store.current_path,
+                    served,
+                    extra={"event": "current_missing", "generation": served},
+                )
+            return False
+        if self._current_missing:
+            self._current_missing = False
+            log.info("%s is back: generation %d", self.store.current_path, generation)
+        if self.snapshot and self.snapshot.generation == generation:
             return False
         if generation == self._refused_generation:
             return False
@@ -128,8 +143,16 @@ class Serving:
         except (SpecError, OSError) as exc:
             self._refused_generation = generation
             return self._refused(f"generation {generation}: {exc}")
+        previous = self.snapshot.generation if self.snapshot else None
         self.install(snap)
-        log.info("serving generation %d (loaded in %.2f s)", generation, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        log.info(
+            "serving generation %d (loaded in %.2f s; was %s)",
+            generation,
+            seconds,
+            previous,
+            extra={"event": "generation_swapped", "generation": generation, "previous": previous, "seconds": seconds},
+        )
         return True
 
     def _load(self, generation: int) -> Snapshot:
@@ -154,10 +177,12 @@ class Serving:
 
     def _refused(self, message: str) -> bool:
         if message != self.last_error:
+            served = self.snapshot.generation if self.snapshot else None
             log.error(
                 "deployment refused, still serving generation %s: %s",
-                self.snapshot.generation if self.snapshot else "none",
+                served,
                 message,
+                extra={"event": "generation_refused", "generation": served},
             )
             self.metrics.deploy_failures.inc()
         self.last_error = message

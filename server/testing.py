@@ -209,9 +209,11 @@ class LocalServer:
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{exc}: {self.output()}") from None
 
-    def output(self) -> str:
+    def output(self, whole: bool = False) -> str:
+        """What the server printed: its last 4,000 characters, or all of it."""
         self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        text = self.log_path.read_text(errors="replace")
+        return text if whole else text[-4000:]
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None

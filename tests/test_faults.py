@@ -1,0 +1,183 @@
+"""A server under faults and hostile clients, on loopback: a worker killed under load, idle
+connections past the connection cap, a trickled body, an idle keep-alive connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+
+import pytest
+from conftest import get_case
+from helpers import make_registry, rows
+
+from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec
+from muse.server.auth import add_key, keys_path
+from muse.server.testing import LocalServer, as_json_rows, deploy, request, scrape, wait_until
+
+WORKERS = 2
+CAP = 32  # connections per worker
+TIMEOUT = 1.0  # --header-timeout and --body-timeout, seconds
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("faults")
+    reg = make_registry(root / "registry", {"lightgbm": get_case("lightgbm", model_dir, root / "compiled")})
+    deploy(
+        reg,
+        DeploymentSpec(
+            predictors=[PredictorSpec("fraud-lgb", "1", "fraud", ["lightgbm/1"])],
+            routes=[RouteSpec("*", "fraud", "fraud-lgb")],
+        ),
+    )
+    key = add_key(keys_path(reg.root), "acme", False)[1]
+    server = LocalServer(
+        reg.root,
+        "--max-connections",
+        str(CAP),
+        "--header-timeout",
+        str(TIMEOUT),
+        "--body-timeout",
+        str(TIMEOUT),
+        workers=WORKERS,
+    )
+    try:
+        server.wait_ready(generation=1)
+        wait_until(lambda: len(ready_workers(server.port)) == WORKERS, 60, "every worker ready")
+        body = json.dumps({"tenant": "acme", "intent": "fraud", "events": [{"features": as_json_rows(rows(1, 1))[0]}]})
+        yield server, key, body.encode()
+    finally:
+        server.stop()
+
+
+def metrics(port: int) -> dict[str, float]:
+    try:
+        return scrape(port)
+    except OSError:  # the scrape landed on the worker being killed
+        return {}
+
+
+def ready_workers(port: int) -> list[int]:
+    """Pids of the workers whose muse_ready is 1 (a killed worker's series is removed)."""
+    samples = metrics(port)
+    return [int(m.group(1)) for k, v in samples.items() if v == 1 and (m := re.match(r'muse_ready\{pid="(\d+)"\}', k))]
+
+
+def score(env, timeout: float = 10) -> int:
+    server, key, body = env
+    status, _, _ = request(server.port, "POST", "/v1/score", body, {"authorization": f"Bearer {key}"}, timeout=timeout)
+    return status
+
+
+def test_a_killed_worker_is_replaced_while_the_other_serves(env):
+    server = env[0]
+    victim = ready_workers(server.port)[0]
+    results: list[object] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                results.append(score(env, timeout=5))
+            except OSError as exc:  # a request the killed worker held
+                results.append(exc)
+
+    client = threading.Thread(target=load)
+    client.start()
+    try:
+        wait_until(lambda: len(results) >= 20, 30, "requests before the kill")
+        os.kill(victim, signal.SIGKILL)
+        at_kill = len(results)
+        wait_until(lambda: metrics(server.port).get("muse_worker_restarts_total") == 1, 30, "the restart counted")
+        workers = wait_until(
+            lambda: (w := ready_workers(server.port)) and len(w) == WORKERS and victim not in w and w,
+            60,
+            "a new worker ready in place of the killed one",
+        )
+        assert victim not in workers
+        after = len(results)
+        wait_until(lambda: len(results) >= after + 50, 30, "requests after the restart")
+    finally:
+        stop.set()
+        client.join()
+    failed = [r for r in results if r != 200]
+    # one client, one request at a time: at most the request in flight on the killed worker fails
+    assert len(failed) <= 1, failed
+    assert all(r == 200 for r in results[at_kill + 2 :]), results[at_kill:]
+    assert "died (killed by SIGKILL)" in server.output()
+
+
+def test_idle_connections_beyond_the_cap_do_not_lock_clients_out(env):
+    server = env[0]
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3 * CAP * WORKERS)]
+    try:
+        # more idle connections than every worker's cap together: a new client waits in the
+        # backlog only until the header timeout frees the idle ones' places
+        assert score(env, timeout=30) == 200
+        for s in idle[:5]:
+            s.settimeout(30)
+            assert s.recv(1) == b""  # closed by the server: it sent no request in time
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_trickled_body_gets_408(env):
+    server, key, body = env
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        head = (
+            f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        s.sendall(head.encode() + body[:5])  # then nothing more
+        s.settimeout(30)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"did not arrive within" in answer and b'"field":"body"' in answer
+
+
+def test_an_idle_keep_alive_connection_is_closed(env):
+    server = env[0]
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(30)
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        while chunk := s.recv(4096):  # then idle: the server closes it after the header timeout
+            answer += chunk
+    assert score(env) == 200
+
+
+def log_events(server: LocalServer, event: str) -> list[dict]:
+    """The server's JSON log lines of one ``event``."""
+    lines = [json.loads(line) for line in server.output(whole=True).splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == event]
+
+
+def test_start_up_says_what_is_served(env):
+    (start,) = log_events(env[0], "start")
+    assert start["auth"] is True and start["workers"] == WORKERS and start["generation"] == 1
+    assert start["registry"] == str(env[0].registry.resolve()) and start["max_connections"] == CAP
+    assert start["level"] == "INFO" and start["logger"] == "muse.serve" and "time" in start
+
+
+def test_a_deleted_current_is_logged_and_serving_goes_on(env):
+    server = env[0]
+    current = server.registry / "deployments" / "current"
+    saved = current.read_bytes()
+    current.unlink()
+    try:
+        missing = wait_until(lambda: log_events(server, "current_missing"), 30, "the missing current logged")
+        assert missing[0]["level"] == "WARNING" and missing[0]["generation"] == 1
+        assert score(env) == 200
+    finally:
+        current.write_bytes(saved)
+    wait_until(lambda: "is back: generation 1" in server.output(whole=True), 30, "current back, logged")
