@@ -47,6 +47,19 @@ def test_documents_nest_at_most_max_depth(toml):
             parse_document(make(depth), "doc", toml=toml)
 
 
+def test_toml_dotted_keys_nest_too_and_are_refused_before_parsing():
+    """tomllib reads a 50,000-part dotted key in quadratic time (~40 s): refused from the text;
+    dots in strings, comments and numbers nest nothing and pass."""
+    inside = "a" + ".a" * (MAX_DEPTH - 2) + " = 1\n"  # the root table and MAX_DEPTH - 1 below it
+    assert parse_document(inside.encode(), "doc", toml=True)
+    for raw in ("a" + ".a" * 50_000 + " = 1", "[" + ".".join(["a"] * 50_000) + "]", '"a" . b' + " .c" * MAX_DEPTH):
+        with pytest.raises(LimitError, match=f"doc: nested deeper than {MAX_DEPTH} levels at a dotted key"):
+            parse_document(raw.encode(), "doc", toml=True)
+    dots = "x." * 100
+    text = f'd = "{dots}" # {dots}\ne = \'{dots}\'\nf = """\n{dots}\n"""\ng = 1.5\n'
+    assert parse_document(text.encode(), "doc", toml=True)["g"] == 1.5
+
+
 def test_documents_hold_at_most_max_elements():
     check_limits({"a": [1, 2], "b": {"c": 3}}, "doc", max_elements=5)
     with pytest.raises(LimitError, match="doc: more than 4 values"):
