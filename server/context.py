@@ -83,7 +83,7 @@ class Context:
         problem = tenant_problem(tenant)
         if problem is not None:
             shown = repr(tenant) if not isinstance(tenant, str) or len(tenant) <= 40 else repr(tenant[:40]) + "..."
-            raise HTTPError(422, f"{shown} is not a tenant name ({problem}); use {TENANT_RULE}", field)
+            raise HTTPError(422, f"{shown} is not a tenant name ({problem}); use {TENANT_RULE} - at `{field}`", field)
         if principal.tenant is not None:
             raise HTTPError(
                 403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field

@@ -269,6 +269,7 @@ def test_requests_for_invalid_tenants_are_422_and_add_no_label(served):
     fields = {"/v1/score": "$.tenant", OIP: "$.parameters.tenant"}
     for (_, path, *_), (status, body) in zip(calls, answers):
         assert (status, body["field"]) == (422, fields[path]), body
+        assert body["error"].endswith(f" - at `{fields[path]}`"), body
     assert "srv-evil" not in metrics and "\u202e" not in metrics and 'tenant="*"' not in metrics
     assert 'muse_request_errors_total{intent="fraud",predictor="",reason="invalid",tenant=""}' in metrics
 
