@@ -127,19 +127,30 @@ def decode_infer_request(body: bytes) -> InferRequest:
     except RecursionError:
         raise HTTPError(400, str(too_deep("request body")), "$") from None
     except msgspec.DecodeError as exc:
-        # tritonclient writes NaN and Infinity as bare literals (Python's json does); accept them on a slow path.
+        # Not JSON.  Python's json (and so tritonclient's JSON tensors) writes NaN and Infinity as
+        # bare literals: read them only to say what to send instead, as /v1 refuses them too.
+        literals: list[str] = []
         try:
-            obj = json.loads(body)
+            obj = json.loads(body, parse_constant=lambda name: literals.append(name) or name)
         except RecursionError:
             raise HTTPError(400, str(too_deep("request body")), "$") from None
         except ValueError:
             raise validation_error(exc) from None
+        if not literals:
+            raise validation_error(exc) from None
+        field = "$"
         try:
-            return msgspec.convert(obj, InferRequest)
+            msgspec.convert(obj, InferRequest)  # to find where: a literal in a tensor is a string there
         except msgspec.ValidationError as exc2:
-            raise _invalid(exc2) from None
+            field = _invalid(exc2).field or field
         except RecursionError:
             raise HTTPError(400, str(too_deep("request body")), "$") from None
+        raise HTTPError(
+            422,
+            f"{literals[0]} is not a JSON number: send null for a missing value, or the tensor as binary data "
+            "(the binary tensor extension carries NaN and infinities)",
+            field,
+        ) from None
 
 
 _DATA_PATH = re.compile(r"^(\$\.inputs\[\d+\]\.data)\[")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import threading
 import time
 
@@ -367,14 +368,17 @@ def test_tritonclient_end_to_end(env):
     meta = client.get_model_metadata("fraud", headers=auth)
     assert meta["name"] == "fraud" and meta["outputs"][0]["name"] == "score"
     X = rows(9, seed=12)
+    assert np.isnan(X).any()
     for dtype, binary in [(np.float64, True), (np.float64, False), (np.float32, True), (np.float32, False)]:
         tensor = httpclient.InferInput("features", list(X.shape), "FP64" if dtype == np.float64 else "FP32")
-        tensor.set_data_from_numpy(X.astype(dtype), binary_data=binary)
+        # JSON has no NaN: tritonclient sends missing values as binary data (null it cannot write)
+        data = X if binary else np.nan_to_num(X, nan=0.5)
+        tensor.set_data_from_numpy(data.astype(dtype), binary_data=binary)
         outputs = [httpclient.InferRequestedOutput("score", binary_data=binary)]
         result = client.infer(
             "fraud", [tensor], outputs=outputs, headers=dict(auth), request_id="r1"
         )  # it writes into headers
-        expected = expected_fraud(env, X.astype(dtype).astype(np.float64), "acme")
+        expected = expected_fraud(env, data.astype(dtype).astype(np.float64), "acme")
         np.testing.assert_allclose(result.as_numpy("score"), expected, rtol=1e-12)
         assert result.get_response()["model_version"] == "1"
     for algorithm in ("gzip", "deflate"):
@@ -440,22 +444,24 @@ def test_oip_json_infer_and_version_path(env):
     assert bad_header[0] == 400 and bad_header[1]["field"] == "inference-header-content-length"
 
 
-def test_oip_json_with_bare_nan_and_infinity(env):
-    """tritonclient (through Python's json) writes NaN and +-Infinity as bare literals, which strict
-    JSON lacks: they are read as the numbers they name, NaN a missing value."""
+def test_oip_json_refuses_bare_nan_and_infinity(env):
+    """Python's json (tritonclient's JSON tensors) writes NaN and +-Infinity as bare literals, which
+    JSON lacks and /v1 refuses: a 422 naming the tensor says to send null for a missing value, or
+    binary data (which carries them)."""
     X = rows(4, seed=15)
     X[0, 1], X[1, 2], X[2, 0] = np.inf, -np.inf, np.nan
-    assert np.isnan(X).any()
     request = {"inputs": [{"name": "features", "shape": list(X.shape), "datatype": "FP64", "data": X.ravel().tolist()}]}
     raw = json.dumps(request).encode()
     assert b"NaN" in raw and b"-Infinity" in raw and b"Infinity," in raw
     status, body, _ = env.server.post("/v2/models/fraud/infer", raw, env.keys["acme"])
+    assert (status, body["field"]) == (422, "$.inputs[0].data"), body
+    assert re.match(r"(NaN|-?Infinity) is not a JSON number: send null for a missing value", body["error"]), body
+    # null is a missing value, as on /v1
+    X[0, 1], X[1, 2] = 1.0, 2.0
+    nulls = {"inputs": [{**request["inputs"][0], "data": [None if v != v else v for v in X.ravel().tolist()]}]}
+    status, body, _ = env.server.post("/v2/models/fraud/infer", json.dumps(nulls).encode(), env.keys["acme"])
     assert status == 200, body
     np.testing.assert_allclose(body["outputs"][0]["data"], expected_fraud(env, X, "acme"), rtol=1e-12)
-    # NaN scores as null does (missing)
-    nulls = {"inputs": [{**request["inputs"][0], "data": [None if v != v else v for v in X.ravel().tolist()]}]}
-    status, with_nulls, _ = env.server.post("/v2/models/fraud/infer", json.dumps(nulls).encode(), env.keys["acme"])
-    assert status == 200 and with_nulls["outputs"][0]["data"] == body["outputs"][0]["data"]
     # what neither JSON nor Python's json reads is still a 400 naming the body
     status, body, _ = env.server.post("/v2/models/fraud/infer", raw.replace(b"NaN", b"nan"), env.keys["acme"])
     assert (status, body["field"]) == (400, "$"), body
