@@ -12,6 +12,7 @@ from .openapi import document
 from .schemas import ServerMetadata
 
 SERVER_VERSION = "0.1.0"
+AUTH_OFF = "authentication is off (--no-auth): anyone who reaches this port may score for any tenant"
 
 
 async def server_metadata(app: Context, req: Request) -> Response:
@@ -26,10 +27,14 @@ async def ready(app: Context, req: Request) -> Response:
     snap = app.serving.snapshot
     if snap is None:
         raise HTTPError(503, "not ready: no deployment loaded yet", None, RETRY_AFTER)
-    return json_response({"ready": True, "generation": snap.generation})
+    body: dict[str, object] = {"ready": True, "generation": snap.generation}
+    if not app.settings.auth:
+        body["warnings"] = [AUTH_OFF]
+    return json_response(body)
 
 
 async def metrics(app: Context, req: Request) -> Response:
+    app.metrics_reader(req)
     app.serving.record_served()  # the drift windows, up to this request
     snap = app.serving.snapshot
     if snap is not None:

@@ -130,8 +130,13 @@ def decode_infer_request(body: bytes) -> InferRequest:
         # Not JSON.  Python's json (and so tritonclient's JSON tensors) writes NaN and Infinity as
         # bare literals: read them only to say what to send instead, as /v1 refuses them too.
         literals: list[str] = []
+
+        def literal(name: str) -> str:
+            literals.append(name)
+            return name
+
         try:
-            obj = json.loads(body, parse_constant=lambda name: literals.append(name) or name)
+            obj = json.loads(body, parse_constant=literal)
         except RecursionError:
             raise HTTPError(400, str(too_deep("request body")), "$") from None
         except ValueError:

@@ -74,7 +74,14 @@ ROUTES = RouteTable(
             )
             for base in (INTENT, VERSION)
         ),
-        Endpoint("GET", "/metrics", api_health.metrics, "Prometheus metrics", errors=(), public=True),
+        Endpoint(
+            "GET",
+            "/metrics",
+            api_health.metrics,
+            "Prometheus metrics (with --metrics-auth: an admin or metrics key)",
+            errors=(401, 403),
+            public=True,
+        ),
         Endpoint("GET", "/openapi.json", api_health.openapi, "This document", errors=(), public=True),
         Endpoint(
             "GET",

@@ -20,7 +20,7 @@ import secrets
 
 import msgspec
 
-from muse.calib.names import check_tenant
+from muse.calib.names import LimitError, check_tenant, parse_document
 
 
 class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -29,6 +29,7 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     tenant: str | None = None  # a tenant name (muse.calib.names.check_tenant)
     admin: bool = False
     created_at: str = ""
+    metrics: bool = False  # may read /metrics when the server asks for a credential there
 
     def __post_init__(self) -> None:
         if self.tenant is not None:
@@ -41,11 +42,14 @@ class KeyFile(msgspec.Struct, forbid_unknown_fields=True):
 
 class Principal(msgspec.Struct, frozen=True):
     key_id: str
-    tenant: str | None  # None: admin, or auth turned off
+    tenant: str | None  # None: any tenant (an admin key, or no key with auth off)
     admin: bool
+    metrics: bool = False
 
 
-ANONYMOUS = Principal("-", None, True)  # what every request is with auth off
+# A request without a key when auth is off: it may score for any tenant, and nothing more (the
+# admin API still wants an admin key).
+ANONYMOUS = Principal("-", None, False)
 
 
 class AuthError(Exception):
@@ -64,10 +68,10 @@ def keys_path(registry_root: str | pathlib.Path) -> pathlib.Path:
 
 def read_keys(path: pathlib.Path) -> KeyFile:
     try:
-        return msgspec.toml.decode(path.read_bytes(), type=KeyFile)
+        return msgspec.convert(parse_document(path.read_bytes(), str(path), toml=True), KeyFile)
     except FileNotFoundError:
         return KeyFile()
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, LimitError) as exc:
         raise ValueError(f"{path}: {exc}; fix or remove the entry (keys are managed with `muse keys`)") from None
 
 
@@ -78,17 +82,19 @@ def write_keys(path: pathlib.Path, keys: KeyFile) -> None:
     os.replace(tmp, path)
 
 
-def add_key(path: pathlib.Path, tenant: str | None, admin: bool) -> tuple[KeyRecord, str]:
+def add_key(path: pathlib.Path, tenant: str | None, admin: bool, metrics: bool = False) -> tuple[KeyRecord, str]:
     """Store a new key's hash; returns the record and the one-time plain key."""
-    if (tenant is None) == (not admin):
-        raise ValueError("a key is either for one tenant (--tenant T) or for the admin API (--admin)")
+    if (tenant is not None) + admin + metrics != 1:
+        raise ValueError(
+            "a key is for one tenant (--tenant T), for the admin API (--admin) or for reading /metrics (--metrics)"
+        )
     if tenant is not None:
         check_tenant(tenant, "--tenant")
     keys = read_keys(path)
     key_id = secrets.token_hex(4)
     secret = secrets.token_urlsafe(24).replace("_", "-")
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    record = KeyRecord(key_id, _digest(secret), tenant, admin, now)
+    record = KeyRecord(key_id, _digest(secret), tenant, admin, now, metrics)
     keys.keys.append(record)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_keys(path, keys)
@@ -106,23 +112,20 @@ def revoke_key(path: pathlib.Path, key_id: str) -> KeyRecord:
 
 
 class Authenticator:
-    """Resolves a request's credential; reloads keys.toml when it changes."""
+    """Resolves a request's credential; reloads keys.toml when it changes.  With ``required``
+    False (auth off), a request without a credential is ANONYMOUS, and one with a credential
+    is checked as usual (an admin key still opens the admin API)."""
 
-    def __init__(self, path: pathlib.Path | None):
-        self.path = path  # None: auth off
+    def __init__(self, path: pathlib.Path, required: bool = True):
+        self.path = path
+        self.required = required
         self._mtime: int | None = None
         # (id -> record, key id -> (secret, principal) verified under those records): replaced as
         # one pair, so a key verified against records a reload just dropped is not remembered.
         self._keys: tuple[dict[str, KeyRecord], dict[bytes, tuple[bytes, Principal]]] = ({}, {})
         self.reload()
 
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
     def reload(self) -> bool:
-        if self.path is None:
-            return False
         try:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
@@ -134,8 +137,6 @@ class Authenticator:
         return True
 
     def authenticate(self, headers: dict[bytes, bytes]) -> Principal:
-        if self.path is None:
-            return ANONYMOUS
         raw = headers.get(b"authorization")
         if raw is not None:
             scheme, _, token = raw.partition(b" ")
@@ -144,6 +145,8 @@ class Authenticator:
         else:
             api_key = headers.get(b"x-api-key")
             if api_key is None:
+                if not self.required:
+                    return ANONYMOUS
                 raise AuthError(401, "authorization: missing credential; send 'Authorization: Bearer <key>'")
             token = api_key
         prefix, _, rest = token.strip().partition(b"_")
@@ -155,6 +158,6 @@ class Authenticator:
         record = records.get(key_id.decode("latin-1")) if prefix == b"muse" else None
         if record is None or not hmac.compare_digest(hashlib.sha256(secret).hexdigest(), record.sha256):
             raise AuthError(401, "authorization: unknown or revoked key")
-        principal = Principal(record.id, record.tenant, record.admin)
+        principal = Principal(record.id, record.tenant, record.admin, record.metrics)
         remembered[key_id] = (secret, principal)
         return principal

@@ -36,6 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             dict(
                 registry=str(registry),
                 auth=not args.no_auth,
+                metrics_auth=args.metrics_auth,
+                tenant_labels=not args.no_tenant_labels,
                 max_body_bytes=args.max_body_bytes,
                 body_timeout=args.body_timeout,
                 access_log=args.access_log,
@@ -69,12 +71,20 @@ def _serve(args: argparse.Namespace, settings: Settings, registry: pathlib.Path)
     from granian.http import HTTP1Settings
 
     from . import logs
+    from .api_health import AUTH_OFF
     from .auth import keys_path, read_keys
     from .supervisor import SupervisedGranian
 
     logs.configure(args.log_format)
     keys = read_keys(keys_path(registry)).keys
-    if settings.auth and not keys:
+    if not settings.auth:
+        log.warning(
+            "%s; the admin API answers admin keys only (%d configured)",
+            AUTH_OFF,
+            sum(k.admin for k in keys),
+            extra={"event": "auth_off"},
+        )
+    elif not keys:
         log.warning(
             "%s holds no keys, so every scoring request will get 401; add one with `muse keys add --tenant T` "
             "or pass --no-auth",
@@ -99,6 +109,8 @@ def _serve(args: argparse.Namespace, settings: Settings, registry: pathlib.Path)
             "listen": f"{args.host}:{args.port}",
             "workers": args.workers,
             "auth": settings.auth,
+            "metrics_auth": settings.metrics_auth,
+            "tenant_labels": settings.tenant_labels,
             "registry": str(registry),
             "generation": generation,
             "score_log": settings.score_log,
@@ -188,13 +200,14 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
     path = keys_path(args.registry)
     if args.action == "add":
-        record, key = add_key(path, args.tenant, args.admin)
-        who = "admin" if record.admin else f"tenant {record.tenant}"
+        record, key = add_key(path, args.tenant, args.admin, args.metrics)
+        who = "admin" if record.admin else "metrics" if record.metrics else f"tenant {record.tenant}"
         print(f"key {record.id} for {who} stored (hashed) in {path}; it is shown only now:", file=sys.stderr)
         print(key)
     elif args.action == "list":
         for k in read_keys(path).keys:
-            print(f"{k.id}  {'admin' if k.admin else 'tenant ' + str(k.tenant)}  {k.created_at}")
+            role = "admin" if k.admin else "metrics" if k.metrics else f"tenant {k.tenant}"
+            print(f"{k.id}  {role}  {k.created_at}")
     else:
         if not args.id:
             raise ValueError("`muse keys revoke` needs the key id (see `muse keys list`)")
@@ -208,7 +221,13 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads every model)")
-    p.add_argument("--no-auth", action="store_true", help="accept requests without keys (local demos only)")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="score without keys (local demos only); the admin API still needs an admin key",
+    )
+    p.add_argument("--metrics-auth", action="store_true", help="/metrics needs an admin or metrics key")
+    p.add_argument("--no-tenant-labels", action="store_true", help="metrics carry no tenant names")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="larger requests get 413")
     p.add_argument(
         "--max-connections",
@@ -275,4 +294,5 @@ def register(sub) -> None:
     p.add_argument("--registry", required=True)
     p.add_argument("--tenant", help="the tenant this key may score for")
     p.add_argument("--admin", action="store_true", help="a key for the admin API")
+    p.add_argument("--metrics", action="store_true", help="a key that may read /metrics (see serve --metrics-auth)")
     p.set_defaults(func=cmd_keys)

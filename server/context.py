@@ -31,8 +31,8 @@ class Context:
         self.settings = settings
         self.routes = routes  # what the app dispatches, and what /openapi.json documents
         self.registry = Registry(settings.registry)
-        self.metrics = Metrics()
-        self.auth = Authenticator(keys_path(self.registry.root) if settings.auth else None)
+        self.metrics = Metrics(tenant_labels=settings.tenant_labels)
+        self.auth = Authenticator(keys_path(self.registry.root), required=settings.auth)
         score_log = None
         if settings.score_log is not None:
             score_log = ScoreLog(
@@ -78,6 +78,8 @@ class Context:
     def check_tenant(principal: Principal, tenant: object, field: str) -> None:
         """422 unless ``tenant`` is a tenant name (muse.calib.names), 403 unless the key may
         score for it.  Only then may it become a metrics label or a score-log value."""
+        if principal.metrics:
+            raise HTTPError(403, "this key may only read /metrics", "authorization")
         if tenant == principal.tenant:
             return  # the key's own tenant: checked when the key was added
         problem = tenant_problem(tenant)
@@ -103,7 +105,18 @@ class Context:
 
     def admin(self, req: Request) -> None:
         if not self.authenticate(req).admin:
-            raise HTTPError(403, "the admin API needs an admin key (`muse keys add --admin`)", "authorization")
+            off = "" if self.settings.auth else " (auth is off for scoring, not for the admin API)"
+            raise HTTPError(403, f"the admin API needs an admin key{off}: `muse keys add --admin`", "authorization")
+
+    def metrics_reader(self, req: Request) -> None:
+        """/metrics names every tenant and predictor: with --metrics-auth, only for admin and
+        metrics keys."""
+        if self.settings.metrics_auth:
+            principal = self.authenticate(req)
+            if not (principal.admin or principal.metrics):
+                raise HTTPError(
+                    403, "/metrics needs an admin or metrics key: `muse keys add --metrics`", "authorization"
+                )
 
     async def in_loader(self, fn: Any, *args: Any) -> Any:
         """Deployment work on the background thread; a refused deployment is a 422."""

@@ -77,7 +77,8 @@ class RequestSeries:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_labels: bool = True) -> None:
+        self.tenant_labels = tenant_labels  # False: every series has tenant "" (tenant names are private)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         if self.multiprocess:
             # prometheus_client picks file-backed values when it is first imported; a worker forked
@@ -168,6 +169,8 @@ class Metrics:
         self.scorelog_pending.set(score_log.pending)
 
     def tenant_label(self, tenant: str) -> str:
+        if not self.tenant_labels:
+            return ""
         if tenant in self._tenants:
             return tenant
         if len(self._tenants) >= MAX_TENANT_LABELS:

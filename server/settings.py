@@ -20,7 +20,9 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     registry: str
-    auth: bool = True  # False: every request is accepted without a key (local demos only)
+    auth: bool = True  # False: scoring needs no key (local demos only); the admin API still wants one
+    metrics_auth: bool = False  # /metrics wants an admin or metrics key
+    tenant_labels: bool = True  # False: metrics carry no tenant names (tenant = "")
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 16 << 20  # larger requests get 413
     body_timeout: Positive = 10.0  # seconds for a request's body to arrive; slower ones get 408
     access_log: bool = False  # a log line per request

@@ -211,7 +211,8 @@ class LocalServer:
 
     def output(self, whole: bool = False) -> str:
         """What the server printed: its last 4,000 characters, or all of it."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         text = self.log_path.read_text(errors="replace")
         return text if whole else text[-4000:]
 
