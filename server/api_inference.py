@@ -75,7 +75,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         app.check_tenant(principal, claimed, "$.parameters.tenant")
         assert isinstance(claimed, str)  # check_tenant refuses anything else
         tenant = claimed  # a metrics label from here on: a valid tenant name, the key's own
-        lane = app.lane(tenant, intent, version, "model_name")
+        lane = req.lane = app.lane(tenant, intent, version, "model_name")
         predictor = lane.predictor
         predictor_name = predictor.name
         X = infer_matrix(r, binary, predictor.num_feature)

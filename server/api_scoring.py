@@ -35,7 +35,7 @@ async def score(app: Context, req: Request) -> Response:
         intent = r.intent
         app.check_tenant(principal, r.tenant, "$.tenant")
         tenant = r.tenant  # a metrics label from here on: a valid tenant name, the key's own
-        lane = app.lane(tenant, intent, None, "$.intent")
+        lane = req.lane = app.lane(tenant, intent, None, "$.intent")
         predictor = lane.predictor
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)

@@ -8,6 +8,9 @@ and counted, and it fails only its own request."""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from typing import Any
 
 from . import api_admin, api_health, api_inference, api_scoring
@@ -17,6 +20,7 @@ from .errors import HTTPError
 from .routes import ADMIN_ERRORS, Endpoint, RouteTable
 from .settings import Settings, from_environment
 
+access_log = logging.getLogger("muse.access")
 INTENT = "/v2/models/{intent}"
 VERSION = "/v2/models/{intent}/versions/{version}"
 
@@ -141,6 +145,7 @@ class MuseApp(Context):
         if scope["type"] != "http":
             return None
         req = Request(scope, receive, self.settings.max_body_bytes, self.body_deadlines)
+        started = time.perf_counter() if self.settings.access_log else 0.0
         try:
             endpoint, params = self.routes.match(req.method, req.path)
             # (no ** for the common parameterless call: it builds a dict each time)
@@ -151,11 +156,15 @@ class MuseApp(Context):
         except ConnectionAbortedError:
             return None
         except Exception:
-            log.exception("%s %s", req.method, req.path)
+            log.exception("%s %s", req.method, req.path, extra=request_fields(req, 500))
             self.metrics.errors.labels("", "", "", "internal").inc()
             status, body = 500, HTTPError(500, "internal error; see the server log").body()
             content_type, headers = b"application/json", None
         await send(send_fn, status, body, content_type, headers)
+        if self.settings.access_log:
+            fields = request_fields(req, status)
+            fields["ms"] = round((time.perf_counter() - started) * 1e3, 3)
+            access_log.info("%s %s %d", req.method, req.path, status, extra=fields)
         return None
 
     async def _lifespan(self, receive: Receive, send_fn: Send) -> None:
@@ -175,6 +184,31 @@ class MuseApp(Context):
                 await self.serving.stop()
                 await send_fn({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def request_fields(req: Request, status: int) -> dict[str, Any]:
+    """What a log line says about a request: its id (the client's X-Request-ID, or a new one),
+    the key that sent it and the lane that served it."""
+    given = req.headers.get(b"x-request-id")
+    fields: dict[str, Any] = {
+        "event": "request",
+        "request_id": given[:128].decode("latin-1") if given else os.urandom(8).hex(),
+        "method": req.method,
+        "path": req.path,
+        "status": status,
+        "client": (req.scope.get("client") or ("", 0))[0],
+        "key_id": req.key_id,
+    }
+    lane = req.lane
+    if lane is not None:
+        fields.update(
+            tenant=lane.tenant,
+            intent=lane.predictor.intent,
+            predictor=lane.predictor.name,
+            version=lane.predictor.version,
+            generation=lane.generation,
+        )
+    return fields
 
 
 def create_app() -> MuseApp:

@@ -80,7 +80,7 @@ NO_DEADLINES = BodyDeadlines(1.0)  # never started: reads without a deadline
 
 
 class Request:
-    __slots__ = ("scope", "receive", "headers", "path", "method", "max_body", "deadlines")
+    __slots__ = ("scope", "receive", "headers", "path", "method", "max_body", "deadlines", "key_id", "lane")
 
     def __init__(self, scope: dict[str, Any], receive: Receive, max_body: int, deadlines: BodyDeadlines = NO_DEADLINES):
         self.scope = scope
@@ -90,6 +90,9 @@ class Request:
         self.headers: dict[bytes, bytes] = dict(scope["headers"])  # ASGI lowercases names
         self.max_body = max_body
         self.deadlines = deadlines
+        # who asked, and which lane served it: for the access log and error lines
+        self.key_id: str | None = None
+        self.lane: Any = None
 
     async def body(self) -> bytes:
         """The request body, bounded by max_body.  It is complete once content-length bytes have

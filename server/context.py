@@ -53,9 +53,11 @@ class Context:
     # -- steps the endpoints share ---------------------------------------------------
     def authenticate(self, req: Request) -> Principal:
         try:
-            return self.auth.authenticate(req.headers)
+            principal = self.auth.authenticate(req.headers)
         except AuthError as exc:
             raise HTTPError(exc.status, str(exc), "authorization", [(b"www-authenticate", b"Bearer")]) from None
+        req.key_id = principal.key_id
+        return principal
 
     def snapshot(self) -> Snapshot:
         snap = self.serving.snapshot

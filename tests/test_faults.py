@@ -43,6 +43,7 @@ def env(tmp_path_factory, model_dir):
         str(TIMEOUT),
         "--body-timeout",
         str(TIMEOUT),
+        "--access-log",
         workers=WORKERS,
     )
     try:
@@ -108,7 +109,7 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(env):
     # one client, one request at a time: at most the request in flight on the killed worker fails
     assert len(failed) <= 1, failed
     assert all(r == 200 for r in results[at_kill + 2 :]), results[at_kill:]
-    assert "died (killed by SIGKILL)" in server.output()
+    assert "died (killed by SIGKILL)" in server.output(whole=True)
 
 
 def test_idle_connections_beyond_the_cap_do_not_lock_clients_out(env):
@@ -181,3 +182,24 @@ def test_a_deleted_current_is_logged_and_serving_goes_on(env):
     finally:
         current.write_bytes(saved)
     wait_until(lambda: "is back: generation 1" in server.output(whole=True), 30, "current back, logged")
+
+
+def test_the_access_log_names_the_request_the_key_and_the_lane(env):
+    server, key, body = env
+    status, _, _ = request(
+        server.port, "POST", "/v1/score", body, {"authorization": f"Bearer {key}", "x-request-id": "req-42"}
+    )
+    assert status == 200
+    line = wait_until(
+        lambda: [e for e in log_events(server, "request") if e.get("request_id") == "req-42"], 30, "the access line"
+    )[0]
+    assert line["logger"] == "muse.access" and line["status"] == 200 and line["path"] == "/v1/score"
+    assert line["key_id"] == key.split("_")[1] and line["tenant"] == "acme" and line["intent"] == "fraud"
+    assert (line["predictor"], line["version"], line["generation"]) == ("fraud-lgb", "1", 1) and line["ms"] > 0
+    # refused before any lane: no tenant, but the status, and no key for a request without one
+    status, _, _ = request(server.port, "POST", "/v1/score", body, {"x-request-id": "req-43"})
+    assert status == 401
+    line = wait_until(
+        lambda: [e for e in log_events(server, "request") if e.get("request_id") == "req-43"], 30, "the 401 line"
+    )[0]
+    assert line["status"] == 401 and line["key_id"] is None and "tenant" not in line
