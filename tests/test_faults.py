@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ import threading
 import pytest
 from conftest import get_case
 from helpers import make_registry, rows
+from test_native_isolation import fake_library, replace_library
 
 from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec
 from muse.server.auth import add_key, keys_path
@@ -35,6 +37,10 @@ def env(tmp_path_factory, model_dir):
         ),
     )
     key = add_key(keys_path(reg.root), "acme", False)[1]
+    admin = add_key(keys_path(reg.root), None, True)[1]
+    # a model whose library crashes as it loads, its manifest's checksum updated to match
+    shutil.copytree(reg.model_dir("lightgbm", "1"), reg.models_dir / "crash" / "1")
+    replace_library(reg.models_dir / "crash" / "1", fake_library(root, "crash", "CTOR_SEGV"))
     server = LocalServer(
         reg.root,
         "--max-connections",
@@ -50,7 +56,7 @@ def env(tmp_path_factory, model_dir):
         server.wait_ready(generation=1)
         wait_until(lambda: len(ready_workers(server.port)) == WORKERS, 60, "every worker ready")
         body = json.dumps({"tenant": "acme", "intent": "fraud", "events": [{"features": as_json_rows(rows(1, 1))[0]}]})
-        yield server, key, body.encode()
+        yield server, key, body.encode(), admin
     finally:
         server.stop()
 
@@ -69,7 +75,7 @@ def ready_workers(port: int) -> list[int]:
 
 
 def score(env, timeout: float = 10) -> int:
-    server, key, body = env
+    server, key, body, _ = env
     status, _, _ = request(server.port, "POST", "/v1/score", body, {"authorization": f"Bearer {key}"}, timeout=timeout)
     return status
 
@@ -128,7 +134,7 @@ def test_idle_connections_beyond_the_cap_do_not_lock_clients_out(env):
 
 
 def test_a_trickled_body_gets_408(env):
-    server, key, body = env
+    server, key, body, _ = env
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         head = (
             f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -185,7 +191,7 @@ def test_a_deleted_current_is_logged_and_serving_goes_on(env):
 
 
 def test_the_access_log_names_the_request_the_key_and_the_lane(env):
-    server, key, body = env
+    server, key, body, _ = env
     status, _, _ = request(
         server.port, "POST", "/v1/score", body, {"authorization": f"Bearer {key}", "x-request-id": "req-42"}
     )
@@ -203,3 +209,19 @@ def test_the_access_log_names_the_request_the_key_and_the_lane(env):
         lambda: [e for e in log_events(server, "request") if e.get("request_id") == "req-43"], 30, "the 401 line"
     )[0]
     assert line["status"] == 401 and line["key_id"] is None and "tenant" not in line
+
+
+def test_a_crashing_library_is_refused_and_serving_goes_on(env):
+    server, admin = env[0], env[3]
+    restarts = metrics(server.port).get("muse_worker_restarts_total")
+    spec = {
+        "predictors": [
+            {"name": "fraud-lgb", "version": "1", "intent": "fraud", "models": ["lightgbm/1"]},
+            {"name": "fraud-crash", "version": "1", "intent": "fraud", "models": ["crash/1"]},
+        ],
+        "routes": [{"tenant": "*", "intent": "fraud", "active": "fraud-lgb", "shadows": ["fraud-crash"]}],
+    }
+    status, body, _ = server.post("/admin/deployment/validate", spec, admin)
+    assert status == 422 and "killed by SIGSEGV while loading" in body["error"], body
+    assert score(env) == 200
+    assert metrics(server.port).get("muse_worker_restarts_total") == restarts
