@@ -21,6 +21,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from .names import LimitError, parse_document
+
 # Closer edges cannot be told apart after interpolation in float64 arithmetic.
 MIN_EDGE_GAP = 1e-6
 
@@ -141,16 +143,20 @@ def inverse_cdf(reference: Reference, q: npt.ArrayLike) -> np.ndarray:
 
 
 def load_reference(path: str) -> ReferenceFile:
-    """Read a reference from TOML or JSON, validated; errors name the file and entry."""
+    """Read a reference from TOML or JSON, validated; errors name the file and entry.
+
+    Parsed within the document limits (muse.calib.names.parse_document): a file nested
+    deeper than MAX_DEPTH is a ReferenceError naming the file and the limit."""
     import pathlib
 
     file = pathlib.Path(path)
     try:
-        raw = file.read_bytes()
-        decode = msgspec.toml.decode if file.suffix == ".toml" else msgspec.json.decode
-        ref = decode(raw, type=ReferenceFile)
+        obj = parse_document(file.read_bytes(), str(file), toml=file.suffix == ".toml")
+        ref = msgspec.convert(obj, ReferenceFile)
     except FileNotFoundError:
         raise ReferenceError(f"{file}: no such reference file") from None
+    except LimitError as exc:  # names the file and the limit
+        raise ReferenceError(str(exc)) from None
     except msgspec.ValidationError as exc:
         raise ReferenceError(f"{file}: {exc}") from None
     except msgspec.DecodeError as exc:

@@ -14,8 +14,11 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -187,18 +190,29 @@ def build_library(
     jobs = jobs or os.cpu_count() or 1
     objects = [src.with_suffix(".o") for src in sources]
 
+    compilers = _Compilers()
+
     def one(src: pathlib.Path, obj: pathlib.Path) -> None:
         extra = TREE_UNIT_FLAGS if _is_tree_unit(src) else ()
-        _run([compiler(), *all_flags, *extra, "-c", str(src), "-o", str(obj)], src)  # the last -O wins
+        compilers.run([compiler(), *all_flags, *extra, "-c", str(src), "-o", str(obj)], src)  # the last -O wins
 
     done = 0
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         futures = [pool.submit(one, s, o) for s, o in zip(sources, objects)]
         for fut in as_completed(futures):
             fut.result()
             done += 1
             if progress:
                 progress(done, len(sources))
+    except BaseException:
+        # A failed unit, or Ctrl-C (KeyboardInterrupt) or an error from ``progress``: no unit
+        # still queued starts, the compilers running stop, and nothing outlives this call.
+        pool.shutdown(wait=False, cancel_futures=True)
+        compilers.stop()
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
     _run([compiler(), "-shared", *flags, "-o", str(output), *map(str, objects), "-lm"], output)
     if any(_is_tree_unit(src) for src in sources):
         return [*all_flags, *(f"{f} (tree units)" for f in TREE_UNIT_FLAGS)]
@@ -211,5 +225,59 @@ def _is_tree_unit(src: pathlib.Path) -> bool:
 
 def _run(cmd: list[str], subject: pathlib.Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ModelFormatError(f"C compiler failed on {subject.name}: {proc.stderr.strip()[-2000:]}")
+    _check(proc.returncode, proc.stderr, subject)
+
+
+def _check(returncode: int, stderr: str, subject: pathlib.Path) -> None:
+    if returncode != 0:
+        raise ModelFormatError(f"C compiler failed on {subject.name}: {stderr.strip()[-2000:]}")
+
+
+class _Stopped(Exception):
+    """A unit that was not compiled because the build stopped first."""
+
+
+class _Compilers:
+    """The compiler processes of one build.  Each runs in a session (so a process group) of its
+    own: ``stop`` signals the group, which ends the processes the driver started too (gcc runs
+    cc1 and as), and no unit starts after it.  Ctrl-C at a terminal reaches this process, not
+    them; build_library stops them as the KeyboardInterrupt unwinds."""
+
+    GRACE_SECONDS = 5.0  # after SIGTERM (the driver removes its temporary files), then SIGKILL
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+        self._stopped = False
+
+    def run(self, cmd: list[str], subject: pathlib.Path) -> None:
+        with self._lock:
+            if self._stopped:
+                raise _Stopped(subject.name)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
+            self._running.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        _check(proc.returncode, stderr, subject)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            running = list(self._running)
+        for proc in running:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.GRACE_SECONDS
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)  # the group's other members, even once the driver is gone
+
+
+def _signal_group(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)

@@ -133,6 +133,8 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
                 batchers.append(pool.batcher(ref, spec.batching.get(ref, BatchingSpec())))
             except (RegistryError, ArtifactError) as exc:
                 raise SpecError(f"{where}: model {ref}: {exc}") from None
+            except OSError as exc:  # an unreadable library, out of file descriptors, ...: refused, not a 500
+                raise SpecError(f"{where}: model {ref}: cannot be loaded: {exc}") from None
         members: list[CompiledModel] = [b.model for b in batchers]
         names = members[0].manifest.feature_names
         for ref, m in zip(p.models[1:], members[1:]):
@@ -175,7 +177,7 @@ def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, sourc
     references: dict[str, Reference] = {}
     for intent in {p.intent for p in spec.predictors}:
         # only calibrated predictors need one, and _load_maps has checked those
-        with contextlib.suppress(RegistryError, ReferenceError):
+        with contextlib.suppress(RegistryError, ReferenceError, OSError):
             references[intent] = reg.load_reference(intent).reference
     return Snapshot(generation, spec, predictors, routes, table, references)
 
@@ -189,6 +191,8 @@ def _load_maps(
         reference = reg.load_reference(p.intent)
     except (RegistryError, ReferenceError) as exc:
         raise SpecError(f"{where}: unknown reference for intent {p.intent!r}: {exc}") from None
+    except OSError as exc:
+        raise SpecError(f"{where}: reference for intent {p.intent!r} cannot be read: {exc}") from None
     if len(members) == 1:
         m = members[0].manifest
         expected = (m.name, m.version, m.library_sha256)
@@ -218,4 +222,6 @@ def _load_maps(
             maps.append(cal.quantile_map())
     except (RegistryError, CalibrationError) as exc:
         raise SpecError(f"{where}: calibration {p.calibration}: {exc}") from None
+    except OSError as exc:
+        raise SpecError(f"{where}: calibration {p.calibration} cannot be read: {exc}") from None
     return tenant_maps
