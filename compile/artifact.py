@@ -20,7 +20,7 @@ import tl2cgen
 import treelite
 
 from muse.calib.kernels import correction
-from muse.calib.names import check_name
+from muse.calib.names import LimitError, check_name
 
 from . import codegen, probe
 from ._library import NativeLibrary, NativeLoadError, NativeMapTable
@@ -222,6 +222,8 @@ def load_artifact(directory: str | pathlib.Path) -> CompiledModel:
         manifest = read_manifest(directory)
     except FileNotFoundError as exc:
         raise ArtifactError(f"{directory}: no manifest.json; is this a compiled model directory?") from exc
+    except LimitError as exc:  # names the file and the limit
+        raise ArtifactError(str(exc)) from exc
     except Exception as exc:
         raise ArtifactError(f"{directory}/manifest.json: invalid manifest ({exc})") from exc
     lib_path = directory / manifest.library_file

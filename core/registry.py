@@ -20,11 +20,9 @@ from __future__ import annotations
 import contextlib
 import pathlib
 
-import msgspec
-
-from muse.calib import Calibration, ReferenceError, ReferenceFile, load_reference, read_calibration
+from muse.calib import Calibration, ReferenceFile, load_reference, read_calibration
 from muse.calib.artifact import write_calibration
-from muse.calib.names import LimitError, check_name, parse_document, tenant_file_stem, tenant_from_file_stem
+from muse.calib.names import check_name, tenant_file_stem, tenant_from_file_stem
 from muse.compile import CompiledModel, load_artifact
 
 
@@ -110,13 +108,7 @@ class Registry:
                 known = sorted(p.stem for p in self.references_dir.glob("*.toml"))
                 have = ", ".join(known) or "none"
                 raise RegistryError(f"reference {name_or_path!r} not found in {self.references_dir} (have: {have})")
-        try:  # within the document limits first: load_reference would recurse into any nesting
-            parse_document(path.read_bytes(), str(path), toml=path.suffix == ".toml")
-        except LimitError as exc:
-            raise ReferenceError(str(exc)) from None
-        except (msgspec.DecodeError, OSError):
-            pass  # load_reference says what is wrong with the file
-        return load_reference(str(path))
+        return load_reference(str(path))  # within the document limits
 
     # -- calibrations --------------------------------------------------------
     def calibration_dir(self, name: str, version: str | None = None) -> pathlib.Path:
