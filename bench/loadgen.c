@@ -1,13 +1,16 @@
 /* Open-loop HTTP/1.1 load generator for bench/http.py.
  *
- *   loadgen HOST PORT RATE SECONDS CONNECTIONS REQUEST_FILE
+ *   loadgen HOST PORT RATE SECONDS CONNECTIONS REQUEST_FILE [TRACE_FILE]
  *
  * Sends the raw request in REQUEST_FILE at a constant total RATE (requests/s)
  * over CONNECTIONS keep-alive connections, one thread each.  Connection k
  * sends at start + (k + n * CONNECTIONS) / RATE.  Latency is measured from
  * that intended send time, not from when the request actually went out, so a
  * server that stalls is charged for every request it delayed (no
- * coordinated omission, as in wrk2).  Prints one JSON line of results. */
+ * coordinated omission, as in wrk2).  Prints one JSON line of results.
+ * With TRACE_FILE, every request is also written there as a line
+ * "<intended send, us from start> <status, -1 for a broken connection> <latency us>"
+ * (bench/faults.py reads when failures happened and when they stopped). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -34,7 +37,11 @@ typedef struct {
   int64_t* lat;
   size_t n, cap;
   long ok, errors;
+  int64_t (*trace)[3]; /* intended offset ns, status, latency ns; NULL unless tracing */
+  size_t traced, trace_cap;
 } worker_t;
+
+static int tracing;
 
 static int64_t now_ns(void) {
   struct timespec ts;
@@ -94,6 +101,16 @@ static void* run(void* arg) {
     int status = -1;
     if (fd >= 0 && write(fd, request, request_len) == (ssize_t)request_len) status = read_response(fd, buf, sizeof buf);
     int64_t done = now_ns();
+    if (tracing) {
+      if (w->traced == w->trace_cap) {
+        w->trace_cap = w->trace_cap ? 2 * w->trace_cap : 4096;
+        w->trace = realloc(w->trace, w->trace_cap * sizeof *w->trace);
+      }
+      w->trace[w->traced][0] = intended - start_ns;
+      w->trace[w->traced][1] = status;
+      w->trace[w->traced][2] = done - intended;
+      w->traced++;
+    }
     if (status == 200) {
       if (w->n == w->cap) {
         w->cap = w->cap ? 2 * w->cap : 4096;
@@ -119,10 +136,11 @@ static int cmp(const void* a, const void* b) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    fprintf(stderr, "usage: loadgen HOST PORT RATE SECONDS CONNECTIONS REQUEST_FILE\n");
+  if (argc != 7 && argc != 8) {
+    fprintf(stderr, "usage: loadgen HOST PORT RATE SECONDS CONNECTIONS REQUEST_FILE [TRACE_FILE]\n");
     return 2;
   }
+  tracing = argc == 8;
   host = argv[1];
   port = atoi(argv[2]);
   rate = atof(argv[3]);
@@ -163,6 +181,18 @@ int main(int argc, char** argv) {
     k += ws[i].n;
   }
   qsort(all, total, sizeof *all, cmp);
+  if (tracing) {
+    FILE* out = fopen(argv[7], "w");
+    if (!out) {
+      perror(argv[7]);
+      return 2;
+    }
+    for (int i = 0; i < nconn; ++i)
+      for (size_t j = 0; j < ws[i].traced; ++j)
+        fprintf(out, "%lld %lld %lld\n", (long long)(ws[i].trace[j][0] / 1000), (long long)ws[i].trace[j][1],
+                (long long)(ws[i].trace[j][2] / 1000));
+    fclose(out);
+  }
 #define PCT(p) (total ? all[(size_t)((p) * (total - 1))] / 1e3 : 0.0)
   printf("{\"target_rps\": %.0f, \"achieved_rps\": %.1f, \"ok\": %ld, \"errors\": %ld, "
          "\"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f}\n",
