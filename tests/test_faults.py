@@ -225,3 +225,38 @@ def test_a_crashing_library_is_refused_and_serving_goes_on(env):
     assert status == 422 and "killed by SIGSEGV while loading" in body["error"], body
     assert score(env) == 200
     assert metrics(server.port).get("muse_worker_restarts_total") == restarts
+
+
+def test_hostile_bodies_are_4xx_naming_the_field_and_add_no_label(env):
+    server, key, _, _ = env
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    oip = b'{"inputs": [{"name": "f", "shape": [1, 6], "datatype": "FP64", "data": ' + deep + b"}]}"
+    status, body, _ = request(server.port, "POST", "/v2/models/fraud/infer", oip, headers)
+    assert status in (400, 422) and body["field"].startswith("$"), body
+    for value in ('"0.1"', "true", "NaN"):
+        raw = f'{{"inputs": [{{"name": "f", "shape": [1, 6], "datatype": "FP64", "data": [{value}, 1, 1, 1, 1, 1]}}]}}'
+        status, body, _ = request(server.port, "POST", "/v2/models/fraud/infer", raw.encode(), headers)
+        assert (status, body["field"]) == (422, "$.inputs[0].data"), (value, body)
+    for tenant in ("", "../../x", "evil\u202etxt.exe"):
+        v1 = json.dumps({"tenant": tenant, "intent": "fraud", "events": [{"features": [0.5] * 6}]}).encode()
+        status, body, _ = request(server.port, "POST", "/v1/score", v1, headers)
+        assert (status, body["field"]) == (422, "$.tenant"), (tenant, body)
+    other = json.dumps({"tenant": "someone-else", "intent": "fraud", "events": [{"features": [0.5] * 6}]}).encode()
+    assert request(server.port, "POST", "/v1/score", other, headers)[0] == 403
+    labels = " ".join(metrics(server.port))
+    assert "someone-else" not in labels and "../../x" not in labels and "\u202e" not in labels
+
+
+def test_a_server_whose_library_was_corrupted_after_deploy_stays_up(tmp_path, model_dir):
+    reg = make_registry(tmp_path / "registry", {})
+    shutil.copytree(get_case("lightgbm", model_dir, tmp_path / "compiled").artifact, reg.models_dir / "m" / "1")
+    deploy(
+        reg,
+        DeploymentSpec(predictors=[PredictorSpec("p", "1", "fraud", ["m/1"])], routes=[RouteSpec("*", "fraud", "p")]),
+    )
+    replace_library(reg.models_dir / "m" / "1", fake_library(tmp_path, "crash", "CTOR_SEGV"))
+    with LocalServer(reg.root) as server:  # live (it answers), never ready
+        refused = wait_until(lambda: log_events(server, "generation_refused"), 30, "the refusal logged")
+        assert "killed by SIGSEGV while loading" in refused[0]["message"]
+        assert server.get("/v2/health/ready")[0] == 503 and server.proc.poll() is None
