@@ -19,24 +19,22 @@ is counted by reason in ``stats`` (server/metrics.py turns it into
 ``muse_scorelog_dropped_records_total``).  Temporary files of processes that
 died mid-write are removed at start.
 
-File names sort by time: ``scores-<unix ms>-<pid>-<seq>.parquet``; a file being
-written is ``.scores-<unix ms>-<pid>-<seq>.parquet.tmp``."""
+The directory's files (durable writes, orphans, the budget): server/scorelog_files.py."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import logging
-import os
 import pathlib
 import random
-import re
 import threading
 import time
 
 import numpy as np
 import polars as pl
+
+from . import scorelog_files as disk
 
 log = logging.getLogger("muse.scorelog")
 
@@ -69,7 +67,6 @@ FAILURE_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR)
 # sampled 3,000 req/s worker, hours of a typical one, and within a few buffers of what a worker
 # holds anyway.
 PENDING_FILES = 4
-_TEMP = re.compile(r"^\.scores-\d+-(\d+)-\d+\.parquet\.tmp$")
 
 
 class _Buffer:
@@ -172,60 +169,6 @@ def failure_reason(exc: BaseException) -> str:
     return IO_ERROR
 
 
-def _write_file(path: pathlib.Path, data: memoryview) -> None:
-    """Create ``path`` (it must not exist) holding ``data``, on disk before this returns."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        done = 0
-        while done < len(data):
-            done += os.write(fd, data[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: the file is in place either way)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _process_started(pid: int) -> float | None:
-    """Unix time process ``pid`` started (Linux's /proc; None elsewhere or if it is gone)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
-        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        if fields[0] in ("Z", "X"):  # a zombie writes nothing more
-            return float("inf")
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in ticks since boot
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def writer_gone(pid: int, mtime: float) -> bool:
-    """Whether the process that wrote a temporary file last modified at ``mtime`` is gone: no
-    process has its pid, or the one that has it started after the file was written (its pid
-    was reused, as it is in a restarted container)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # another user's process
-    started = _process_started(pid)
-    # btime is whole seconds (rounded down), so ``started`` is never late: a live writer's file is
-    # never older than it; the second's margin is for a clock stepped back meanwhile.
-    return started is not None and mtime < started - 1.0
-
-
 class ScoreLog:
     def __init__(
         self,
@@ -259,7 +202,7 @@ class ScoreLog:
         # the failure episode under way: (reason, monotonic start, records dropped before it)
         self._failing: tuple[str, float, int] | None = None
         self._budget_failing = False
-        self.remove_orphans()
+        disk.remove_orphans(self.dir)
 
     def sampled(self) -> bool:
         """Whether to keep a request's scores (decided per request)."""
@@ -387,21 +330,7 @@ class ScoreLog:
         except Exception as exc:
             raise _EncodeError(f"{type(exc).__name__}: {exc}") from exc
         self._seq += 1
-        name = f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{self._seq:06d}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        try:
-            # fsync before the rename: otherwise a power cut can leave a renamed but empty or torn
-            # file (ext4 and XFS allocate late), and `muse calib fit`, which reads every file, fails
-            # on it.  Measured: ~1 ms more for a 100,000-row (2.2 MB) file, the directory's fsync
-            # ~0.1 ms, on a virtio ext4 disk -- once a file, on the loader thread, GIL released.
-            _write_file(tmp, encoded.getbuffer())
-            os.replace(tmp, self.dir / name)
-        except BaseException:
-            with contextlib.suppress(OSError):  # else removed at the next start
-                tmp.unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.dir)
-        return self.dir / name
+        return disk.write_durably(self.dir, disk.file_name(self._seq), encoded.getbuffer())
 
     def _bounded(self, buffers: list[_Buffer], reason: str) -> list[_Buffer]:
         """``buffers`` to retry, at most ``max_pending_rows`` rows of them, the newest; partly
@@ -454,49 +383,9 @@ class ScoreLog:
             self.stats.dropped_total - dropped_before,
         )
 
-    def remove_orphans(self) -> list[pathlib.Path]:
-        """Remove temporary files whose writer is gone (a process killed mid-write; several
-        workers share the directory, so only those)."""
-        removed, failures = [], []
-        try:
-            names = os.listdir(self.dir)
-        except OSError as exc:
-            names, failures = [], [exc]
-        for name in names:
-            match = _TEMP.match(name)
-            if not match:
-                continue
-            f = self.dir / name
-            try:
-                if writer_gone(int(match[1]), f.stat().st_mtime):
-                    f.unlink()
-                    removed.append(f)
-            except FileNotFoundError:  # another worker removed it first
-                pass
-            except OSError as exc:
-                failures.append(exc)
-        if removed:
-            log.info("score log: removed %d temporary files left in %s by stopped processes", len(removed), self.dir)
-        if failures:
-            log.warning("score log: cannot remove temporary files left in %s: %s", self.dir, failures[0])
-        return removed
-
     def _enforce_budget(self) -> None:
         try:
-            files, sizes = [], []
-            for f in sorted(self.dir.glob("scores-*.parquet")):
-                try:
-                    sizes.append(f.stat().st_size)
-                    files.append(f)
-                except FileNotFoundError:  # another worker's budget pass got there first
-                    pass
-            total = sum(sizes)
-            for f, size in zip(files[:-1], sizes):  # the newest file always stays
-                if total <= self.max_bytes:
-                    break
-                f.unlink(missing_ok=True)  # another worker may have removed it first
-                total -= size
-                log.warning("score log over %d bytes: removed %s", self.max_bytes, f.name)
+            disk.enforce_budget(self.dir, self.max_bytes)
         except OSError as exc:
             if not self._budget_failing:
                 log.warning("score log: cannot keep %s within %d bytes: %s", self.dir, self.max_bytes, exc)

@@ -21,7 +21,7 @@ import pytest
 from conftest import get_case
 from helpers import calibrate, make_registry, read_log, rows
 
-from muse.server import scorelog
+from muse.server import scorelog_files
 from muse.server.metrics import Metrics
 from muse.server.scorelog import DISK_FULL, ENCODE_ERROR, IO_ERROR, SHUTDOWN, ScoreLog
 from muse.server.testing import LocalServer, as_json_rows, deploy, wait_until
@@ -56,14 +56,14 @@ def messages(caplog, level: int) -> list[str]:
 
 
 class FailingWrites:
-    """Stands in for scorelog._write_file: fails with ``error`` (an errno) while set, after
+    """Stands in for scorelog_files._write_file: fails with ``error`` (an errno) while set, after
     writing half the file, as a full disk does."""
 
     def __init__(self, monkeypatch):
-        self.real = scorelog._write_file
+        self.real = scorelog_files._write_file
         self.error: int | None = None
         self.calls = 0
-        monkeypatch.setattr(scorelog, "_write_file", self)
+        monkeypatch.setattr(scorelog_files, "_write_file", self)
 
     def __call__(self, path: pathlib.Path, data: memoryview) -> None:
         self.calls += 1
@@ -200,8 +200,8 @@ def test_temporary_files_of_gone_writers_are_removed_at_start(tmp_path):
 
 
 def test_writer_gone_sees_a_reused_pid():
-    assert scorelog.writer_gone(os.getpid(), time.time() - 10 * 365 * 86400)
-    assert not scorelog.writer_gone(os.getpid(), time.time())
+    assert scorelog_files.writer_gone(os.getpid(), time.time() - 10 * 365 * 86400)
+    assert not scorelog_files.writer_gone(os.getpid(), time.time())
 
 
 def test_score_log_failures_are_not_deployment_watcher_failures(tmp_path, caplog):
