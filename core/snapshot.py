@@ -121,6 +121,11 @@ class Snapshot:
 def build_snapshot(spec: DeploymentSpec, pool: ModelPool, generation: int, source: str = "deployment") -> Snapshot:
     """Load and validate everything ``spec`` names; raise SpecError naming the first bad entry."""
     reg = pool.registry
+    tenants_with_quotas: set[str] = set()
+    for i, q in enumerate(spec.quotas):
+        if q.tenant in tenants_with_quotas:
+            raise SpecError(f"{source}: quotas[{i}] ({q.tenant}): a second entry for this tenant")
+        tenants_with_quotas.add(q.tenant)
     maps = [identity_map()]  # IDENTITY: uncalibrated predictors serve corrected scores unmapped
     parts: dict[str, tuple[PredictorSpec, tuple[ModelBatcher, ...], tuple[str, ...], dict[str | None, int]]] = {}
     for i, p in enumerate(spec.predictors):

@@ -19,6 +19,17 @@ max_rows = 256
 max_wait_us = 0
 max_queue_rows = 16384
 inline_max_us = 2000
+
+[[quotas]]                   # optional; a tenant without an entry (and no "*") is unlimited
+tenant = "*"                 # the default for every tenant without its own entry
+rows_per_second = 20000      # token bucket over scored rows (events), all intents
+burst_rows = 40000           # default: 2 s of rows_per_second
+max_inflight_rows = 8192     # rows of this tenant admitted and not yet answered
+priority = "normal"          # "high" | "normal" | "low": its share when the model is busy
+
+[[quotas]]
+tenant = "acme-bank"         # what it leaves out comes from "*"
+rows_per_second = 5000
 """
 
 from __future__ import annotations
@@ -64,11 +75,31 @@ class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 2000  # at light load, calls cheaper than this run on the loop
 
 
+Priority = Literal["high", "normal", "low"]
+PRIORITY_WEIGHTS: dict[str, int] = {"high": 4, "normal": 2, "low": 1}  # rows drawn per round when busy
+
+
+class QuotaSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    tenant: str  # a tenant name or DEFAULT_TENANT
+    rows_per_second: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    burst_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_inflight_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    priority: Priority | None = None
+
+    def __post_init__(self) -> None:
+        problem = None if self.tenant == DEFAULT_TENANT else tenant_problem(self.tenant)
+        if problem is not None:
+            raise ValueError(f"tenant {self.tenant!r} is not a tenant name ({problem}); use {TENANT_RULE} or '*'")
+        if self.burst_rows is not None and self.rows_per_second is None:
+            raise ValueError("burst_rows needs rows_per_second (the rate that refills the burst)")
+
+
 class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     # Never empty: publishing a deployment without routes would take every tenant offline.
     predictors: Annotated[list[PredictorSpec], msgspec.Meta(min_length=1)]
     routes: Annotated[list[RouteSpec], msgspec.Meta(min_length=1)]
     batching: dict[ModelRef, BatchingSpec] = {}
+    quotas: list[QuotaSpec] = []
     description: str = ""
 
 

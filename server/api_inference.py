@@ -65,6 +65,9 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
     tenant, predictor_name = "", ""
     try:
         principal = app.authenticate(req)
+        if principal.tenant is not None:  # the key names the tenant: refuse before reading the body
+            tenant = principal.tenant
+            app.check_quota(tenant, "$.parameters.tenant")
         body, binary = _split_body(await req.body(), req.headers.get(b"inference-header-content-length"))
         r = decode_infer_request(body)
         claimed = r.parameters.get("tenant", principal.tenant)
@@ -80,7 +83,11 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         predictor_name = predictor.name
         X = infer_matrix(r, binary, predictor.num_feature)
         binary_out = wants_binary(r)
-        scores = await lane.score(X)
+        app.admit(tenant, len(X), "$.parameters.tenant")
+        try:
+            scores = await lane.score(X)
+        finally:
+            app.release(tenant, len(X))
         params = {"predictor": predictor.name, "generation": lane.generation}
         if binary_out:
             raw = scores.mapped.astype("<f8").tobytes()

@@ -26,6 +26,9 @@ async def score(app: Context, req: Request) -> Response:
     tenant = intent = predictor_name = ""
     try:
         principal = app.authenticate(req)
+        if principal.tenant is not None:  # the key names the tenant: refuse before reading the body
+            tenant = principal.tenant
+            app.check_quota(tenant, "$.tenant")
         try:
             r = DECODER.decode(await req.body())
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -39,7 +42,11 @@ async def score(app: Context, req: Request) -> Response:
         predictor = lane.predictor
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
-        scores = await lane.score(X)
+        app.admit(tenant, len(X), "$.tenant")
+        try:
+            scores = await lane.score(X)
+        finally:
+            app.release(tenant, len(X))
         body = encode(
             ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), _ids(r.events))
         )

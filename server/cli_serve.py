@@ -35,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings = msgspec.convert(
             dict(
                 registry=str(registry),
+                workers=args.workers,
                 auth=not args.no_auth,
                 metrics_auth=args.metrics_auth,
                 tenant_labels=not args.no_tenant_labels,

@@ -18,6 +18,7 @@ from .auth import Authenticator, AuthError, Principal, keys_path
 from .errors import REASONS, HTTPError, check_version, no_route, not_ready
 from .lanes import Lane
 from .metrics import Metrics
+from .quotas import Quotas
 from .routes import RouteTable
 from .scorelog import ScoreLog
 from .serving import Serving
@@ -32,6 +33,7 @@ class Context:
         self.routes = routes  # what the app dispatches, and what /openapi.json documents
         self.registry = Registry(settings.registry)
         self.metrics = Metrics(tenant_labels=settings.tenant_labels)
+        self.quotas = Quotas(settings.workers)
         self.auth = Authenticator(keys_path(self.registry.root), required=settings.auth)
         score_log = None
         if settings.score_log is not None:
@@ -92,6 +94,24 @@ class Context:
             raise HTTPError(
                 403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
             )
+
+    def _current_quotas(self) -> Quotas:
+        """The quotas of the generation being served (taken up at its first request)."""
+        snap = self.serving.snapshot
+        if snap is not None and snap.generation != self.quotas.generation:
+            self.quotas.configure(snap.spec.quotas, snap.generation)
+        return self.quotas
+
+    def check_quota(self, tenant: str, field: str) -> None:
+        """429 now, before the body is read, if ``tenant`` (named by its key) is over quota."""
+        self._current_quotas().check(tenant, field)
+
+    def admit(self, tenant: str, rows: int, field: str) -> None:
+        """Take ``rows`` from ``tenant``'s quota (429 if over it); ``release`` them once answered."""
+        self._current_quotas().admit(tenant, rows, field)
+
+    def release(self, tenant: str, rows: int) -> None:
+        self.quotas.release(tenant, rows)
 
     def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
         """Count a refused scoring request.  Labels name only what is served: a request refused

@@ -22,6 +22,7 @@ REASONS = {
     408: "body_timeout",
     413: "too_large",
     415: "unsupported_encoding",
+    429: "over_quota",
     422: "invalid",
     503: "overloaded",
 }  # muse_request_errors_total{reason}

@@ -20,6 +20,7 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     registry: str
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 1  # worker processes: each holds 1/workers of every quota
     auth: bool = True  # False: scoring needs no key (local demos only); the admin API still wants one
     metrics_auth: bool = False  # /metrics wants an admin or metrics key
     tenant_labels: bool = True  # False: metrics carry no tenant names (tenant = "")

@@ -1,0 +1,162 @@
+"""Admission by tenant: the deployment's quotas (core/spec.py ``QuotaSpec``) as token
+buckets over scored rows and a cap on rows in flight, per worker process.
+
+A tenant's entry overrides the fields it sets; the rest come from the ``"*"`` entry; a
+tenant with neither is unlimited.  ``burst_rows`` goes with the rate it bursts: it comes
+from the entry that gave ``rows_per_second``, else it is two seconds of that rate.
+
+**Per worker.** Each of the server's N workers holds 1/N of every limit (rate, burst and
+rows in flight, rounded up), with no coordination between them: the kernel spreads
+connections over the workers, so a tenant reaches its whole limit when its traffic comes
+over several connections, and about 1/N of it over one keep-alive connection.  Exact
+server-wide limits would need state shared between the workers on every request.
+
+**Admission.** A request is admitted while its tenant's bucket is not empty, and then
+takes its rows from it, so the bucket may go into debt: a request larger than the burst
+still gets through, alone, and the tenant waits the debt out.  Over quota is a 429 with
+Retry-After (the seconds until the bucket refills past zero).  It is decided before the
+body is read when the key names the tenant (an empty bucket, or rows in flight at the
+cap), and again once the rows are counted.  In flight: admitted and not yet answered; a
+request may always go when the tenant has nothing in flight, however large."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from muse.core.spec import DEFAULT_TENANT, PRIORITY_WEIGHTS, QuotaSpec
+
+from .errors import HTTPError
+
+DEFAULT_PRIORITY = "normal"
+BURST_SECONDS = 2.0  # burst_rows when the entry gives none: this many seconds of the rate
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One tenant's limits in this worker."""
+
+    rows_per_second: float | None  # None: no rate limit
+    burst_rows: float
+    max_inflight_rows: int | None  # None: no cap
+    weight: int  # the tenant's share of a busy model (core/batching.py)
+
+
+UNLIMITED = Limits(None, math.inf, None, PRIORITY_WEIGHTS[DEFAULT_PRIORITY])
+
+
+class _Tenant:
+    __slots__ = ("inflight", "limits", "tokens", "updated")
+
+    def __init__(self, limits: Limits, now: float):
+        self.limits = limits
+        self.tokens = limits.burst_rows
+        self.updated = now
+        self.inflight = 0
+
+    def refill(self, now: float) -> None:
+        rate = self.limits.rows_per_second
+        if rate is not None:
+            self.tokens = min(self.limits.burst_rows, self.tokens + (now - self.updated) * rate)
+        self.updated = now
+
+
+class Quotas:
+    """Every tenant's buckets in this worker process.  Event loop only."""
+
+    def __init__(self, workers: int = 1, clock: Callable[[], float] = time.monotonic):
+        self.workers = workers
+        self.clock = clock
+        self.generation: int | None = None  # the deployment whose quotas are in force
+        self._entries: dict[str, QuotaSpec] = {}
+        self._tenants: dict[str, _Tenant] = {}
+
+    def configure(self, quotas: list[QuotaSpec], generation: int) -> None:
+        """Take a new deployment's quotas; a tenant whose limits did not change keeps its bucket."""
+        self._entries = {q.tenant: q for q in quotas}
+        self.generation = generation
+        now = self.clock()
+        for name, tenant in list(self._tenants.items()):
+            limits = self.limits(name)
+            if limits != tenant.limits:
+                fresh = _Tenant(limits, now)
+                fresh.inflight = tenant.inflight
+                self._tenants[name] = fresh
+
+    def limits(self, tenant: str) -> Limits:
+        entries = [e for e in (self._entries.get(tenant), self._entries.get(DEFAULT_TENANT)) if e is not None]
+        if not entries:
+            return UNLIMITED
+        n = self.workers
+        rated = next((e for e in entries if e.rows_per_second is not None), None)
+        rate = burst = None
+        if rated is not None and rated.rows_per_second is not None:
+            rate = rated.rows_per_second / n
+            whole = rated.burst_rows if rated.burst_rows is not None else BURST_SECONDS * rated.rows_per_second
+            burst = math.ceil(whole / n)
+        inflight = next((e.max_inflight_rows for e in entries if e.max_inflight_rows is not None), None)
+        priority = next((e.priority for e in entries if e.priority is not None), DEFAULT_PRIORITY)
+        return Limits(
+            rate,
+            math.inf if burst is None else burst,
+            None if inflight is None else math.ceil(inflight / n),
+            PRIORITY_WEIGHTS[priority],
+        )
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _Tenant(self.limits(tenant), self.clock())
+        return state
+
+    def weight(self, tenant: str) -> int:
+        return self._tenant(tenant).limits.weight
+
+    def check(self, tenant: str, field: str) -> None:
+        """Before the rows are counted: 429 if ``tenant`` could not be admitted whatever its rows."""
+        state = self._tenant(tenant)
+        if state.limits is UNLIMITED:
+            return
+        state.refill(self.clock())
+        self._refuse_if_over(tenant, state, 0, field)
+
+    def admit(self, tenant: str, rows: int, field: str) -> None:
+        """Take ``rows`` from ``tenant``'s quota (429 if over); ``release`` them once answered."""
+        state = self._tenant(tenant)
+        if state.limits is UNLIMITED:
+            state.inflight += rows
+            return
+        state.refill(self.clock())
+        self._refuse_if_over(tenant, state, rows, field)
+        state.tokens -= rows
+        state.inflight += rows
+
+    def release(self, tenant: str, rows: int) -> None:
+        state = self._tenants.get(tenant)
+        if state is not None:
+            state.inflight -= rows
+
+    def _refuse_if_over(self, tenant: str, state: _Tenant, rows: int, field: str) -> None:
+        limits = state.limits
+        if limits.rows_per_second is not None and state.tokens <= 0:
+            wait = max(1, math.ceil(-state.tokens / limits.rows_per_second + 1e-9))
+            raise over_quota(
+                f"tenant {tenant!r} is over its quota of {limits.rows_per_second * self.workers:,.0f} rows/s "
+                f"({limits.rows_per_second:,.0f} in each of {self.workers} workers); retry in {wait} s",
+                field,
+                wait,
+            )
+        cap = limits.max_inflight_rows
+        if cap is not None and state.inflight > 0 and state.inflight + rows > cap:
+            raise over_quota(
+                f"tenant {tenant!r} has {state.inflight:,} rows in flight; its max_inflight_rows is "
+                f"{cap * self.workers:,} ({cap:,} in each of {self.workers} workers)",
+                field,
+                1,
+            )
+
+
+def over_quota(message: str, field: str, retry_after: int) -> HTTPError:
+    return HTTPError(429, message, field, [(b"retry-after", str(retry_after).encode())])
