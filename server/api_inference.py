@@ -69,6 +69,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
             tenant = principal.tenant
             app.check_quota(tenant, "$.parameters.tenant")
         body, binary = _split_body(await req.body(), req.headers.get(b"inference-header-content-length"))
+        app.check_json_size(len(body), "$")
         r = decode_infer_request(body)
         claimed = r.parameters.get("tenant", principal.tenant)
         if claimed is None:

@@ -30,7 +30,9 @@ async def score(app: Context, req: Request) -> Response:
             tenant = principal.tenant
             app.check_quota(tenant, "$.tenant")
         try:
-            r = DECODER.decode(await req.body())
+            body = await req.body()
+            app.check_json_size(len(body), "$")
+            r = DECODER.decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise validation_error(exc) from None
         except RecursionError:  # defence in depth: the schema nests 4 deep and refuses more

@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 metrics_auth=args.metrics_auth,
                 tenant_labels=not args.no_tenant_labels,
                 max_body_bytes=args.max_body_bytes,
+                max_json_bytes=args.max_json_bytes,
                 body_timeout=args.body_timeout,
                 access_log=args.access_log,
                 score_log=score_log,
@@ -230,6 +231,12 @@ def register(sub) -> None:
     p.add_argument("--metrics-auth", action="store_true", help="/metrics needs an admin or metrics key")
     p.add_argument("--no-tenant-labels", action="store_true", help="metrics carry no tenant names")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="larger requests get 413")
+    p.add_argument(
+        "--max-json-bytes",
+        type=int,
+        default=DEFAULTS.max_json_bytes,
+        help="larger JSON bodies get 413 (decoding holds the event loop); binary tensors may be larger",
+    )
     p.add_argument(
         "--max-connections",
         type=int,

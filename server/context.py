@@ -95,6 +95,16 @@ class Context:
                 403, f"this key belongs to tenant {principal.tenant!r} and cannot score for {tenant!r}", field
             )
 
+    def check_json_size(self, size: int, field: str) -> None:
+        limit = self.settings.max_json_bytes
+        if size > limit:
+            raise HTTPError(
+                413,
+                f"a JSON body of {size:,} bytes is over the {limit:,} decoded on the event loop (--max-json-bytes): "
+                "send the rows as a binary tensor (Open Inference Protocol binary extension), or in several requests",
+                field,
+            )
+
     def _current_quotas(self) -> Quotas:
         """The quotas of the generation being served (taken up at its first request)."""
         snap = self.serving.snapshot

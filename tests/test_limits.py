@@ -118,13 +118,13 @@ def served(tmp_path_factory, model_dir, registry):
     return reg, keys
 
 
-def exchange(served, calls):
-    """Run ``calls`` [(method, path, body, key, headers)] through the app in this process;
-    [(status, decoded body)] and the /metrics text afterwards."""
+def exchange(served, calls, **settings):
+    """Run ``calls`` [(method, path, body, key, headers)] through the app in this process (with
+    ``settings``); [(status, decoded body)] and the /metrics text afterwards."""
     reg, keys = served
 
     async def run():
-        app = MuseApp(Settings(registry=str(reg.root), poll_interval=3600))
+        app = MuseApp(Settings(registry=str(reg.root), poll_interval=3600, **settings))
         answers = []
         async with ASGIClient(app) as client:
             for method, path, body, key, headers in calls:
@@ -308,3 +308,29 @@ def test_msgspec_refuses_the_oip_schema_without_recursing():
             b'{"inputs": [{"name": "f", "shape": [1], "datatype": "FP64", "data": ' + nested_json(DEEP) + b"}]}",
             type=InferRequest,
         )
+
+
+def test_json_bodies_beyond_max_json_bytes_are_413_and_binary_tensors_are_not(served):
+    big_v1 = v1([0.5] * 6)
+    big_v1["events"] *= 200  # ~9 KB of JSON
+    binary = np.full((200, 6), 0.5).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "f", "shape": [200, 6], "datatype": "FP64", "parameters": {"binary_data_size": len(binary)}}
+            ]
+        }
+    ).encode()
+    answers, _ = exchange(
+        served,
+        [
+            ("POST", "/v1/score", big_v1, "acme", None),
+            ("POST", OIP, oip([0.5] * 1200, shape=(200, 6)), "acme", None),
+            ("POST", OIP, header + binary, "acme", {"inference-header-content-length": str(len(header))}),
+            ("POST", "/v1/score", v1([0.5] * 6), "acme", None),
+        ],
+        max_json_bytes=4096,
+    )
+    (s1, b1), (s2, b2), (s3, _), (s4, _) = answers
+    assert s1 == s2 == 413 and "--max-json-bytes" in b1["error"] and "binary tensor" in b2["error"], (b1, b2)
+    assert s3 == 200 and s4 == 200
