@@ -84,7 +84,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         predictor_name = predictor.name
         X = infer_matrix(r, binary, predictor.num_feature)
         binary_out = wants_binary(r)
-        app.admit(tenant, len(X), "$.parameters.tenant")
+        app.admit(tenant, len(X), intent, "$.parameters.tenant")
         try:
             scores = await lane.score(X)
         finally:
@@ -100,7 +100,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
     except HTTPError as exc:
         app.count_error(exc, tenant or "", intent, predictor_name)
         raise
-    lane.metrics.observe(len(X), time.perf_counter() - started)
+    lane.metrics.observe(len(X), time.perf_counter() - started, len(body) + len(binary))
     if binary_out:
         return (
             200,

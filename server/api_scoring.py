@@ -44,7 +44,7 @@ async def score(app: Context, req: Request) -> Response:
         predictor = lane.predictor
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
-        app.admit(tenant, len(X), "$.tenant")
+        app.admit(tenant, len(X), intent, "$.tenant")
         try:
             scores = await lane.score(X)
         finally:
@@ -55,7 +55,7 @@ async def score(app: Context, req: Request) -> Response:
     except HTTPError as exc:
         app.count_error(exc, tenant, intent, predictor_name)
         raise
-    lane.metrics.observe(len(X), time.perf_counter() - started)
+    lane.metrics.observe(len(X), time.perf_counter() - started, len(body))
     return 200, body, b"application/json", None
 
 

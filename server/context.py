@@ -116,9 +116,13 @@ class Context:
         """429 now, before the body is read, if ``tenant`` (named by its key) is over quota."""
         self._current_quotas().check(tenant, field)
 
-    def admit(self, tenant: str, rows: int, field: str) -> None:
+    def admit(self, tenant: str, rows: int, intent: str, field: str) -> None:
         """Take ``rows`` from ``tenant``'s quota (429 if over it); ``release`` them once answered."""
-        self._current_quotas().admit(tenant, rows, field)
+        try:
+            self._current_quotas().admit(tenant, rows, field)
+        except HTTPError:
+            self.metrics.rejected_rows.labels(self.metrics.tenant_label(tenant), intent).inc(rows)
+            raise
 
     def release(self, tenant: str, rows: int) -> None:
         self.quotas.release(tenant, rows)

@@ -56,23 +56,26 @@ def add_to_histogram(child, bounds: tuple[float, ...], observations: Sequence[fl
 class RequestSeries:
     """One (tenant, intent, predictor)'s successful requests since the last flush.  Event loop only."""
 
-    __slots__ = ("latencies", "events", "_count", "_events", "_latency")
+    __slots__ = ("bytes", "events", "latencies", "_bytes", "_count", "_events", "_latency")
 
-    def __init__(self, requests: Counter, events: Counter, latency: Histogram) -> None:
+    def __init__(self, requests: Counter, events: Counter, latency: Histogram, request_bytes: Counter) -> None:
         self.latencies: list[float] = []
-        self.events = 0
-        self._count, self._events, self._latency = requests, events, latency
+        self.events = self.bytes = 0
+        self._count, self._events, self._latency, self._bytes = requests, events, latency, request_bytes
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float, nbytes: int) -> None:
         self.latencies.append(seconds)
         self.events += rows
+        self.bytes += nbytes
 
     def flush(self) -> None:
         latencies, self.latencies = self.latencies, []
         events, self.events = self.events, 0
+        nbytes, self.bytes = self.bytes, 0
         if latencies:
             self._count.inc(len(latencies))
             self._events.inc(events)
+            self._bytes.inc(nbytes)
             add_to_histogram(self._latency, LATENCY_BUCKETS, latencies)
 
 
@@ -101,6 +104,12 @@ class Metrics:
             registry=r,
         )
         self.events = Counter("muse_events_scored", "Events (rows) scored.", labels, registry=r)
+        self.request_bytes = Counter(
+            "muse_request_bytes", "Bytes of the requests answered (as received).", labels, registry=r
+        )
+        self.rejected_rows = Counter(
+            "muse_rejected_rows", "Rows refused for the tenant's quota.", ["tenant", "intent"], registry=r
+        )
         self.batch_rows = Histogram(
             "muse_batch_rows",
             "Rows per native model call (rows of many requests coalesce).",
@@ -183,7 +192,10 @@ class Metrics:
         series = self._request_series.get(labels)
         if series is None:  # labels() costs microseconds: resolve each series once
             series = self._request_series[labels] = RequestSeries(
-                self.requests.labels(*labels, "200"), self.events.labels(*labels), self.latency.labels(*labels)
+                self.requests.labels(*labels, "200"),
+                self.events.labels(*labels),
+                self.latency.labels(*labels),
+                self.request_bytes.labels(*labels),
             )
         return series
 

@@ -136,20 +136,26 @@ def test_a_server_answers_429_to_the_tenant_over_quota_only(tmp_path, model_dir)
         deploy(reg, msgspec.structs.replace(SPEC, quotas=[QuotaSpec("acme"), QuotaSpec("acme")]))
     deploy(reg, SPEC)
     keys = {t: add_key(keys_path(reg.root), t, False)[1] for t in ("acme", "globex")}
+    keys["admin"] = add_key(keys_path(reg.root), None, True)[1]
     with LocalServer(reg.root) as server:
         server.wait_ready(generation=1)
 
-        def score(tenant: str, rows: int = 5) -> tuple[int, dict, dict]:
+        def score(tenant: str, rows: int = 5, key: str | None = None) -> tuple[int, dict, dict]:
             body = {"tenant": tenant, "intent": "fraud", "events": [{"features": [0.5] * 6}] * rows}
-            return server.post("/v1/score", body, keys[tenant])
+            return server.post("/v1/score", body, keys[key or tenant])
 
         assert score("acme")[0] == 200  # a full bucket of 1 row: 5 rows go, in debt
         status, body, headers = score("acme")
         assert (status, body["field"]) == (429, "$.tenant") and int(headers["retry-after"]) >= 1, body
         assert "over its quota of 1 rows/s" in body["error"]
         assert all(score("globex")[0] == 200 for _ in range(5))
-        refused = {k: v for k, v in server.metrics().items() if 'reason="over_quota"' in k}
+        # an admin key names the tenant in the body: refused once its rows are counted
+        assert score("acme", rows=7, key="admin")[0] == 429
+        metrics = server.metrics()
+        refused = {k: v for k, v in metrics.items() if 'reason="over_quota"' in k}
         assert list(refused) and all('tenant="acme"' in k for k in refused), refused
+        assert metrics['muse_rejected_rows_total{intent="fraud",tenant="acme"}'] == 7
+        assert metrics['muse_request_bytes_total{intent="fraud",predictor="p",tenant="globex"}'] > 5 * 100
         # a new generation lifts acme's limit
         deploy(reg, msgspec.structs.replace(SPEC, quotas=[QuotaSpec("acme", rows_per_second=1e6)]))
         server.wait_ready(generation=2)
