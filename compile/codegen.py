@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import numpy as np
 import tl2cgen
 
 from .errors import ModelFormatError
@@ -77,10 +78,117 @@ def generate_sources(source: SourceModel, workdir: pathlib.Path, params: dict[st
         tl2cgen.generate_c_code(source.model, workdir, params=params)
     for path in [*workdir.glob("*.c"), *workdir.glob("*.h")]:
         path.write_text(_separate_missing_flag(path.read_text()))
+    quantize_c = workdir / "quantize.c"
+    if quantize_c.exists():
+        quantize_c.write_text(_exact_float_thresholds(quantize_c.read_text(), source))
     main = workdir / "main.c"
+    if source.float32_base_margin is not None:
+        main.write_text(_drop_base_scores(main.read_text()))
+        for path in [main, *workdir.glob("tu*.c")]:
+            path.write_text(_float_leaf_constants(path.read_text()))
     main.write_text(_add_block_entry(main.read_text()))
     shutil.copy(ENTRY_SOURCE, workdir / ENTRY_SOURCE.name)
     return sorted(workdir.glob("*.c"))
+
+
+_THRESHOLD_TABLE = re.compile(r"(static const float threshold\[\] = \{\n)(.*?)(\n\};)", re.S)
+_TH_LEN = re.compile(r"static const int th_len\[\] = \{(.*?)\};", re.S)
+
+
+def _exact_float_thresholds(quantize_c: str, source: SourceModel) -> str:
+    """Write a float32 model's quantization table with exact values.
+
+    TL2cgen prints the table with std::numeric_limits<float>::digits10 + 2 = 8 significant
+    digits (ArrayFormatter in its format_util.h), and 8 digits do not identify every float32:
+    XGBoost's threshold -0.110694684 became -0.11069468, one ulp above it, so a row on the
+    threshold went left where XGBoost goes right (issue 17).  Rows are quantized against this
+    table, so every wrong entry moves a branch.  The table is rebuilt from the model (TL2cgen's
+    own rule: per feature, the sorted distinct finite thresholds of numerical splits) and written
+    as hexadecimal literals; each entry must print as TL2cgen printed it, or the tables are not
+    the same.  float64 tables are printed with 17 digits, which round-trip: left alone."""
+    match = _THRESHOLD_TABLE.search(quantize_c)
+    if match is None:
+        return quantize_c
+    printed = [_unsigned_zero(t.strip()) for t in match.group(2).split(",") if t.strip()]
+    th_len = _TH_LEN.search(quantize_c)
+    lengths = [int(t) for t in th_len.group(1).split(",") if t.strip()] if th_len else None
+    table = numerical_thresholds(source)
+    exact = [v for feature in table for v in feature]
+    if [len(f) for f in table] != lengths or [_unsigned_zero(f"{float(v):.8g}") for v in exact] != printed:
+        raise ModelFormatError(
+            "TL2cgen wrote a threshold table MUSE cannot match to the model's thresholds; "
+            "this TL2cgen version is unsupported"
+        )
+    lines = [", ".join(_hex_float(v) for v in exact[i : i + 4]) + "," for i in range(0, len(exact), 4)]
+    body = "\n".join(f"  {line}" for line in lines)
+    return quantize_c[: match.start(2)] + body + quantize_c[match.end(2) :]
+
+
+def _unsigned_zero(printed: str) -> str:
+    # -0 and 0 are one threshold: which of them a table keeps depends on the order it met them.
+    return "0" if printed == "-0" else printed
+
+
+def numerical_thresholds(source: SourceModel) -> list[list[np.floating]]:
+    """Per feature, the sorted distinct finite thresholds of the model's numerical splits, in
+    the model's threshold type."""
+    model = source.model
+    per_feature: list[set] = [set() for _ in range(int(model.num_feature))]
+    for i in range(int(model.num_tree)):
+        tree = model.get_tree_accessor(i)
+        numerical = tree.get_field("node_type") == _NUMERICAL_TEST_NODE
+        for feature, threshold in zip(tree.get_field("split_index")[numerical], tree.get_field("threshold")[numerical]):
+            if np.isfinite(threshold):
+                per_feature[int(feature)].add(threshold)
+    return [sorted(values) for values in per_feature]
+
+
+_NUMERICAL_TEST_NODE = 1  # Treelite's TreeNodeType::kNumericalTestNode
+
+
+def _hex_float(value: np.floating) -> str:
+    """An exact C literal for a float32 value: a hexadecimal double constant, which a float
+    holds exactly (-0x1.c567cap-4 for -0.110694684)."""
+    mantissa, exponent = float(value).hex().split("p")
+    return f"{mantissa.rstrip('0').rstrip('.')}p{exponent}"
+
+
+_BASE_SCORES = re.compile(r"(\n *// Apply base_scores\n)((?: *result\[\d+\] \+= [^;\n]+;\n)+)")
+
+
+def _drop_base_scores(main_c: str) -> str:
+    """XGBoost models: remove TL2cgen's final `result += base score`.  XGBoost starts every row
+    at its base margin and adds the trees to it (float32, tree by tree); TL2cgen adds the trees
+    to zero and the base score (a float64 literal, Treelite's float64 logit) last.  muse_entry.c
+    starts result[] at MUSE_BASE_MARGIN instead, XGBoost's own value (frontends.xgboost_base_margin)."""
+    new, count = _BASE_SCORES.subn(r"\1  /* muse: result[] starts at MUSE_BASE_MARGIN (muse_entry.c) */\n", main_c)
+    if count == 0:
+        raise ModelFormatError("TL2cgen produced no base score statement; this TL2cgen version is unsupported")
+    return new
+
+
+_LEAF = re.compile(r"^( *result\[\d+\] \+= )(-?(?:\d+\.?\d*(?:e[-+]?\d+)?));$", re.M)
+
+
+def _float_leaf_constants(code: str) -> str:
+    """`result[0] += 0.1;` -> `result[0] += 0.1f;`.  TL2cgen prints a float32 leaf as its
+    shortest decimal, which identifies the float32 only when read as a float; as written it is a
+    double constant, so `float += double` adds in float64 and rounds once, which is not XGBoost's
+    float32 addition whenever the exact float sum is a tie (it often is).  A float constant
+    makes the addition float + float."""
+    new, count = _LEAF.subn(lambda m: m.group(1) + _float_literal(m.group(2)) + ";", code)
+    if count != len(_ADDITION.findall(code)):
+        raise ModelFormatError("TL2cgen wrote a leaf value MUSE cannot read; this TL2cgen version is unsupported")
+    return new
+
+
+_ADDITION = re.compile(r"^ *result\[\d+\] \+= [^;\n]*;$", re.M)
+
+
+def _float_literal(decimal: str) -> str:
+    if "." in decimal or "e" in decimal:
+        return decimal + "f"
+    return decimal + ".0f"  # "1" or "-0": an integer constant takes no f suffix
 
 
 _PREDICT = re.compile(r"void predict\(struct Entry\* data, int pred_margin, (\w+)\* result\) \{\n(.*?)\n\}\n", re.S)
@@ -184,6 +292,8 @@ def build_library(
         defines.append("-DMUSE_LIGHTGBM_ZERO")
     if source.float32_inputs:
         defines.append("-DMUSE_FLOAT32_INPUTS")
+    if source.float32_base_margin is not None:
+        defines.append(f"-DMUSE_BASE_MARGIN={_hex_float(np.float32(source.float32_base_margin))}")
     if "muse_units[]" in (sources[0].parent / "main.c").read_text():
         defines += ["-DMUSE_BLOCKED", f"-DMUSE_BLOCK_ROWS={BLOCK_ROWS}"]
     all_flags = [*flags, *defines]

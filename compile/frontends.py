@@ -5,11 +5,16 @@ kind of the model's raw output (a logit, or already a probability)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
+import math
 import pathlib
 import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import treelite
 
 from .errors import ModelFormatError
@@ -31,6 +36,9 @@ class SourceModel:
     output_width: int
     margin_kind: str  # "logit": margins are log-odds; "probability": margins already are probabilities
     float32_inputs: bool  # the library rounds inputs to float32 before comparing (XGBoost, sklearn trees)
+    # XGBoost only: the margin every row starts from, as XGBoost computes it (float32).  XGBoost
+    # adds each tree's float32 leaf to it in float32, tree by tree; codegen copies that order.
+    float32_base_margin: float | None = None
 
 
 def detect_format(path: pathlib.Path) -> str:
@@ -97,7 +105,56 @@ def _describe(path, fmt, model, names, objective, float32_inputs) -> SourceModel
     nfeat = int(model.num_feature)
     if not names or len(names) != nfeat:
         names = [f"f{i}" for i in range(nfeat)]
-    return SourceModel(path, fmt, model, list(names), objective, output_index, width, margin_kind, float32_inputs)
+    base_margin = None
+    if fmt == "xgboost":
+        base_margin = xgboost_base_margin(float(header.get_field("base_scores")[0]))
+    return SourceModel(
+        path, fmt, model, list(names), objective, output_index, width, margin_kind, float32_inputs, base_margin
+    )
+
+
+def xgboost_base_margin(treelite_base: float) -> float:
+    """XGBoost's starting margin for a binary:logistic model, from Treelite's.
+
+    XGBoost keeps base_score as a float32 probability p and turns it into a margin in float32
+    arithmetic: -logf(1.0f / p - 1.0f), p clamped to [1e-6, 1 - 1e-6] (LogisticRegression::
+    ProbToMargin and common::Logit in its src/objective/regression_loss.h and src/common/math.h).
+    Treelite computes -log(1.0 / p - 1.0) in float64, which differs from that by an ulp or more in
+    most models.  The float64 logit is invertible well within float32 precision, so p is recovered
+    exactly, and XGBoost's arithmetic redone: logf is the C library's, as XGBoost calls it."""
+    if math.isnan(treelite_base):
+        raise ModelFormatError(f"XGBoost base score is {treelite_base}")
+    if math.isinf(treelite_base):
+        p = np.float32(0.0 if treelite_base < 0 else 1.0)
+    else:
+        e = math.exp(-abs(treelite_base))  # the logistic function, to float64 precision on both sides
+        p = np.float32(1.0 / (1.0 + e) if treelite_base >= 0 else e / (1.0 + e))
+        for candidate in (p, np.nextafter(p, np.float32(0)), np.nextafter(p, np.float32(1))):
+            if 0 < candidate < 1 and -math.log(1.0 / float(candidate) - 1.0) == treelite_base:
+                p = candidate
+                break
+    eps = np.float32(1e-6)  # XGBoost's kRtEps
+    p = min(max(p, eps), np.float32(1) - eps)
+    return -_logf(np.float32(1) / p - np.float32(1))
+
+
+@functools.cache
+def _libm_logf():
+    name = ctypes.util.find_library("m")
+    try:
+        logf = ctypes.CDLL(name).logf if name else None
+    except (OSError, AttributeError):
+        logf = None
+    if logf is not None:
+        logf.restype, logf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return logf
+
+
+def _logf(x: np.float32) -> float:
+    """The C library's logf(x) (a float32, returned as a Python float); where it cannot be
+    called, the float64 logarithm rounded to float32 (the correctly rounded value)."""
+    logf = _libm_logf()
+    return float(np.float32(logf(float(x)) if logf is not None else math.log(float(x))))
 
 
 def _read_lightgbm(path: pathlib.Path):

@@ -15,6 +15,10 @@
  *                      before comparing with its thresholds (XGBoost, sklearn trees)
  *   MUSE_BLOCKED       defined when the trees are split into units: evaluate
  *                      them unit by unit over blocks of MUSE_BLOCK_ROWS rows
+ *   MUSE_BASE_MARGIN   XGBoost models: the margin each row starts from (a float32
+ *                      value); the trees' float32 leaves are added to it tree by
+ *                      tree, as XGBoost does (codegen.py removes TL2cgen's final
+ *                      addition of the base score).  Otherwise rows start at 0.
  *
  * No globals are written, so concurrent calls from many threads are safe. */
 #include <math.h>
@@ -27,6 +31,15 @@
 
 int32_t muse_abi_version(void) { return MUSE_ABI_VERSION; }
 int32_t muse_num_feature(void) { return MUSE_NUM_FEATURE; }
+
+/* result[] as a row starts: XGBoost's base margin, or zeros. */
+static inline void muse_start(MUSE_RESULT_TYPE* result) {
+#ifdef MUSE_BASE_MARGIN
+  for (int k = 0; k < MUSE_OUTPUT_WIDTH; ++k) result[k] = (MUSE_RESULT_TYPE)(MUSE_BASE_MARGIN);
+#else
+  memset(result, 0, MUSE_OUTPUT_WIDTH * sizeof(MUSE_RESULT_TYPE));
+#endif
+}
 
 static inline void muse_fill(struct Entry* row, double v, int64_t j) {
   if (isnan(v)) {
@@ -82,8 +95,7 @@ extern const int muse_num_units;
           muse_fill(row, (double)x[j], j);                                    \
         }                                                                     \
         muse_prepare(row);                                                    \
-        memset(result + r * MUSE_OUTPUT_WIDTH, 0,                             \
-               MUSE_OUTPUT_WIDTH * sizeof(MUSE_RESULT_TYPE));                 \
+        muse_start(result + r * MUSE_OUTPUT_WIDTH);                           \
       }                                                                       \
       for (int u = 0; u < muse_num_units; ++u) {                              \
         void (*unit)(struct Entry*, MUSE_RESULT_TYPE*) = muse_units[u];       \
@@ -114,7 +126,7 @@ extern const int muse_num_units;
       for (int64_t j = 0; j < MUSE_NUM_FEATURE; ++j) {                        \
         muse_fill(row, (double)x[j], j);                                      \
       }                                                                       \
-      memset(result, 0, sizeof(result));                                     \
+      muse_start(result);                                                     \
       predict(row, margin, result);                                           \
       out[i] = result[MUSE_OUTPUT_INDEX];                                     \
     }                                                                         \
