@@ -60,17 +60,18 @@ class Predictor:
             return self.batchers[0].model.score(X, native, map_index)
         return self._combine([b.model.score(X, native, IDENTITY) for b in self.batchers], map_index)
 
-    def score_async(self, X: np.ndarray, map_index: int) -> Awaitable[Scores]:
-        """Scores of X through the batchers, mapped through map ``map_index`` of the table.  A
-        plain function returning the batcher's coroutine, not a coroutine of its own: one frame
-        less per request."""
+    def score_async(self, X: np.ndarray, map_index: int, tenant: str, weight: int = 1) -> Awaitable[Scores]:
+        """Scores of X through the batchers, mapped through map ``map_index`` of the table, queued
+        as ``tenant``'s rows with its ``weight`` (its share of each model when tenants wait; see
+        muse.core.batching).  A plain function returning the batcher's coroutine, not a coroutine
+        of its own: one frame less per request."""
         if len(self.batchers) == 1:  # calibrated in the model's native call
-            return self.batchers[0].score_async(X, self.native_table, map_index)
-        return self._score_members(X, map_index)
+            return self.batchers[0].score_async(X, self.native_table, map_index, tenant, weight)
+        return self._score_members(X, map_index, tenant, weight)
 
-    async def _score_members(self, X: np.ndarray, map_index: int) -> Scores:
+    async def _score_members(self, X: np.ndarray, map_index: int, tenant: str, weight: int) -> Scores:
         native = self.native_table
-        members = await asyncio.gather(*(b.score_async(X, native, IDENTITY) for b in self.batchers))
+        members = await asyncio.gather(*(b.score_async(X, native, IDENTITY, tenant, weight) for b in self.batchers))
         return self._combine(list(members), map_index)
 
     def _combine(self, members: list[Scores], map_index: int | np.ndarray) -> Scores:

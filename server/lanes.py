@@ -42,9 +42,9 @@ class Lane:
 
     async def score(self, X: np.ndarray) -> Scores:
         """X scored by the route's active predictor, recorded, and queued for its shadows; 503
-        when the model's queue is full."""
+        when the tenant's queue at a model is full (see muse.core.batching: tenants queue apart)."""
         try:
-            scores = await self.predictor.score_async(X, self.map_index)
+            scores = await self.predictor.score_async(X, self.map_index, self.tenant, 1)  # weight: one for all, for now
         except Overloaded as exc:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
         self.served.add(scores)

@@ -174,7 +174,7 @@ def test_a_replaced_generation_is_freed_without_the_cycle_collector(reg):
         try:
             route = serving.snapshot.route("acme", "fraud")
             await route.active.score_async(
-                rows(3, seed=2), route.active.map_index("acme")
+                rows(3, seed=2), route.active.map_index("acme"), "acme"
             )  # through the batcher and model thread
             batcher, snapshot = weakref.ref(route.active.batchers[0]), weakref.ref(serving.snapshot)
             del route

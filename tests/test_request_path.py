@@ -86,10 +86,12 @@ def test_batcher_scores_alone_and_in_bursts_alike(lgb_case):
         b._score_here = lambda *args: inline.append(1) or score_here(*args)
         try:
             results = await asyncio.gather(
-                *(b.score_async(X[k : k + 1], natives[t], m) for k, (t, m) in enumerate(plan))
+                *(b.score_async(X[k : k + 1], natives[t], m, "acme") for k, (t, m) in enumerate(plan))
             )
             calibrated_batches, waits = b.stats.take()
-            identity = await asyncio.gather(*(b.score_async(X[k : k + 1], natives[0], 0) for k in range(len(X))))
+            identity = await asyncio.gather(
+                *(b.score_async(X[k : k + 1], natives[0], 0, "acme") for k in range(len(X)))
+            )
         finally:
             b.thread.close()
         return results, identity, calibrated_batches, waits, b.stats.rows, len(inline)
