@@ -82,8 +82,21 @@ def remove_stale_staging(models_dir: pathlib.Path) -> list[pathlib.Path]:
 def expected_margins(source: SourceModel, rows: np.ndarray) -> np.ndarray:
     """Treelite's own raw margins (GTIL, no compiled code) for ``rows``: the positive class."""
     X = rows.astype(np.float32) if source.float32_inputs else rows
-    pred = treelite.gtil.predict(source.model, X, pred_margin=True)
-    return np.asarray(pred, dtype=np.float64).reshape(len(rows), -1)[:, source.output_index]
+    if source.float32_base_margin is None:
+        pred = treelite.gtil.predict(source.model, X, pred_margin=True)
+        return np.asarray(pred, dtype=np.float64).reshape(len(rows), -1)[:, source.output_index]
+    # XGBoost clamps base_score into [1e-6, 1 - 1e-6] and Treelite does not (its logit of 1.0 is
+    # infinite): the trees' sum from GTIL, started from XGBoost's own margin.
+    header = source.model.get_header_accessor()
+    base = header.get_field("base_scores")
+    header.set_field("base_scores", np.zeros_like(base))
+    try:
+        pred = treelite.gtil.predict(source.model, X, pred_margin=True)
+    finally:
+        header.set_field("base_scores", base)
+    return (
+        np.asarray(pred, dtype=np.float64).reshape(len(rows), -1)[:, source.output_index] + source.float32_base_margin
+    )
 
 
 def build_artifact(

@@ -373,3 +373,22 @@ def test_xgboost_base_margin_is_xgboosts(tmp_path):
         header = treelite.frontend.load_xgboost_model(path).get_header_accessor()
         want = booster.predict(xgb.DMatrix(X), output_margin=True)[0]
         assert np.float32(frontends.xgboost_base_margin(float(header.get_field("base_scores")[0]))) == want, p
+
+
+@pytest.mark.parametrize("base_score", [1e-7, 1 - 1e-8])
+def test_xgboost_models_with_a_clamped_base_score_compile_exact(tmp_path, base_score):
+    """Beyond [1e-6, 1 - 1e-6] XGBoost clamps base_score and Treelite does not (1 - 1e-8 is 1.0 in
+    float32: an infinite logit); the compile-time check against GTIL starts from XGBoost's margin."""
+    import xgboost as xgb
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(300, 4))
+    booster = xgb.train(
+        {"objective": "binary:logistic", "base_score": base_score, "max_depth": 3},
+        xgb.DMatrix(X, (X[:, 0] > 0).astype(int)),
+        10,
+    )
+    booster.save_model(str(tmp_path / "m.json"))
+    model = load_artifact(build_artifact(tmp_path / "m.json", tmp_path / "models", name="m", version="1"))
+    want = booster.predict(xgb.DMatrix(X), output_margin=True)
+    assert np.array_equal(model.predict(X, margin=True), want.astype(np.float64))
