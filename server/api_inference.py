@@ -86,7 +86,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         binary_out = wants_binary(r)
         app.admit(tenant, len(X), intent, "$.parameters.tenant")
         try:
-            scores = await lane.score(X)
+            scores = await lane.score(X, app.quotas.weight(tenant))
         finally:
             app.release(tenant, len(X))
         params = {"predictor": predictor.name, "generation": lane.generation}

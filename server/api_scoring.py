@@ -30,9 +30,9 @@ async def score(app: Context, req: Request) -> Response:
             tenant = principal.tenant
             app.check_quota(tenant, "$.tenant")
         try:
-            body = await req.body()
-            app.check_json_size(len(body), "$")
-            r = DECODER.decode(body)
+            received = await req.body()
+            app.check_json_size(len(received), "$")
+            r = DECODER.decode(received)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise validation_error(exc) from None
         except RecursionError:  # defence in depth: the schema nests 4 deep and refuses more
@@ -46,7 +46,7 @@ async def score(app: Context, req: Request) -> Response:
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
         app.admit(tenant, len(X), intent, "$.tenant")
         try:
-            scores = await lane.score(X)
+            scores = await lane.score(X, app.quotas.weight(tenant))
         finally:
             app.release(tenant, len(X))
         body = encode(
@@ -55,7 +55,7 @@ async def score(app: Context, req: Request) -> Response:
     except HTTPError as exc:
         app.count_error(exc, tenant, intent, predictor_name)
         raise
-    lane.metrics.observe(len(X), time.perf_counter() - started, len(body))
+    lane.metrics.observe(len(X), time.perf_counter() - started, len(received))
     return 200, body, b"application/json", None
 
 

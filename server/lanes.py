@@ -40,11 +40,12 @@ class Lane:
         self.route, self.predictor, self.generation, self.tenant = route, route.active, generation, tenant
         self.map_index, self.metrics, self.served, self.shadows = map_index, metrics, served, shadows
 
-    async def score(self, X: np.ndarray) -> Scores:
+    async def score(self, X: np.ndarray, weight: int = 1) -> Scores:
         """X scored by the route's active predictor, recorded, and queued for its shadows; 503
-        when the tenant's queue at a model is full (see muse.core.batching: tenants queue apart)."""
+        when the tenant's queue at a model is full (see muse.core.batching: tenants queue apart,
+        and a busy model serves them in proportion to ``weight``, the tenant's priority)."""
         try:
-            scores = await self.predictor.score_async(X, self.map_index, self.tenant, 1)  # weight: one for all, for now
+            scores = await self.predictor.score_async(X, self.map_index, self.tenant, weight)
         except Overloaded as exc:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
         self.served.add(scores)

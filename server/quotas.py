@@ -31,6 +31,7 @@ from muse.core.spec import DEFAULT_TENANT, PRIORITY_WEIGHTS, QuotaSpec
 from .errors import HTTPError
 
 DEFAULT_PRIORITY = "normal"
+MAX_TENANTS = 100_000  # tenant names come from requests (admin keys name any): idle ones are forgotten
 BURST_SECONDS = 2.0  # burst_rows when the entry gives none: this many seconds of the rate
 
 
@@ -108,8 +109,18 @@ class Quotas:
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
         if state is None:
+            if len(self._tenants) >= MAX_TENANTS:
+                self._forget_idle()
             state = self._tenants[tenant] = _Tenant(self.limits(tenant), self.clock())
         return state
+
+    def _forget_idle(self) -> None:
+        """Drop tenants with nothing in flight and a full bucket: they would be made again the same."""
+        now = self.clock()
+        for name, state in list(self._tenants.items()):
+            state.refill(now)
+            if state.inflight == 0 and state.tokens >= state.limits.burst_rows:
+                del self._tenants[name]
 
     def weight(self, tenant: str) -> int:
         return self._tenant(tenant).limits.weight

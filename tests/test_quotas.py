@@ -165,3 +165,17 @@ def test_a_server_answers_429_to_the_tenant_over_quota_only(tmp_path, model_dir)
 def test_quotas_document_round_trips():
     raw = json.dumps(msgspec.to_builtins(SPEC)).encode()
     assert decode_spec(raw, "d.json") == SPEC
+
+
+def test_idle_tenants_are_forgotten_past_max_tenants(monkeypatch):
+    monkeypatch.setattr("muse.server.quotas.MAX_TENANTS", 3)
+    q, clock = quotas(QuotaSpec("*", rows_per_second=10, burst_rows=10))
+    q.admit("busy", 5, "$.tenant")  # in flight
+    q.admit("drained", 10, "$.tenant")
+    q.release("drained", 10)
+    q.weight("idle")
+    q.weight("new")  # the fourth: idle ones with full buckets go, the others stay
+    assert set(q._tenants) == {"busy", "drained", "new"}
+    clock.now += 5  # drained's bucket is full again, and new's was never touched
+    q.weight("newer")
+    assert set(q._tenants) == {"busy", "newer"}

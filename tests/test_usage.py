@@ -203,11 +203,6 @@ def test_metrics_of_a_running_server_per_tenant(tmp_path, lgb_case, capsys):
         assert rows[2]["mean_latency_ms"] == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/api_scoring.py passes len(body) to metrics.observe after rebinding body to the response: "
-    "/v1/score counts the bytes answered, not the bytes received (/v2 infer is right)",
-)
 def test_request_bytes_of_v1_score_are_the_bytes_received(tmp_path, lgb_case, capsys):
     reg = make_registry(tmp_path / "registry", {"lightgbm": lgb_case})
     deploy(reg, SPEC)
