@@ -14,7 +14,7 @@ import pytest
 
 from muse.core.spec import decode_spec
 from muse.server.cli import main
-from muse.server.demo import TENANTS, DemoResult, deployments
+from muse.server.demo import BURST_REQUESTS, TENANTS, DemoResult, deployments
 from muse.server.demo.report import RateTable
 
 # 5,000 events per tenant per month and 60 trees: v2's gain in recall over v1 (about 0.07
@@ -58,9 +58,9 @@ def off_target(table: RateTable, label: str) -> list[str]:
 
 def test_demo_exits_0_and_prints_every_command_it_runs(demo: Run) -> None:
     assert demo.code == 0, demo.output[-3000:]
-    for command in ("compile", "calib fit", "deploy apply", "keys add", "serve", "promote", "calib status"):
+    for command in ("compile", "calib fit", "deploy apply", "keys add", "serve", "promote", "usage", "calib status"):
         assert f"\n$ muse {command} " in demo.output, f"`muse {command}` not shown"
-    assert "== 11." in demo.output and "demo finished" in demo.output
+    assert "== 12." in demo.output and "demo finished" in demo.output
 
 
 def test_the_deployment_files_it_applies_are_its_structs(demo: Run) -> None:
@@ -68,12 +68,37 @@ def test_the_deployment_files_it_applies_are_its_structs(demo: Run) -> None:
         ("v1.toml", deployments.V1),
         ("v2-shadow.toml", deployments.V2_SHADOW),
         ("v2-calibrated-shadow.toml", deployments.V2_CALIBRATED_SHADOW),
+        ("quotas.toml", deployments.QUOTAS),
     ):
         path = demo.work / name
         assert f"$ muse deploy apply {path} " in demo.output
         assert decode_spec(path.read_bytes(), name) == spec
     fraud = deployments.V2_CALIBRATED_SHADOW.routes[0]
     assert (fraud.active, fraud.shadows) == ("fraud-v1", ["fraud-v2"])
+    # The quotas are added to what promotion made: v2 active on fraud.
+    assert deployments.QUOTAS.routes[0].active == "fraud-v2" and deployments.QUOTAS.predictors[-1].name == "fraud-v2"
+    assert [q.tenant for q in deployments.QUOTAS.quotas] == [deployments.QUOTA_TENANT]
+
+
+def test_one_tenant_over_its_quota_leaves_the_others_unaffected(demo: Run) -> None:
+    r = demo.result
+    assert r.quota_tenant == deployments.QUOTA_TENANT and r.quota_tenant in TENANTS
+    # Its burst: some answered (its burst allowance), some refused (429), none failed otherwise.
+    assert r.quota_refused > 0 and r.quota_answered > 0, (r.quota_refused, r.quota_answered)
+    assert r.quota_refused + r.quota_answered == BURST_REQUESTS
+    assert r.quota_others_requests > 0 and r.quota_others_failures == [] and r.failures == []
+    assert f"{r.quota_refused} refused (429)" in demo.output and "Retry-After: " in demo.output
+    # `muse usage` shows the refusals per tenant: the limited tenant's row has a 429 count.
+    header, *rows = demo.output.split("$ muse usage ", 1)[1].split("\n== ", 1)[0].splitlines()[1:]
+    assert "429s" in header and "rows refused" in header
+
+    def cell(row: str, column: str) -> int:  # numbers are right-aligned under their header
+        return int(row[: header.index(column) + len(column)].split()[-1].replace(",", ""))
+
+    by_tenant = {row.split()[0]: row for row in rows if row.split() and row.split()[0] in TENANTS}
+    assert set(by_tenant) == set(TENANTS), rows
+    assert cell(by_tenant[r.quota_tenant], "429s") == r.quota_refused
+    assert all(cell(row, "429s") == 0 for t, row in by_tenant.items() if t != r.quota_tenant)
 
 
 def test_promotion_mid_traffic_fails_no_request(demo: Run) -> None:

@@ -24,12 +24,13 @@ import polars as pl
 
 from muse.calib import AlertRateCurve, ReferenceFile
 from muse.calib.reference import encode_reference
+from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
 from muse.server import testing
 from muse.server.testing import as_json_rows
 
 from . import deployments, traffic
-from .client import BATCH, CONCURRENCY, DemoClient
+from .client import BATCH, CONCURRENCY, DemoClient, Scored
 from .report import RateTable, format_table, offline_scores, rate_table
 
 REFERENCE = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
@@ -47,6 +48,9 @@ LIGHTGBM = {
     "num_threads": 2,
 }
 MONTH6_SECONDS = 5.0  # month 6 arrives over at least this long; v2 is promoted a fifth of the way in
+BURST_REQUESTS = 40  # the limited tenant's burst: 2,560 events at once, over its 1,000-row burst
+OTHERS_EVENTS = BURST_REQUESTS * BATCH  # per other tenant, meanwhile
+OTHERS_SECONDS = 2.0  # over at least this long: more rows per second than the limited tenant may send
 
 
 @dataclasses.dataclass
@@ -61,6 +65,13 @@ class DemoResult:
     promotion_failures: list[str]  # failed requests while promoting
     after_promotion: RateTable  # v1 (offline) and v2 (served) on the month-6 events v2 answered
     failures: list[str] = dataclasses.field(default_factory=list)  # every failed request
+    # Quotas: one tenant's burst over its quota, the others' traffic meanwhile.  Its 429s are
+    # expected (not failures); any other answer to it, and any failure of the others, are.
+    quota_tenant: str = ""
+    quota_refused: int = 0  # its requests refused (429)
+    quota_answered: int = 0  # its requests answered (200)
+    quota_others_requests: int = 0
+    quota_others_failures: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -80,6 +91,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     if not result.promotion_answered_by.get("fraud-v2"):
         print("\ndemo: month 6 ended before the server switched to v2; nothing to compare")
+        return 1
+    if not result.quota_refused:
+        print(f"\ndemo: none of {result.quota_tenant}'s burst was refused (429): its quota was not enforced")
+        return 1
+    if not result.quota_answered:
+        print(f"\ndemo: all of {result.quota_tenant}'s burst was refused: its burst allowance let nothing through")
         return 1
     return 0
 
@@ -160,7 +177,7 @@ def run_demo(work: pathlib.Path, rows: int, trees: int = 200) -> DemoResult:
         result = serve_and_compare(client, reg, work, rows, trees)
         # Leaving the block stops the server with SIGTERM: it flushes its score log before exiting.
 
-    step("11. Server stopped (SIGTERM) and its score log flushed: is any live calibration drifting?")
+    step("12. Server stopped (SIGTERM) and its score log flushed: is any live calibration drifting?")
     run(f"calib status --registry {R}", codes=(0, 1))  # 1 = some calibration drifted: news, not a failure
     result.seconds = time.perf_counter() - t0
     print(f"\ndemo finished in {result.seconds:.0f} s; registry in {registry}; results in {work / 'result.json'}")
@@ -244,7 +261,7 @@ def serve_and_compare(client: DemoClient, reg: Registry, work: pathlib.Path, row
     compared = rate_table("fraud", REFERENCE, {"v1": v1, "v2": fraud6.scores[after]}, y6[after], t6[after], TENANTS)
     print(format_table(compared, recall=True))
     print("(v1 here is the same library and maps the server used before, applied to the same events)")
-    return DemoResult(
+    result = DemoResult(
         rows=rows,
         trees=trees,
         month4=month4,
@@ -254,19 +271,89 @@ def serve_and_compare(client: DemoClient, reg: Registry, work: pathlib.Path, row
         after_promotion=compared,
         failures=[*fraud4.failures, *review4.failures, *fraud5.failures, *fraud6.failures],
     )
+    quotas(client, reg, work, X6, t6, result)
+    return result
+
+
+def quotas(
+    client: DemoClient, reg: Registry, work: pathlib.Path, X: np.ndarray, tenants: np.ndarray, result: DemoResult
+) -> None:
+    """Step 11: one tenant on a quota bursts over it while the others send as usual."""
+    R = q(reg.root)
+    limited, quota = deployments.QUOTA_TENANT, deployments.QUOTA
+    step(f"11. Quotas: {limited} may score {quota.rows_per_second or 0:,.0f} rows/s; it bursts, the others carry on")
+    store = DeploymentStore(reg)
+    generation = store.current_generation()
+    assert generation is not None
+    current = store.read(generation)
+    if msgspec.structs.replace(current, description="") != msgspec.structs.replace(
+        deployments.PROMOTED, description=""
+    ):
+        raise SystemExit(f"demo: generation {generation} is not the promoted deployment the quotas are added to")
+    path = deployments.write(deployments.QUOTAS, work / "quotas.toml")
+    text = path.read_text()
+    start = text.index("quotas = [")
+    print(f"{path}: generation {generation} as promoted, plus")
+    print(text[start : text.index("]\n", start) + 1])
+    run(f"deploy apply {q(path)} --registry {R}")
+    client.wait_generation(generation + 1)
+
+    others = [t for t in TENANTS if t != limited]
+    pick = np.concatenate([np.flatnonzero(tenants == t)[:OTHERS_EVENTS] for t in others])
+    mine = X[tenants == limited]
+    client.total = 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        flowing: concurrent.futures.Future[Scored] = pool.submit(
+            client.score_all, "fraud", X[pick], tenants[pick], OTHERS_SECONDS
+        )
+        started = lambda: flowing.done() or (client.total and client.done >= 1)  # noqa: E731
+        testing.wait_until(started, 60, "the other tenants' traffic to flow")
+        burst = client.burst(limited, "fraud", mine, BURST_REQUESTS)
+        scored = flowing.result()
+
+    refused, answered = burst.count(429), burst.count(200)
+    print(
+        f"{limited}: {burst.requests} requests of {BATCH} events at once ({burst.requests * BATCH:,} events, "
+        f"its burst is {quota.burst_rows or 0:,} rows): {answered} answered (200), {refused} refused (429)"
+        + (f", {len(burst.failures)} failed" if burst.failures else "")
+    )
+    if refused:
+        print(f"  a refusal: 429, Retry-After: {burst.retry_after}, {burst.refused_example}")
+    ok = scored.requests - len(scored.failures)
+    print(
+        f"{' and '.join(others)} meanwhile: {len(pick):,} events in {scored.requests} requests over "
+        f"{OTHERS_SECONDS:.0f} s, {ok} answered (200)"
+        + (f", {len(scored.failures)} failed: {scored.failures[0]}" if scored.failures else ", none refused")
+    )
+    # Every answered request is logged (--score-log-sample 1): once the last second is flushed,
+    # the log's rows and the server's count agree.
+    scored_rows = sum(v for k, v in client.metrics().items() if k.startswith("muse_events_scored_total{"))
+    wait_for_logged(reg.root / "scorelog", "active", int(scored_rows), timeout=30)
+    run(f"usage --registry {R} --metrics-url http://127.0.0.1:{client.port}")
+    result.quota_tenant = limited
+    result.quota_refused = refused
+    result.quota_answered = answered
+    result.quota_others_requests = scored.requests
+    result.quota_others_failures = scored.failures
+    result.failures += [*burst.failures, *scored.failures]
 
 
 def wait_for_shadow_scores(scorelog: pathlib.Path, expected: int, timeout: float = 60) -> int:
     """Shadow scoring runs behind the responses: wait until its rows reach the log."""
+    return wait_for_logged(scorelog, "shadow", expected, timeout)
+
+
+def wait_for_logged(scorelog: pathlib.Path, role: str, expected: int, timeout: float = 60) -> int:
+    """Until the log holds at least ``expected`` rows of ``role`` (it is flushed every second)."""
 
     def enough() -> int:
         files = sorted(scorelog.glob("*.parquet"))
         if not files:
             return 0
-        n: int = pl.scan_parquet(files).filter(pl.col("role") == "shadow").select(pl.len()).collect().item()
+        n: int = pl.scan_parquet(files).filter(pl.col("role") == role).select(pl.len()).collect().item()
         return n if n >= max(expected, 1) else 0
 
-    return int(testing.wait_until(enough, timeout, f"{expected:,} shadow scores in {scorelog}", interval=0.2))
+    return int(testing.wait_until(enough, timeout, f"{expected:,} {role} scores in {scorelog}", interval=0.2))
 
 
 def q(path: str | pathlib.Path) -> str:

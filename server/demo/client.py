@@ -30,6 +30,22 @@ class Scored:
         self.failures: list[str] = []  # one line per failed request
 
 
+class Burst:
+    """Requests sent at once on their own connections: each one's status; one refusal (429)
+    as an example, with its Retry-After; and the requests neither answered nor refused."""
+
+    def __init__(self, tenant: str, requests: int):
+        self.tenant = tenant
+        self.requests = requests
+        self.statuses: list[int] = []
+        self.refused_example = ""  # a 429's JSON body
+        self.retry_after = ""  # its Retry-After header
+        self.failures: list[str] = []  # neither 200 nor 429, one line per request
+
+    def count(self, status: int) -> int:
+        return self.statuses.count(status)
+
+
 class DemoClient:
     def __init__(self, port: int, keys: Mapping[str, str]):
         self.port = port
@@ -93,6 +109,45 @@ class DemoClient:
 
         with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
             list(pool.map(one, range(len(jobs)), jobs))
+        return out
+
+    def burst(self, tenant: str, intent: str, X: np.ndarray, requests: int) -> Burst:
+        """``requests`` requests of BATCH events of ``X`` (taken in turn, from the start again
+        when it runs out) for ``tenant``, all at once: each on its own connection, encoded and
+        connected beforehand, released together."""
+        out = Burst(tenant, requests)
+        rows = testing.as_json_rows(X[np.arange(requests * BATCH) % len(X)])
+        bodies = [
+            json.dumps(
+                {"tenant": tenant, "intent": intent, "events": [{"features": r} for r in rows[i : i + BATCH]]}
+            ).encode()
+            for i in range(0, len(rows), BATCH)
+        ]
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.keys[tenant]}"}
+        conns = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=30) for _ in bodies]
+        for conn in conns:
+            conn.connect()
+        start = threading.Barrier(len(conns), timeout=30)
+
+        def one(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, str, bytes]:
+            try:
+                start.wait()
+                conn.request("POST", "/v1/score", body=body, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.getheader("retry-after") or "", resp.read()
+            except (OSError, http.client.HTTPException, threading.BrokenBarrierError) as exc:
+                return 0, "", f"{type(exc).__name__}: {exc}".encode()
+            finally:
+                conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(len(conns)) as pool:
+            answers = list(pool.map(one, conns, bodies))
+        for status, retry_after, body in answers:
+            out.statuses.append(status)
+            if status == 429 and not out.refused_example:
+                out.refused_example, out.retry_after = body.decode(errors="replace"), retry_after
+            elif status not in (200, 429):
+                out.failures.append(f"{tenant}: {status} {body.decode(errors='replace')[:200]}")
         return out
 
     def wait_generation(self, generation: int | None, timeout: float = 120) -> None:

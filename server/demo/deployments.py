@@ -7,7 +7,7 @@ import pathlib
 
 from msgspec.structs import replace
 
-from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec, encode_spec
+from muse.core.spec import DeploymentSpec, PredictorSpec, QuotaSpec, RouteSpec, encode_spec
 
 FRAUD_V1 = PredictorSpec(name="fraud-v1", version="1", intent="fraud", models=["fraud/1"], calibration="fraud/1")
 # The second intent shares v1's model: the server loads it once for both predictors.
@@ -34,6 +34,25 @@ V2_CALIBRATED_SHADOW = replace(
     V2_SHADOW,
     predictors=[*V1.predictors, replace(FRAUD_V2, calibration="fraud/2")],
     description="demo: v2 shadows v1 on the fraud intent, with its fitted maps",
+)
+
+# What `muse promote fraud-v2` publishes from the above (its description aside): v2 is
+# active on fraud and no longer a shadow; v1 still serves review.
+PROMOTED = replace(
+    V2_CALIBRATED_SHADOW,
+    routes=[replace(FRAUD_ROUTE, active="fraud-v2"), *V1.routes[1:]],
+    description="demo: v2 serves the fraud intent, v1 the review intent",
+)
+# The promoted deployment with one tenant on a quota.  globex-pay: the payment processor of
+# the three, mostly online traffic (70%), the kind of tenant whose retries and backfills come
+# as bursts; 1,000 rows/s is far below what the demo sends, so its burst is cut short, while
+# the two banks, with no quota entry (and no "*" entry), stay unlimited.
+QUOTA_TENANT = "globex-pay"
+QUOTA = QuotaSpec(tenant=QUOTA_TENANT, rows_per_second=1000.0, burst_rows=1000)
+QUOTAS = replace(
+    PROMOTED,
+    quotas=[QUOTA],
+    description=f"demo: v2 serves fraud; {QUOTA_TENANT} limited to 1,000 rows/s (bursts of 1,000 rows)",
 )
 
 
