@@ -149,13 +149,16 @@ class Quotas:
         if state is not None:
             state.inflight -= rows
 
+    def _shares(self, per_worker: float) -> str:
+        return "" if self.workers == 1 else f" ({per_worker:,.0f} in each of {self.workers} workers)"
+
     def _refuse_if_over(self, tenant: str, state: _Tenant, rows: int, field: str) -> None:
         limits = state.limits
         if limits.rows_per_second is not None and state.tokens <= 0:
             wait = max(1, math.ceil(-state.tokens / limits.rows_per_second + 1e-9))
             raise over_quota(
-                f"tenant {tenant!r} is over its quota of {limits.rows_per_second * self.workers:,.0f} rows/s "
-                f"({limits.rows_per_second:,.0f} in each of {self.workers} workers); retry in {wait} s",
+                f"tenant {tenant!r} is over its quota of {limits.rows_per_second * self.workers:,.0f} rows/s"
+                f"{self._shares(limits.rows_per_second)}; retry in {wait} s",
                 field,
                 wait,
             )
@@ -163,7 +166,7 @@ class Quotas:
         if cap is not None and state.inflight > 0 and state.inflight + rows > cap:
             raise over_quota(
                 f"tenant {tenant!r} has {state.inflight:,} rows in flight; its max_inflight_rows is "
-                f"{cap * self.workers:,} ({cap:,} in each of {self.workers} workers)",
+                f"{cap * self.workers:,}{self._shares(cap)}",
                 field,
                 1,
             )
