@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python -m muse.bench.request_path
 	$(BIN)/python -m muse.bench.http
 	$(BIN)/python -m muse.bench.faults
+	$(BIN)/python -m muse.bench.isolation
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out $(patsubst %.pyx,%.c,$(filter %.pyx,$(NATIVE))) $(addsuffix /*.so,$(PACKAGES))

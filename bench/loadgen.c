@@ -88,6 +88,17 @@ static int read_response(int fd, char* buf, size_t cap) {
   return status;
 }
 
+/* Writes all of buf; 0 if the connection broke first. */
+static int send_all(int fd, const char* buf, size_t len) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t w = send(fd, buf + done, len - done, MSG_NOSIGNAL);
+    if (w <= 0) return 0;
+    done += (size_t)w;
+  }
+  return 1;
+}
+
 static void* run(void* arg) {
   worker_t* w = arg;
   char buf[1 << 16];
@@ -98,8 +109,17 @@ static void* run(void* arg) {
   for (; intended < stop; intended += interval) {
     struct timespec ts = {intended / 1000000000, intended % 1000000000};
     clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-    int status = -1;
-    if (fd >= 0 && write(fd, request, request_len) == (ssize_t)request_len) status = read_response(fd, buf, sizeof buf);
+    int status = -1, sent_whole = 0;
+    if (fd >= 0) {
+      sent_whole = send_all(fd, request, request_len);
+      /* a server may answer before it has read the whole body (a 429 decided from the headers)
+         and then close: its answer is still there to read */
+      status = read_response(fd, buf, sizeof buf);
+      if (!sent_whole && status >= 0) {
+        close(fd);
+        fd = connect_to();
+      }
+    }
     int64_t done = now_ns();
     if (tracing) {
       if (w->traced == w->trace_cap) {
