@@ -83,26 +83,42 @@ class BatchStats:
     over whole by ``take`` (the server bins them into metrics in bulk: a per-request histogram
     update cost more than the rest of the batcher)."""
 
-    __slots__ = ("rows", "waits")
+    __slots__ = ("rows", "seconds", "waits")
 
     def __init__(self) -> None:
         self.rows: list[int] = []
         self.waits: list[float] = []
+        # tenant -> seconds of model calls, each call's time shared by its rows (showback)
+        self.seconds: dict[str, float] = {}
 
     def take(self) -> tuple[list[int], list[float]]:
         rows, waits = self.rows, self.waits
         self.rows, self.waits = [], []
         return rows, waits
 
+    def take_seconds(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+    def charge(self, tenant: str, seconds: float) -> None:
+        self.seconds[tenant] = self.seconds.get(tenant, 0.0) + seconds
+
 
 class _Request:
     """One caller's rows, sent in one chunk or, cut at batch boundaries, in several."""
 
-    __slots__ = ("X", "future", "maps", "map_index", "enqueued", "sent", "parts")
+    __slots__ = ("X", "enqueued", "future", "map_index", "maps", "parts", "sent", "tenant")
 
     def __init__(
-        self, X: np.ndarray, future: asyncio.Future[Scores], maps: NativeMapTable, map_index: int, enqueued: float
+        self,
+        X: np.ndarray,
+        future: asyncio.Future[Scores],
+        maps: NativeMapTable,
+        map_index: int,
+        enqueued: float,
+        tenant: str,
     ):
+        self.tenant = tenant
         self.X = X
         self.future = future
         self.maps = maps
@@ -183,6 +199,7 @@ class ModelBatcher:
                 out = self._score_here(X, maps, map_index)
             else:
                 out = await self.thread.score_async(self.model, X, maps, map_index)
+            self.stats.charge(tenant, time.perf_counter() - now)
         finally:
             if self._ring:
                 self._drain_task = asyncio.get_running_loop().create_task(self._drain())
@@ -212,7 +229,7 @@ class ModelBatcher:
             self._weight += weight - t.weight
             t.weight = weight
         loop = asyncio.get_running_loop()
-        request = _Request(X, loop.create_future(), maps, map_index, now)
+        request = _Request(X, loop.create_future(), maps, map_index, now, tenant)
         t.requests.append(request)
         t.rows += n
         self._queued_rows += n
@@ -271,6 +288,7 @@ class ModelBatcher:
                 chunks, rows = self._take(time.perf_counter())
                 if not chunks:  # every request it found was gone
                     continue
+                called = time.perf_counter()
                 try:
                     out = await self.thread.score_async(self.model, *_batch(chunks))
                 except Exception as exc:  # a failed batch fails its own requests only
@@ -278,8 +296,10 @@ class ModelBatcher:
                         if not request.future.done():
                             request.future.set_exception(exc)  # and their later chunks are dropped
                     continue
+                per_row = (time.perf_counter() - called) / rows
                 start = 0
                 for request, first, end in chunks:
+                    self.stats.charge(request.tenant, per_row * (end - first))
                     stop = start + end - first
                     if not request.future.done():  # the caller may have gone away
                         part = out.rows(start, stop)

@@ -107,6 +107,12 @@ class Metrics:
         self.request_bytes = Counter(
             "muse_request_bytes", "Bytes of the requests answered (as received).", labels, registry=r
         )
+        self.model_seconds = Counter(
+            "muse_model_seconds",
+            "Time of native model calls, each call's shared among its rows' tenants (showback).",
+            ["tenant", "model"],
+            registry=r,
+        )
         self.rejected_rows = Counter(
             "muse_rejected_rows", "Rows refused for the tenant's quota.", ["tenant", "intent"], registry=r
         )
@@ -211,6 +217,8 @@ class Metrics:
             series.flush()
         for model, stats in list(self.batch_stats.items()):  # the loader thread may add a model
             rows, waits = stats.take()
+            for tenant, seconds in stats.take_seconds().items():
+                self.model_seconds.labels(self.tenant_label(tenant), model).inc(seconds)
             add_to_histogram(self.batch_rows.labels(model), ROW_BUCKETS, rows)
             add_to_histogram(self.queue_wait.labels(model), LATENCY_BUCKETS, waits)
         if self.score_log is not None:

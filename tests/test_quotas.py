@@ -156,6 +156,8 @@ def test_a_server_answers_429_to_the_tenant_over_quota_only(tmp_path, model_dir)
         assert list(refused) and all('tenant="acme"' in k for k in refused), refused
         assert metrics['muse_rejected_rows_total{intent="fraud",tenant="acme"}'] == 7
         assert metrics['muse_request_bytes_total{intent="fraud",predictor="p",tenant="globex"}'] > 5 * 100
+        seconds = {t: metrics.get(f'muse_model_seconds_total{{model="lightgbm/1",tenant="{t}"}}', 0) for t in keys}
+        assert seconds["acme"] > 0 and seconds["globex"] > 0 and seconds["admin"] == 0, seconds
         # a new generation lifts acme's limit
         deploy(reg, msgspec.structs.replace(SPEC, quotas=[QuotaSpec("acme", rows_per_second=1e6)]))
         server.wait_ready(generation=2)
