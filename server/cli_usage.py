@@ -121,6 +121,7 @@ class Usage:
     request_bytes: int = 0
     quota_refused_requests: int = 0
     quota_refused_rows: int = 0
+    model_seconds: float = 0.0  # native model calls' time, shared among their rows' tenants
     latency_sum: float = 0.0  # seconds, of the requests answered
     latency_count: int = 0
 
@@ -266,6 +267,10 @@ def metered_usage(samples: Iterable[tuple[str, dict, float]], by_intent: bool) -
             u = usage.setdefault(key, Usage())
             u.latency_sum += value
             continue
+        elif name == "muse_model_seconds_total":
+            u = usage.setdefault(key, Usage())
+            u.model_seconds += value
+            continue
         elif name == "muse_request_duration_seconds_count":
             field = "latency_count"
         else:
@@ -285,6 +290,7 @@ METRIC_COLUMNS = [
     ("request_bytes", "request bytes"),
     ("quota_refused_requests", "429s"),
     ("quota_refused_rows", "rows refused"),
+    ("model_seconds", "model s"),
     ("mean_latency_ms", "mean ms"),
 ]
 
@@ -345,7 +351,7 @@ def _record(key_names: list[str], key: Key, u: Usage, columns: list[tuple[str, s
     record: dict[str, Any] = dict(zip(key_names, key))
     for field, _ in columns:
         value = getattr(u, field)
-        record[field] = round(value, 4) if isinstance(value, float) else value
+        record[field] = round(value, 6) if isinstance(value, float) else value
     record["logged_since"] = since.isoformat() if since is not None else None
     record["logged_rows_note"] = SAMPLE_NOTE
     return record

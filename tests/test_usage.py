@@ -183,9 +183,10 @@ def test_metrics_of_a_running_server_per_tenant(tmp_path, lgb_case, capsys):
             assert tuple(by_tenant[tenant][f] for f in fields) == values, by_tenant[tenant]
         assert globex["request_bytes"] == sent["globex"] and acme["request_bytes"] > 0
         assert all(0 < r["mean_latency_ms"] < 5000 for r in records)
+        assert all(r["model_seconds"] > 0 for r in records), records  # both tenants had rows scored
 
         table = usage(capsys, *args).splitlines()
-        header = "tenant  rows logged  requests  rows scored  request bytes  429s  rows refused  mean ms"
+        header = "tenant  rows logged  requests  rows scored  request bytes  429s  rows refused  model s  mean ms"
         assert " ".join(table[0].split()) == " ".join(header.split())
         both = acme["request_bytes"] + globex["request_bytes"]
         assert table[4].split()[:7] == ["total", "14", "4", "14", f"{both:,}", "2", "7"], table
