@@ -73,9 +73,11 @@ class Quotas:
         self.generation: int | None = None  # the deployment whose quotas are in force
         self._entries: dict[str, QuotaSpec] = {}
         self._tenants: dict[str, _Tenant] = {}
+        self._next_sweep = MAX_TENANTS  # table size at which idle tenants are next forgotten
 
     def configure(self, quotas: list[QuotaSpec], generation: int) -> None:
-        """Take a new deployment's quotas; a tenant whose limits did not change keeps its bucket."""
+        """Take a new deployment's quotas.  A tenant keeps its bucket's level (debt included) and
+        its rows in flight; new limits change how fast it refills and how far."""
         self._entries = {q.tenant: q for q in quotas}
         self.generation = generation
         now = self.clock()
@@ -84,6 +86,8 @@ class Quotas:
             if limits != tenant.limits:
                 fresh = _Tenant(limits, now)
                 fresh.inflight = tenant.inflight
+                tenant.refill(now)
+                fresh.tokens = min(fresh.tokens, tenant.tokens)  # new limits forgive no debt
                 self._tenants[name] = fresh
 
     def limits(self, tenant: str) -> Limits:
@@ -109,8 +113,10 @@ class Quotas:
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
         if state is None:
-            if len(self._tenants) >= MAX_TENANTS:
+            if len(self._tenants) >= self._next_sweep:
                 self._forget_idle()
+                # the next sweep when the table has doubled: each costs O(table), so O(1) a tenant
+                self._next_sweep = max(MAX_TENANTS, 2 * len(self._tenants))
             state = self._tenants[tenant] = _Tenant(self.limits(tenant), self.clock())
         return state
 
@@ -131,7 +137,7 @@ class Quotas:
         if state.limits is UNLIMITED:
             return
         state.refill(self.clock())
-        self._refuse_if_over(tenant, state, 0, field)
+        self._refuse_if_over(tenant, state, 1, field)  # at least one row will come
 
     def admit(self, tenant: str, rows: int, field: str) -> None:
         """Take ``rows`` from ``tenant``'s quota (429 if over); ``release`` them once answered."""
