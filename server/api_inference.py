@@ -50,7 +50,7 @@ async def ready(app: Context, req: Request, intent: str, version: str | None = N
 
 def _active(app: Context, req: Request, intent: str, version: str | None) -> tuple[Predictor, int]:
     """The predictor answering the key's tenant (or the default route) on ``intent``."""
-    principal = app.authenticate(req)
+    principal = app.authenticate_scorer(req)
     snap = app.snapshot()
     try:
         predictor = snap.route(principal.tenant or "*", intent).active
@@ -64,14 +64,16 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
     started = time.perf_counter()
     tenant, predictor_name = "", ""
     try:
-        principal = app.authenticate(req)
+        principal = app.authenticate_scorer(req)
         if principal.tenant is not None:  # the key names the tenant: refuse before reading the body
             tenant = principal.tenant
             app.check_quota(tenant, "$.parameters.tenant")
         body, binary = _split_body(await req.body(), req.headers.get(b"inference-header-content-length"))
         app.check_json_size(len(body), "$")
         r = decode_infer_request(body)
-        claimed = r.parameters.get("tenant", principal.tenant)
+        claimed = r.parameters.get("tenant")
+        if claimed is None:  # absent, or null
+            claimed = principal.tenant
         if claimed is None:
             raise HTTPError(
                 422, "parameters.tenant: required (a string) unless the key belongs to a tenant", "$.parameters.tenant"
@@ -115,7 +117,7 @@ def _split_body(body: bytes, header_length: bytes | None) -> tuple[bytes, memory
     """(JSON header, binary tensors): the binary extension puts raw tensors after the JSON."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
+    if not header_length.isdigit() or len(header_length) > 18 or int(header_length) > len(body):
         raise HTTPError(
             400, "inference-header-content-length: not a length within the body", "inference-header-content-length"
         )

@@ -25,7 +25,7 @@ async def score(app: Context, req: Request) -> Response:
     started = time.perf_counter()
     tenant = intent = predictor_name = ""
     try:
-        principal = app.authenticate(req)
+        principal = app.authenticate_scorer(req)
         if principal.tenant is not None:  # the key names the tenant: refuse before reading the body
             tenant = principal.tenant
             app.check_quota(tenant, "$.tenant")

@@ -9,7 +9,6 @@ and counted, and it fails only its own request."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -156,15 +155,27 @@ class MuseApp(Context):
         except ConnectionAbortedError:
             return None
         except Exception:
-            log.exception("%s %s", req.method, req.path, extra=request_fields(req, 500))
+            log.exception("%s %r", req.method, req.path, extra=request_fields(req, 500))
             self.metrics.errors.labels("", "", "", "internal").inc()
-            status, body = 500, HTTPError(500, "internal error; see the server log").body()
-            content_type, headers = b"application/json", None
+            status = 500
+            body = HTTPError(500, f"internal error; see the server log, request id {req.id}").body()
+            content_type, headers = b"application/json", [(b"x-request-id", req.id.encode())]
         await send(send_fn, status, body, content_type, headers)
         if self.settings.access_log:
             fields = request_fields(req, status)
             fields["ms"] = round((time.perf_counter() - started) * 1e3, 3)
-            access_log.info("%s %s %d", req.method, req.path, status, extra=fields)
+            # the path as a repr: it is the client's, percent-decoded (a newline could forge a line)
+            access_log.info(
+                "%s %r %d %.3f ms id=%s key=%s tenant=%s",
+                req.method,
+                req.path,
+                status,
+                fields["ms"],
+                req.id,
+                req.key_id or "-",
+                fields.get("tenant", "-"),
+                extra=fields,
+            )
         return None
 
     async def _lifespan(self, receive: Receive, send_fn: Send) -> None:
@@ -187,12 +198,11 @@ class MuseApp(Context):
 
 
 def request_fields(req: Request, status: int) -> dict[str, Any]:
-    """What a log line says about a request: its id (the client's X-Request-ID, or a new one),
-    the key that sent it and the lane that served it."""
-    given = req.headers.get(b"x-request-id")
+    """What a log line says about a request: its id, the key that sent it and the lane that
+    served it."""
     fields: dict[str, Any] = {
         "event": "request",
-        "request_id": given[:128].decode("latin-1") if given else os.urandom(8).hex(),
+        "request_id": req.id,
         "method": req.method,
         "path": req.path,
         "status": status,

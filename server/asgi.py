@@ -4,6 +4,7 @@ sending a response."""
 from __future__ import annotations
 
 import asyncio
+import os
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -80,7 +81,7 @@ NO_DEADLINES = BodyDeadlines(1.0)  # never started: reads without a deadline
 
 
 class Request:
-    __slots__ = ("scope", "receive", "headers", "path", "method", "max_body", "deadlines", "key_id", "lane")
+    __slots__ = ("_id", "deadlines", "headers", "key_id", "lane", "max_body", "method", "path", "receive", "scope")
 
     def __init__(self, scope: dict[str, Any], receive: Receive, max_body: int, deadlines: BodyDeadlines = NO_DEADLINES):
         self.scope = scope
@@ -93,6 +94,17 @@ class Request:
         # who asked, and which lane served it: for the access log and error lines
         self.key_id: str | None = None
         self.lane: Any = None
+        self._id: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The request's id for logs: the client's X-Request-ID (printable ASCII, at most 128
+        characters), else a new one; the same for every line about this request."""
+        if self._id is None:
+            given = self.headers.get(b"x-request-id", b"")
+            ok = 0 < len(given) <= 128 and all(32 < c < 127 for c in given)
+            self._id = given.decode("ascii") if ok else os.urandom(8).hex()
+        return self._id
 
     async def body(self) -> bytes:
         """The request body, bounded by max_body.  It is complete once content-length bytes have
@@ -102,7 +114,7 @@ class Request:
         declared = self.headers.get(b"content-length")
         length = -1  # unknown (chunked): read until more_body is false
         if declared is not None:
-            if not declared.isdigit():
+            if not declared.isdigit() or len(declared) > 18:
                 raise HTTPError(400, "content-length: not a number", "content-length")
             length = int(declared)
             if length > self.max_body:

@@ -61,6 +61,13 @@ class Context:
         req.key_id = principal.key_id
         return principal
 
+    def authenticate_scorer(self, req: Request) -> Principal:
+        """The request's principal, if it may score or read model metadata (a metrics key may not)."""
+        principal = self.authenticate(req)
+        if principal.metrics:
+            raise HTTPError(403, "this key may only read /metrics", "authorization")
+        return principal
+
     def snapshot(self) -> Snapshot:
         snap = self.serving.snapshot
         if snap is None:
@@ -82,8 +89,6 @@ class Context:
     def check_tenant(principal: Principal, tenant: object, field: str) -> None:
         """422 unless ``tenant`` is a tenant name (muse.calib.names), 403 unless the key may
         score for it.  Only then may it become a metrics label or a score-log value."""
-        if principal.metrics:
-            raise HTTPError(403, "this key may only read /metrics", "authorization")
         if tenant == principal.tenant:
             return  # the key's own tenant: checked when the key was added
         problem = tenant_problem(tenant)

@@ -31,8 +31,8 @@ def config(fmt: Format = "json", level: str = "INFO") -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"default": formatter, "access": formatter},
-        "handlers": {"console": handler, "access": handler},
+        "formatters": {"default": formatter},
+        "handlers": {"console": handler},
         "loggers": {
             "muse": {"handlers": ["console"], "level": level, "propagate": False},
             "_granian": {"handlers": ["console"], "level": level, "propagate": False},

@@ -334,3 +334,10 @@ def test_json_bodies_beyond_max_json_bytes_are_413_and_binary_tensors_are_not(se
     (s1, b1), (s2, b2), (s3, _), (s4, _) = answers
     assert s1 == s2 == 413 and "--max-json-bytes" in b1["error"] and "binary tensor" in b2["error"], (b1, b2)
     assert s3 == 200 and s4 == 200
+
+
+def test_a_binary_header_length_of_thousands_of_digits_is_a_400(served):
+    header = json.dumps(oip([0.5] * 6)).encode()
+    answers, _ = exchange(served, [("POST", OIP, header, "acme", {"inference-header-content-length": "9" * 5000})])
+    ((status, body),) = answers
+    assert (status, body["field"]) == (400, "inference-header-content-length"), body
