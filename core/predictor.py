@@ -71,7 +71,15 @@ class Predictor:
 
     async def _score_members(self, X: np.ndarray, map_index: int, tenant: str, weight: int) -> Scores:
         native = self.native_table
-        members = await asyncio.gather(*(b.score_async(X, native, IDENTITY, tenant, weight) for b in self.batchers))
+        calls = [asyncio.ensure_future(b.score_async(X, native, IDENTITY, tenant, weight)) for b in self.batchers]
+        try:
+            members = await asyncio.gather(*calls)
+        except BaseException:
+            # one member failed (Overloaded) or the caller went away: the others' rows would be
+            # scored for no one, after the request's quota was given back
+            for call in calls:
+                call.cancel()
+            raise
         return self._combine(list(members), map_index)
 
     def _combine(self, members: list[Scores], map_index: int | np.ndarray) -> Scores:

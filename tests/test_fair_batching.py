@@ -477,3 +477,32 @@ def test_predictors_queue_rows_as_their_tenant_in_every_member(lgb_case):
     scores, queued, predictor = asyncio.run(run())
     assert queued == [(200, 3), (200, 3)]  # the first 100 rows of each in flight
     np.testing.assert_allclose(scores.array, predictor.score(X, 1).array, rtol=1e-12, atol=1e-15)
+
+
+def test_an_ensemble_member_refused_cancels_the_others(lgb_case):
+    """When one member's queue refuses the rows (Overloaded), the other member's rows are taken
+    back unscored: nobody waits for them, and the request's quota was already given back."""
+    model = lgb_case.model
+    table = _table()
+    native = native_map_table(table)
+    X, _ = training_data(rows=300, seed=28)
+
+    async def run():
+        threads = [SteppedThread(), SteppedThread()]
+        roomy = batcher(model, threads[0], max_rows=100, max_queue_rows=100_000)
+        full = batcher(model, threads[1], max_rows=100, max_queue_rows=100)
+        predictor = Predictor(
+            "p", "1", "fraud", (roomy, full), "mean_logit", tuple(f"f{i}" for i in range(FEATURES)), table, native,
+            {None: 1}, None,
+        )  # fmt: skip
+        first = asyncio.ensure_future(full.score_async(X, native, 0, "acme"))  # fills acme's queue at `full`
+        await settle()
+        with pytest.raises(Overloaded):
+            await predictor.score_async(X, 1, "acme", 1)
+        for t in threads:
+            await t.release_all()
+        await first
+        return [len(c.X) for c in threads[0].calls]
+
+    scored = asyncio.run(run())
+    assert scored == [100], scored  # the chunk already in flight when the other member refused; no more
