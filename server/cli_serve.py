@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             Settings,
         )
     except msgspec.ValidationError as exc:
-        raise ValueError(f"{exc}; see `muse serve --help`") from None
+        raise ValueError(f"{flag_named(str(exc))}; see `muse serve --help`") from None
     if args.header_timeout <= 0 or args.max_connections < 1:
         raise ValueError("--header-timeout must be > 0 and --max-connections >= 1; see `muse serve --help`")
     to_environment(settings)
@@ -59,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # request path for the CPU; one background thread per worker is plenty.
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
     # Every worker, and this process (worker restarts), write their metrics here; /metrics merges
-    # them.  Set before prometheus_client is first imported (supervisor.py imports it).
+    # them.  prometheus_client reads this when imported, which the CLI already did: the workers
+    # (metrics.py) and supervisor.py choose their value class again.
     metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
@@ -142,14 +143,35 @@ def _serve(args: argparse.Namespace, settings: Settings, registry: pathlib.Path)
     ).serve()
 
 
+# Settings fields as the flags that set them say them (a validation error names the field).
+FLAGS = {
+    "$.workers": "--workers",
+    "$.max_body_bytes": "--max-body-bytes",
+    "$.max_json_bytes": "--max-json-bytes",
+    "$.body_timeout": "--body-timeout",
+    "$.score_log_sample": "--score-log-sample",
+    "$.score_log_max_bytes": "--score-log-max-mb (in MiB)",
+    "$.score_log_flush_seconds": "--score-log-flush-seconds",
+}
+
+
+def flag_named(message: str) -> str:
+    for field, flag in FLAGS.items():
+        message = message.replace(f"`{field}`", flag)
+    return message.replace(">= 1048576", ">= 1 MiB")
+
+
 def _connection_cap(wanted: int) -> int:
     """Connections a worker may hold open: ``wanted``, within what the process may open.  The
     soft file limit is raised to the hard one first (idle connections cost little here: a
     socket and a small buffer in Granian's Rust side, no Python until headers arrive)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # e.g. an unlimited hard limit the kernel caps lower
+            pass
     usable = max(64, soft - FILES_RESERVED)
     if wanted > usable:
         log.warning(

@@ -108,3 +108,15 @@ def test_tenant_labels_can_be_turned_off(served, tenant_labels):
 def test_a_key_has_one_role(tmp_path):
     with pytest.raises(ValueError, match=r"for one tenant .* for the admin API .* or for reading /metrics"):
         add_key(tmp_path / "keys.toml", "acme", False, metrics=True)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--body-timeout", "0"), ("--score-log-max-mb", "0"), ("--max-json-bytes", "-1")]
+)
+def test_serve_flags_out_of_range_are_one_line_naming_the_flag(served, capsys, flag, value):
+    from muse.server.cli import main
+
+    reg, _ = served
+    assert main(["serve", "--registry", str(reg.root), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("muse serve: error:") and flag in err and "\n" not in err, err
