@@ -86,11 +86,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         predictor_name = predictor.name
         X = infer_matrix(r, binary, predictor.num_feature)
         binary_out = wants_binary(r)
-        app.admit(tenant, len(X), intent, "$.parameters.tenant")
-        try:
-            scores = await lane.score(X, app.quotas.weight(tenant))
-        finally:
-            app.release(tenant, len(X))
+        scores = await app.score_within_quota(lane, X, "$.parameters.tenant")
         params = {"predictor": predictor.name, "generation": lane.generation}
         if binary_out:
             raw = scores.mapped.astype("<f8").tobytes()

@@ -44,11 +44,7 @@ async def score(app: Context, req: Request) -> Response:
         predictor = lane.predictor
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
-        app.admit(tenant, len(X), intent, "$.tenant")
-        try:
-            scores = await lane.score(X, app.quotas.weight(tenant))
-        finally:
-            app.release(tenant, len(X))
+        scores = await app.score_within_quota(lane, X, "$.tenant")
         body = encode(
             ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), _ids(r.events))
         )

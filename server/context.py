@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from muse.calib.names import TENANT_RULE, tenant_problem
+from muse.compile import Scores
 from muse.core.registry import Registry
 from muse.core.snapshot import RouteError, Snapshot
 from muse.core.spec import SpecError
@@ -121,16 +124,20 @@ class Context:
         """429 now, before the body is read, if ``tenant`` (named by its key) is over quota."""
         self._current_quotas().check(tenant, field)
 
-    def admit(self, tenant: str, rows: int, intent: str, field: str) -> None:
-        """Take ``rows`` from ``tenant``'s quota (429 if over it); ``release`` them once answered."""
+    async def score_within_quota(self, lane: Lane, X: np.ndarray, field: str) -> Scores:
+        """``lane.score(X)`` within its tenant's quota: 429 (rows counted as refused) if over it,
+        else the rows are in flight until answered, and wait at the model by the tenant's weight."""
+        tenant, rows = lane.tenant, len(X)
+        quotas = self._current_quotas()
         try:
-            self._current_quotas().admit(tenant, rows, field)
+            quotas.admit(tenant, rows, field)
         except HTTPError:
-            self.metrics.rejected_rows.labels(self.metrics.tenant_label(tenant), intent).inc(rows)
+            self.metrics.rejected_rows.labels(self.metrics.tenant_label(tenant), lane.predictor.intent).inc(rows)
             raise
-
-    def release(self, tenant: str, rows: int) -> None:
-        self.quotas.release(tenant, rows)
+        try:
+            return await lane.score(X, quotas.weight(tenant))
+        finally:
+            quotas.release(tenant, rows)
 
     def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
         """Count a refused scoring request.  Labels name only what is served: a request refused
