@@ -76,6 +76,14 @@ def tenant_problem(value: object) -> str | None:
     return None
 
 
+DEFAULT_TENANT = "*"  # in routes and quotas: every tenant without an entry of its own
+
+
+def route_tenant_problem(value: object) -> str | None:
+    """Why ``value`` is neither a tenant name nor DEFAULT_TENANT, or None."""
+    return None if value == DEFAULT_TENANT else tenant_problem(value)
+
+
 def is_tenant(value: object) -> bool:
     return tenant_problem(value) is None
 

@@ -16,9 +16,11 @@ import pathlib
 
 import msgspec
 
+from muse.calib.names import DEFAULT_TENANT
+
 from .registry import Registry
 from .snapshot import ModelPool, build_snapshot
-from .spec import DEFAULT_TENANT, DeploymentSpec, RouteSpec, SpecError, decode_spec, encode_spec
+from .spec import DeploymentSpec, RouteSpec, SpecError, decode_spec, encode_spec
 
 
 class DeploymentStore:

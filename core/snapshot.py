@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from muse.calib import CalibrationError, MapTable, QuantileMap, Reference, ReferenceError, identity_map
+from muse.calib.names import DEFAULT_TENANT
 from muse.compile import ArtifactError, CompiledModel, ModelThread, native_map_table
 
 from .batching import BatchStats, ModelBatcher
 from .predictor import IDENTITY, Predictor, ensemble_identity
 from .registry import Registry, RegistryError
-from .spec import DEFAULT_TENANT, BatchingSpec, DeploymentSpec, PredictorSpec, SpecError
+from .spec import BatchingSpec, DeploymentSpec, PredictorSpec, SpecError
 
 
 class RouteError(LookupError):

@@ -38,10 +38,17 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from muse.calib.names import TENANT_RULE, LimitError, Name, NameRef, parse_document, tenant_problem
+from muse.calib.names import (
+    DEFAULT_TENANT,
+    TENANT_RULE,
+    LimitError,
+    Name,
+    NameRef,
+    parse_document,
+    route_tenant_problem,
+)
 
 ModelRef = NameRef  # NAME/VERSION of a model or calibration, each part a Name
-DEFAULT_TENANT = "*"
 
 
 class PredictorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -60,7 +67,7 @@ class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     shadows: list[Name] = []
 
     def __post_init__(self) -> None:
-        problem = None if self.tenant == DEFAULT_TENANT else tenant_problem(self.tenant)
+        problem = route_tenant_problem(self.tenant)
         if problem is not None:  # decoding reports it at the route's path, `$.routes[i]`
             raise ValueError(
                 f"tenant {self.tenant!r} is not a tenant name ({problem}); "
@@ -87,7 +94,7 @@ class QuotaSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     priority: Priority | None = None
 
     def __post_init__(self) -> None:
-        problem = None if self.tenant == DEFAULT_TENANT else tenant_problem(self.tenant)
+        problem = route_tenant_problem(self.tenant)
         if problem is not None:
             raise ValueError(f"tenant {self.tenant!r} is not a tenant name ({problem}); use {TENANT_RULE} or '*'")
         if self.burst_rows is not None and self.rows_per_second is None:

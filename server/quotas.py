@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from muse.core.spec import DEFAULT_TENANT, PRIORITY_WEIGHTS, QuotaSpec
+from muse.calib.names import DEFAULT_TENANT
+from muse.core.spec import PRIORITY_WEIGHTS, QuotaSpec
 
 from .errors import HTTPError
 

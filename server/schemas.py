@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from muse.calib.names import MAX_ELEMENTS, MAX_TENANT_BYTES, TENANT_RULE, Name, tenant_problem
+from muse.calib.names import MAX_ELEMENTS, MAX_TENANT_BYTES, TENANT_RULE, Name, route_tenant_problem
 
 Feature = float | None  # null = missing
 # A tenant name (muse.calib.names.check_tenant; Context.check_tenant applies all of the rule).
@@ -43,7 +43,7 @@ class PromoteRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         for i, tenant in enumerate(self.tenants or ()):
-            problem = None if tenant == "*" else tenant_problem(tenant)
+            problem = route_tenant_problem(tenant)
             if problem is not None:  # decoding reports it at `$`
                 raise ValueError(f"tenants[{i}] {tenant!r} is not a tenant name ({problem}) nor '*'")
 
