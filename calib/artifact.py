@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import os
 import pathlib
 
 import msgspec
@@ -103,7 +104,10 @@ def write_calibration(cal: Calibration, path: str | pathlib.Path) -> pathlib.Pat
         raise FileExistsError(f"{path} already exists: calibrations are immutable, pick a new version")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.format(_encoder.encode(cal), indent=1) + b"\n")
+    with open(tmp, "wb") as f:
+        f.write(msgspec.json.format(_encoder.encode(cal), indent=1) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before any rename makes it (or its version folder) visible
     tmp.rename(path)
     return path
 

@@ -15,14 +15,27 @@ Defined behaviour (each is tested):
 * Ties / point masses: a value that occurs m > 1 times becomes one knot at
   the middle of its probability interval, F = (#below + #at-or-below) / 2n
   (the mid-distribution function).  All tied scores map to the same value.
+  Where a tie holds a reference level, the sample values just below and
+  just above it are knots too, so a tie that straddles an edge lands
+  wholly on the side nearer its middle: the achieved alert rate is the
+  tie's boundary nearest the target, the best any monotone map can do.
+* Unreachable edges: a tie can make an edge's target rate unreachable (a
+  sample of one distinct value alerts on all events or none).
+  :func:`edge_misses` lists the edges whose achieved in-sample rate is off
+  the target by more than ``tolerance * target + 1/n`` (1/n: the step of a
+  rate measured on n scores, the most a tie-free sample misses by);
+  ``fit_quantile_map(..., max_edge_error=...)`` refuses such a sample.
 * Outside the fitted range the map runs linearly to (0, 0) below the smallest
   sample and to (1, 1) above the largest, so new extremes keep their order
   and every output lies in [0, 1].
-* Samples smaller than ``min_samples`` (default 1000) and samples containing
-  NaN or values outside [0, 1] are refused with a message.
+* Samples smaller than ``min_samples`` (default 1000; at least 1), empty
+  samples and samples containing NaN or values outside [0, 1] are refused
+  with a message.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +46,10 @@ from .reference import Reference, inverse_cdf
 DEFAULT_MIN_SAMPLES = 1000
 UNIFORM_LEVELS = 64
 TAIL_LEVELS = 64
+# A map whose in-sample alert rate at an edge is off its target by more than this fraction of
+# the target (plus 1/n) is refused by `muse calib fit`: no threshold at that edge means what
+# the reference says, and `muse calib status` would call it drifted from the first event.
+MAX_EDGE_ERROR = 0.5
 
 
 class SampleError(ValueError):
@@ -98,7 +115,11 @@ def knot_levels(n: int, reference: Reference) -> np.ndarray:
 def check_sample(
     scores: npt.ArrayLike, min_samples: int = DEFAULT_MIN_SAMPLES, what: str = "score sample"
 ) -> np.ndarray:
+    if isinstance(min_samples, bool) or not isinstance(min_samples, (int, np.integer)) or min_samples < 1:
+        raise ValueError(f"min_samples must be a whole number >= 1, got {min_samples!r}")
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise SampleError(f"{what} is empty")
     nan = int(np.isnan(s).sum())
     if nan:
         raise SampleError(f"{what} has {nan} NaN scores; drop or fix them before fitting")
@@ -116,9 +137,16 @@ def check_sample(
 
 
 def fit_quantile_map(
-    scores: npt.ArrayLike, reference: Reference, min_samples: int = DEFAULT_MIN_SAMPLES
+    scores: npt.ArrayLike,
+    reference: Reference,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    max_edge_error: float | None = None,
 ) -> QuantileMap:
-    """Fit mapped = F_ref^-1(F_m) from a sample of corrected scores.  Deterministic."""
+    """Fit mapped = F_ref^-1(F_m) from a sample of corrected scores.  Deterministic.
+
+    With ``max_edge_error``, a sample whose ties leave a reference edge's alert rate off its
+    target by more than that fraction of the target (plus 1/n) is refused (SampleError naming
+    the edge, the tie and the rate reached); see :func:`edge_misses`."""
     reference.validate()
     s = np.sort(check_sample(scores, min_samples))
     n = s.size
@@ -129,6 +157,16 @@ def fit_quantile_map(
     hi = np.minimum(lo + 1, n - 1)
     x = s[lo] + (pos - lo) * (s[hi] - s[lo])
     level = np.clip(q, 0.5 / n, 1.0 - 0.5 / n)  # levels past the extremes collapse onto them
+    # A tie holding a reference level swallows the order statistics next to that level: the
+    # sample values on either side of the tie become knots instead (see the module notes).
+    ref_p, _ = reference.knots()
+    ref_p = ref_p[(ref_p > 0.0) & (ref_p < 1.0)]  # the anchors (0, 0) and (1, 1) are no edges
+    at_ref = s[np.clip(np.floor(ref_p * n - 0.5), 0, n - 1).astype(np.int64)]
+    first_at, past_at = np.searchsorted(s, at_ref, side="left"), np.searchsorted(s, at_ref, side="right")
+    tied = past_at - first_at > 1  # without a tie those neighbours are knots already
+    beside = s[np.concatenate([np.maximum(first_at[tied] - 1, 0), np.minimum(past_at[tied], n - 1)])]
+    x = np.concatenate([x, beside])
+    level = np.concatenate([level, np.zeros(beside.size)])  # sample values: their level is set below
     # Knots that sit on a sample value take that value's mid-distribution level;
     # for a value seen once this equals its Hazen level, for a tie its middle.
     below = np.searchsorted(s, x, side="left")
@@ -142,7 +180,77 @@ def fit_quantile_map(
         x, y = np.concatenate([[0.0], x]), np.concatenate([[0.0], y])
     if x[-1] < 1.0:
         x, y = np.concatenate([x, [1.0]]), np.concatenate([y, [1.0]])
-    return QuantileMap(x, np.clip(y, 0.0, 1.0))
+    qmap = QuantileMap(x, np.clip(y, 0.0, 1.0))
+    if max_edge_error is not None:
+        misses = edge_misses(s, qmap, reference, max_edge_error)
+        if misses:
+            raise SampleError(max(misses, key=lambda m: m.error).describe())
+    return qmap
+
+
+@dataclass(frozen=True)
+class EdgeMiss:
+    """A reference edge whose in-sample alert rate is off its target beyond a tolerance, and
+    the tie that holds the target's level (the reason: a tie maps to one value, so its events
+    alert together)."""
+
+    edge: float
+    target: float  # fraction of events that should score at or above the edge
+    achieved: float  # fraction of the sample the map puts at or above it
+    tolerance: float  # the fraction of the target allowed (plus 1/size)
+    size: int  # scores in the sample
+    distinct: int  # distinct scores in the sample
+    tied_value: float  # the sample value at the target's level
+    tied_count: int  # how many scores equal it
+
+    @property
+    def error(self) -> float:
+        """|achieved - target| as a fraction of the target."""
+        return abs(self.achieved - self.target) / self.target
+
+    def reason(self) -> str:
+        if self.distinct == 1:
+            return f"the sample's {self.size} scores take 1 distinct value ({self.tied_value:.6g})"
+        share = self.tied_count / self.size
+        return f"{share:.1%} of the sample's {self.size} scores are tied at {self.tied_value:.6g}"
+
+    def describe(self) -> str:
+        return (
+            f"{self.reason()}; the map cannot reach alert rate {self.target:g} at edge {self.edge:g} "
+            f"(the nearest a monotone map gets is {self.achieved:.4f}, {self.error:.0%} off, beyond "
+            f"{self.tolerance:.0%}); fit on scores that vary (is the model or its input constant?)"
+        )
+
+
+def reference_edges(reference: Reference) -> list[tuple[float, float]]:
+    """(edge, target alert rate) for the edges a map can be judged at: inside (0, 1), one per
+    edge value (a reference point mass lists a value twice; at or above it is the larger rate)."""
+    best: dict[float, float] = {}
+    for edge, rate in reference.edge_rates():
+        if 0.0 < edge < 1.0 and rate > 0.0:
+            best[edge] = max(rate, best.get(edge, 0.0))
+    return sorted(best.items())
+
+
+def edge_misses(scores: npt.ArrayLike, qmap: QuantileMap, reference: Reference, tolerance: float) -> list[EdgeMiss]:
+    """The edges where ``qmap`` applied to ``scores`` (its fitting sample) alerts on a fraction
+    further from the target than ``tolerance * target + 1/n``.  On a sample without ties the
+    fit is within 1/n of every target, so only ties (point masses) put an edge here."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    n = s.size
+    if n == 0:
+        return []
+    edges = reference_edges(reference)
+    achieved = alert_rates(qmap(s), [e for e, _ in edges])
+    distinct = int(np.count_nonzero(np.diff(s))) + 1
+    misses = []
+    for (edge, target), got in zip(edges, achieved):
+        if abs(got - target) <= tolerance * target + 1.0 / n + 1e-12:
+            continue
+        value = s[min(int((1.0 - target) * n), n - 1)]
+        count = int(np.searchsorted(s, value, side="right") - np.searchsorted(s, value, side="left"))
+        misses.append(EdgeMiss(edge, target, float(got), tolerance, n, distinct, float(value), count))
+    return misses
 
 
 def alert_rates(mapped_scores: npt.ArrayLike, edges: npt.ArrayLike) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Score samples from wherever they live: NumPy, Polars, Parquet or CSV.
 
 Per-tenant fitting reads the sample once and splits it with one Polars
-group-by; tenants below the minimum size are reported, not fitted, and fall
-back to the intent-wide map."""
+group-by; tenants below the minimum size (or, with ``max_edge_error``, whose
+ties leave an edge unreachable) are reported, not fitted, and fall back to
+the intent-wide map."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from .quantile_map import DEFAULT_MIN_SAMPLES, QuantileMap, SampleError, fit_quantile_map
+from .quantile_map import DEFAULT_MIN_SAMPLES, EdgeMiss, QuantileMap, SampleError, edge_misses, fit_quantile_map
 from .reference import Reference
 
 # Where a score sample can come from: an array, a Polars Series or DataFrame, or a file path.
@@ -64,6 +65,7 @@ class GroupFit:
     maps: dict[str, QuantileMap] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # group -> reason
+    misses: dict[str, list[EdgeMiss]] = field(default_factory=dict)  # fitted group -> edges off by `warn_above`
 
 
 def fit_per_group(
@@ -72,8 +74,13 @@ def fit_per_group(
     by: str = "tenant",
     column: str = "score",
     min_samples: int = DEFAULT_MIN_SAMPLES,
+    max_edge_error: float | None = None,
+    warn_above: float | None = None,
 ) -> GroupFit:
-    """One map per value of ``by`` (e.g. per tenant), in a single group-by pass."""
+    """One map per value of ``by`` (e.g. per tenant), in a single group-by pass.
+
+    ``max_edge_error`` is passed to :func:`fit_quantile_map` (a group it refuses is skipped);
+    with ``warn_above``, ``misses`` lists each fitted group's edges off by more than that."""
     frame = read_frame(source, column)
     if by not in frame.columns:
         raise SampleError(f"score sample has no column {by!r} to group by")
@@ -82,8 +89,14 @@ def fit_per_group(
     for key, scores in zip(grouped[by].to_list(), grouped["scores"].to_list()):
         name = str(key)
         result.sizes[name] = len(scores)
+        sample = np.asarray(scores, dtype=np.float64)
         try:
-            result.maps[name] = fit_quantile_map(np.asarray(scores, dtype=np.float64), reference, min_samples)
+            result.maps[name] = fit_quantile_map(sample, reference, min_samples, max_edge_error)
         except SampleError as exc:
             result.skipped[name] = str(exc)
+            continue
+        if warn_above is not None:
+            misses = edge_misses(sample, result.maps[name], reference, warn_above)
+            if misses:
+                result.misses[name] = misses
     return result

@@ -11,14 +11,22 @@
       keys.toml                       hashed API keys (muse keys)
 
 Versions are directory names; "latest" means the highest numeric version.
-Nothing is ever rewritten in place: a new version is a new directory.
+Nothing is ever rewritten in place: a new version is a new directory.  A
+calibration version is written whole (Registry.publish_calibration): staged in
+calibrations/NAME/.staging-VERSION-..., then renamed into place; names that
+start with "." are never versions, so a staging folder left by a crash is
+ignored (delete it at leisure).
 Every name that becomes a path is checked first (muse.calib.names: check_name,
 and tenant names encoded), so no argument can name a file outside the registry."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
+import secrets
+import shutil
+from collections.abc import Sequence
 
 from muse.calib import Calibration, ReferenceFile, load_reference, read_calibration
 from muse.calib.artifact import write_calibration
@@ -35,6 +43,14 @@ def _versions(directory: pathlib.Path) -> list[str]:
         return []
     names = [p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(names, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _version_dir(base: pathlib.Path, kind: str, name: str, version: str | None, fix: str) -> pathlib.Path:
@@ -144,6 +160,47 @@ class Registry:
                     f"see muse.calib.names.tenant_file_stem); {fix}"
                 ) from None
         return sorted(tenants)
+
+    def publish_calibration(self, cals: Sequence[Calibration]) -> pathlib.Path:
+        """Write one calibration version whole, atomically: its all-traffic map (``cals[0]``,
+        tenant None) and any per-tenant maps, staged in a hidden folder beside the versions
+        and renamed into place.  The version either appears complete or not at all; it is
+        never overwritten (FileExistsError).  Returns the version's directory."""
+        if not cals or cals[0].tenant is not None:
+            raise ValueError("a calibration version needs its all-traffic map first")
+        name, version = cals[0].name, cals[0].version
+        if any((c.name, c.version) != (name, version) for c in cals):
+            raise ValueError(f"calibrations of one version must all be {name}/{version}")
+        base = self.calibrations_dir / check_name("calibration name", name)
+        target = base / check_name("calibration version", version)
+        exists = (
+            f"calibration {name}/{version} already exists ({target}): calibrations are immutable, pick a new version"
+        )
+        if target.exists():
+            raise FileExistsError(exists)
+        base.mkdir(parents=True, exist_ok=True)
+        staging = base / f".staging-{version}-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+        try:
+            for cal in cals:
+                write_calibration(cal, self._calibration_file(staging, cal.tenant))
+            _fsync_dir(staging)
+            if (staging / "tenants").is_dir():
+                _fsync_dir(staging / "tenants")
+            try:
+                # rename(2) replaces an empty directory: refuse one that appeared since the check
+                if target.exists():
+                    raise FileExistsError(exists)
+                staging.rename(target)
+            except OSError as exc:  # ENOTEMPTY/EEXIST: another fit published this version meanwhile
+                if target.exists():
+                    raise FileExistsError(exists) from None
+                raise exc
+            _fsync_dir(base)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
 
     def save_calibration(self, cal: Calibration) -> pathlib.Path:
         directory = self.calibrations_dir / check_name("calibration name", cal.name)

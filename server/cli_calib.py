@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import sys
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 import polars as pl
 
 from muse.calib import (
+    Calibration,
     ModelIdentity,
+    SampleError,
     alert_rates,
     correct_margins,
     correct_probabilities,
@@ -21,31 +25,78 @@ from muse.calib import (
     make_calibration,
 )
 from muse.calib.names import check_name, is_tenant, tenant_problem
+from muse.calib.quantile_map import DEFAULT_MIN_SAMPLES, MAX_EDGE_ERROR, EdgeMiss, edge_misses
 from muse.calib.samples import read_frame, read_table
-from muse.core.registry import Registry
+from muse.compile import CompiledModel
+from muse.core.deploy import DeploymentStore
+from muse.core.predictor import ensemble_identity
+from muse.core.registry import Registry, RegistryError
+from muse.core.spec import PredictorSpec, SpecError
+
+# `muse calib status` calls a series drifted when an edge's alert rate is off its target by more
+# than this fraction of the target; `muse calib fit` warns when ties leave a fresh map that far off.
+STATUS_TOLERANCE = 0.25
 
 
 def register(sub) -> None:
     calib = sub.add_parser("calib", help="fit and inspect calibrations (quantile maps)")
     csub = calib.add_subparsers(dest="calib_command", required=True)
 
-    fit = csub.add_parser("fit", help="fit a model's quantile map onto a reference")
+    fit = csub.add_parser(
+        "fit",
+        help="fit a model's (or a deployed predictor's) quantile map onto a reference",
+        description="Fit a quantile map onto a reference and write it as a new calibration version (all of "
+        "it or nothing). A sample whose ties (point masses) leave a reference edge's alert rate off its "
+        f"target by more than {MAX_EDGE_ERROR:.0%} of the target (plus one score's worth, 1/n) is refused; "
+        f"beyond {STATUS_TOLERANCE:.0%} (what `muse calib status` calls drift) the fit warns.",
+    )
     fit.add_argument("--registry", required=True)
-    fit.add_argument("--model", required=True, help="NAME or NAME/VERSION of a compiled model")
-    fit.add_argument("--reference", required=True, help="reference name in the registry, or a .toml/.json file")
+    fit.add_argument(
+        "--model",
+        help="NAME or NAME/VERSION of a compiled model (default: the model(s) that --predictor runs in the "
+        "registry's current deployment; several = an ensemble, fitted from its score-log rows)",
+    )
+    fit.add_argument(
+        "--reference",
+        help="reference name in the registry, or a .toml/.json file (default: the intent of --predictor in the "
+        "current deployment)",
+    )
     src = fit.add_mutually_exclusive_group(required=True)
     src.add_argument("--scores", help="Parquet/CSV file (or directory of Parquet) with corrected scores or raw margins")
     src.add_argument("--features", help="Parquet/CSV file of feature rows to score with the model")
-    fit.add_argument("--column", default=None, help="score column (default: 'corrected', else 'margin')")
-    fit.add_argument("--predictor", help="only rows of this predictor (a score log holds every predictor's scores)")
+    fit.add_argument(
+        "--column",
+        default=None,
+        help="score column (default: 'corrected', else 'margin'). A 'corrected' column is used as is (the "
+        "server already applied the posterior correction); a 'margin' column (and the model's output on "
+        "--features) is corrected here with the model manifest's beta, the negative keep-rate given to "
+        "`muse compile --beta` (default 1: no undersampling, no correction). An ensemble's rows hold its "
+        "combined, already corrected scores.",
+    )
+    fit.add_argument(
+        "--predictor",
+        help="NAME or NAME/VERSION: only this predictor's rows, active and shadow alike (a score log holds "
+        "every predictor's scores: required when the scores hold several). Without VERSION: the version "
+        "the current deployment runs, else the only one in the scores",
+    )
     fit.add_argument(
         "--by",
         default=None,
         help="also fit one map per tenant, named by this column (e.g. tenant); rows without a valid "
         "tenant name count only toward the all-traffic map",
     )
-    fit.add_argument("--min-samples", type=int, default=1000)
-    fit.add_argument("--name", help="calibration name (default: the model name); a name: letters, digits, _ . -")
+    fit.add_argument(
+        "--min-samples",
+        type=int,
+        default=DEFAULT_MIN_SAMPLES,
+        help=f"fewest scores to fit a map from, the all-traffic map and each tenant's (default "
+        f"{DEFAULT_MIN_SAMPLES}; at least 1); tenants with fewer use the all-traffic map",
+    )
+    fit.add_argument(
+        "--name",
+        help="calibration name (default: the model name; an ensemble's: the predictor name); a name: "
+        "letters, digits, _ . -",
+    )
     fit.add_argument("--version", help="calibration version (default: next number); a name like --name")
     fit.set_defaults(func=cmd_fit)
 
@@ -57,8 +108,8 @@ def register(sub) -> None:
     st.add_argument(
         "--tolerance",
         type=float,
-        default=0.25,
-        help="drifted when |achieved - target| > tolerance * target at any edge (default 0.25)",
+        default=STATUS_TOLERANCE,
+        help=f"drifted when |achieved - target| > tolerance * target at any edge (default {STATUS_TOLERANCE})",
     )
     st.add_argument("--min-samples", type=int, default=500, help="series with fewer scores are not judged")
     st.add_argument("--since-minutes", type=float, help="only records this recent")
@@ -74,36 +125,127 @@ def register(sub) -> None:
     rep.add_argument("--calibration", required=True, help="NAME or NAME/VERSION")
     rep.add_argument("--scores", required=True, help="scores to evaluate on (same columns as for fit)")
     rep.add_argument("--column", default=None)
+    rep.add_argument(
+        "--predictor",
+        help="NAME or NAME/VERSION: evaluate on this predictor's rows of --scores (required when they hold "
+        "several predictors, as a score log does)",
+    )
     rep.add_argument("--compare", help="a second calibration NAME[/VERSION] to put side by side")
-    rep.add_argument("--compare-scores", help="scores for the second calibration's model")
+    rep.add_argument("--compare-scores", help="scores for the second calibration's model (default: --scores)")
+    rep.add_argument(
+        "--compare-predictor",
+        help="NAME or NAME/VERSION: the second calibration's predictor's rows of its scores (required when "
+        "they hold several predictors)",
+    )
     rep.add_argument("--out", default="calibration-report.png")
     rep.set_defaults(func=cmd_report)
 
 
-def corrected_scores(frame: pl.DataFrame, column: str | None, beta: float, margin_kind: str) -> np.ndarray:
+def score_column(frame: pl.DataFrame, column: str | None, source: str = "score file") -> str:
+    """--column, else 'corrected', else 'margin'."""
+    if column is not None:
+        return column
+    for name in ("corrected", "margin"):
+        if name in frame.columns:
+            return name
+    raise ValueError(
+        f"{source} has neither a 'corrected' nor a 'margin' column (has: {', '.join(frame.columns)}); pass --column"
+    )
+
+
+def corrected_scores(
+    frame: pl.DataFrame, column: str | None, beta: float, margin_kind: str, source: str = "score file"
+) -> np.ndarray:
     """Corrected probabilities from a score frame: a 'corrected' column as is, or margins corrected here."""
-    if column is None:
-        column = "corrected" if "corrected" in frame.columns else "margin" if "margin" in frame.columns else None
-        if column is None:
-            raise ValueError(
-                f"score file has neither a 'corrected' nor a 'margin' column (has: {', '.join(frame.columns)}); "
-                "pass --column"
-            )
+    column = score_column(frame, column, source)
     values = read_frame(frame, column)[column].cast(pl.Float64).to_numpy()
     if column != "margin":
         return values
     return correct_margins(values, beta) if margin_kind == "logit" else correct_probabilities(values, beta)
 
 
-def only_predictor(frame: pl.DataFrame, predictor: str, source: str) -> pl.DataFrame:
+def _shown(value: object) -> str:
+    """A value from a score file, printable on one line (a name as is, anything else quoted)."""
+    if value is None:
+        return "(none)"
+    try:
+        return check_name("predictor", value)
+    except ValueError:
+        return repr(value)
+
+
+def _counts(frame: pl.DataFrame, column: str, limit: int = 12) -> tuple[int, str]:
+    """How many values ``column`` takes and 'value: N rows, ...' (the most rows first)."""
+    counts = (
+        frame.group_by(pl.col(column).cast(pl.String)).len().sort(["len", column], descending=[True, False])
+    ).rows()
+    shown = ", ".join(f"{_shown(v)}: {n:,} rows" for v, n in counts[:limit])
+    more = f" and {len(counts) - limit} more" if len(counts) > limit else ""
+    return len(counts), shown + more
+
+
+def split_predictor(flag: str, value: str) -> tuple[str, str | None]:
+    """--predictor NAME or NAME/VERSION, each part a name."""
+    name, _, version = value.partition("/")
+    try:
+        check_name("predictor name", name)
+        if version:
+            check_name("predictor version", version)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {value!r} is not NAME or NAME/VERSION: {exc}") from None
+    return name, version or None
+
+
+def select_predictor(
+    frame: pl.DataFrame, wanted: str | None, source: str, flag: str, version: str | None = None
+) -> pl.DataFrame:
+    """The rows of one predictor (and one version of it) in a score file.
+
+    A file with a 'predictor' column that holds several predictors needs ``wanted`` (the
+    ``flag`` named in the error): pooling them would fit one map to many models' scores.
+    Active and shadow rows of one predictor are pooled: both are its scores of live traffic.
+    A predictor name whose rows carry several versions needs NAME/VERSION, or ``version``
+    (the one deployed), for the same reason."""
     if "predictor" not in frame.columns:
-        raise ValueError(f"{source}: no 'predictor' column to select {predictor!r} by; is it a score log?")
-    rows = frame.filter(pl.col("predictor") == predictor)
-    if rows.height == 0:
-        present = sorted(frame["predictor"].unique().to_list())
+        if wanted is not None:
+            raise ValueError(f"{source}: no 'predictor' column to select {wanted!r} by ({flag}); is it a score log?")
+        return frame
+    count, listing = _counts(frame, "predictor")
+    if wanted is None:
+        if count > 1:
+            raise ValueError(
+                f"{source}: holds the scores of {count} predictors ({listing}); "
+                f"pass {flag} NAME to use one predictor's scores"
+            )
+        if count == 0:
+            return frame
+        rows, name, asked = frame, _shown(frame["predictor"][0]), None  # the only one: its versions still count
+    else:
+        name, asked = split_predictor(flag, wanted)
+        version = asked or version
+        rows = frame.filter(pl.col("predictor").cast(pl.String) == name)
+        if rows.height == 0:
+            raise ValueError(
+                f"{source}: no scores of predictor {name!r} (present: {listing or 'none'}); "
+                "is it deployed (active or shadow), and has the server flushed its log?"
+            )
+    if "version" not in rows.columns:
+        if asked is not None:
+            raise ValueError(f"{source}: no 'version' column to select {flag} {wanted} by; pass {flag} {name}")
+        return rows
+    versions, vlisting = _counts(rows, "version")
+    if version is not None:
+        chosen = rows.filter(pl.col("version").cast(pl.String) == version)
+        if chosen.height == 0:
+            raise ValueError(
+                f"{source}: no scores of predictor {name!r} version {version!r} (its versions: {vlisting}); "
+                f"pass {flag} {name}/VERSION"
+            )
+        return chosen
+    if versions > 1:
         raise ValueError(
-            f"{source}: no scores of predictor {predictor!r} (present: {', '.join(present) or 'none'}); "
-            "is it deployed as a shadow, and has the server flushed its log?"
+            f"{source}: predictor {name!r} has scores of {versions} versions ({vlisting}); "
+            f"pass {flag} {name}/VERSION to use one version's scores"
         )
     return rows
 
@@ -143,61 +285,202 @@ def tenant_rows(frame: pl.DataFrame, by: str, scores: np.ndarray) -> pl.DataFram
     return data
 
 
+@dataclass(frozen=True)
+class FitTarget:
+    """What a map is fitted for: one compiled model, or an ensemble predictor's combined scores."""
+
+    identity: ModelIdentity  # what the deployment's validation compares (core.snapshot)
+    beta: float  # the posterior correction of the calibrated scores' margins
+    margin_kind: str  # what a 'margin' column holds: "logit" or "probability"
+    label: str
+    default_name: str
+    model: CompiledModel | None  # None: an ensemble (scored only through its log rows)
+
+
+def _model_target(model: CompiledModel) -> FitTarget:
+    m = model.manifest
+    identity = ModelIdentity(m.name, m.version, m.library_sha256)
+    return FitTarget(identity, m.beta, m.margin_kind, f"model {m.name}/{m.version}", m.name, model)
+
+
+def _ensemble_target(reg: Registry, p: PredictorSpec) -> FitTarget:
+    """An ensemble predictor's calibration: core.snapshot validates it against
+    ensemble_identity(name, version, member library hashes).  Its scores (and log rows) are
+    its members' combined corrected scores (core.predictor: mean of margin + ln beta through
+    the logistic, or mean of corrected probabilities), so no further correction: beta 1, and
+    its 'margin' column is that mean logit (mean_logit) or the corrected probability."""
+    members = [reg.load_model(ref).manifest for ref in p.models]
+    identity = ensemble_identity(p.name, p.version, [m.library_sha256 for m in members])
+    kind = "logit" if p.combine == "mean_logit" else "probability"
+    label = f"ensemble {p.name}/{p.version} ({' + '.join(p.models)}, {p.combine})"
+    return FitTarget(identity, 1.0, kind, label, p.name, None)
+
+
+def deployed_predictor(reg: Registry, name: str) -> tuple[int, PredictorSpec] | None:
+    """Predictor ``name`` in the registry's current deployment, with its generation."""
+    store = DeploymentStore(reg)
+    generation = store.current_generation()
+    if generation is None:
+        return None
+    for p in store.read(generation).predictors:
+        if p.name == name:
+            return generation, p
+    return None
+
+
+def fit_target(reg: Registry, args: argparse.Namespace) -> tuple[FitTarget, PredictorSpec | None, str | None]:
+    """(what to fit for, the deployed predictor named by --predictor or None, the predictor version
+    whose rows to use or None)."""
+    name, version = split_predictor("--predictor", args.predictor) if args.predictor else (None, None)
+    if args.model is None:
+        if name is None:
+            raise ValueError("--model: required unless --predictor names a predictor of the current deployment")
+        found = deployed_predictor(reg, name)
+        if found is None:
+            generation = DeploymentStore(reg).current_generation()
+            where = f"generation {generation}" if generation is not None else "nothing is deployed"
+            raise ValueError(
+                f"--predictor {name}: not in the registry's current deployment ({where}); "
+                "pass --model NAME/VERSION of the model whose scores these are"
+            )
+        generation, p = found
+        if version is not None and version != p.version:
+            raise ValueError(
+                f"--predictor {args.predictor}: the current deployment (generation {generation}) runs {name} "
+                f"version {p.version}; pass --predictor {name} or --model for another version"
+            )
+        if len(p.models) == 1:
+            return _model_target(reg.load_model(p.models[0])), p, p.version
+        return _ensemble_target(reg, p), p, p.version
+    target = _model_target(reg.load_model(args.model))
+    found = None
+    if name is not None:
+        with contextlib.suppress(SpecError, OSError):  # a broken deployment: --model says what to fit for
+            found = deployed_predictor(reg, name)
+    if found is None:
+        return target, None, version
+    generation, p = found
+    if version is not None and version != p.version:  # another version than deployed: --model decides
+        return target, None, version
+    runs = [_model_target(reg.load_model(ref)).identity for ref in p.models]
+    if runs != [target.identity]:
+        raise ValueError(
+            f"--model {args.model}: predictor {name} in the current deployment (generation {generation}) runs "
+            f"{' + '.join(p.models)}, so its rows are not this model's scores; drop --model to fit for {name} "
+            "as deployed"
+        )
+    return target, p, p.version
+
+
+def _tie_warnings(misses: list[EdgeMiss], where: str) -> None:
+    for miss in misses:
+        warn(
+            f"{where}: at edge {miss.edge:g} the map alerts on {miss.achieved:.4f} for a target of {miss.target:g} "
+            f"({miss.error:.0%} off; `muse calib status` calls beyond {STATUS_TOLERANCE:.0%} drift): {miss.reason()}"
+        )
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
+    # Everything is checked and fitted before anything is written; the version is then
+    # published whole (Registry.publish_calibration), so a failed fit leaves no version behind.
     # Both become directory names in the registry: checked before any work.
     if args.name is not None:
         check_name("--name (the calibration name)", args.name)
     if args.version is not None:
         check_name("--version (the calibration version)", args.version)
+    if args.min_samples < 1:
+        raise ValueError(
+            f"--min-samples {args.min_samples}: a map is fitted from at least 1 score; "
+            f"give a whole number >= 1 (default {DEFAULT_MIN_SAMPLES})"
+        )
     reg = Registry(args.registry)
-    model = reg.load_model(args.model)
-    m = model.manifest
-    ref = reg.load_reference(args.reference)
-    if args.scores:
-        frame = read_table(args.scores)
-        if args.predictor:
-            frame = only_predictor(frame, args.predictor, args.scores)
-        scores = corrected_scores(frame, args.column, m.beta, m.margin_kind)
+    target, deployed, predictor_version = fit_target(reg, args)
+    if args.reference is None:
+        if deployed is None:
+            raise ValueError(
+                "--reference: required unless --predictor names a predictor of the current deployment "
+                "(whose intent's reference is used)"
+            )
+        ref = reg.load_reference(deployed.intent)
     else:
+        ref = reg.load_reference(args.reference)
+        if deployed is not None and ref.name != deployed.intent:
+            warn(
+                f"--reference {args.reference}: predictor {deployed.name} serves intent {deployed.intent!r}; "
+                f"a deployment refuses its calibration unless it maps onto reference {deployed.intent!r}"
+            )
+    source = args.scores or args.features
+    if args.scores:
+        frame = select_predictor(read_table(args.scores), args.predictor, args.scores, "--predictor", predictor_version)
+    else:
+        if target.model is None:
+            raise ValueError(
+                f"--features: predictor {args.predictor} is an {target.label}; fit it from its rows in the score "
+                "log (--scores REGISTRY/scorelog), which hold its combined scores"
+            )
         frame = read_table(args.features)
-        X = feature_matrix(frame, m.feature_names, args.features)
-        raw = model.predict(X, margin=True)
+    if args.by and args.by not in frame.columns:
+        raise ValueError(f"--by {args.by}: {source} has no such column (has: {', '.join(frame.columns)})")
+    if args.scores:
+        scores = corrected_scores(frame, args.column, target.beta, target.margin_kind, args.scores)
+    else:
+        assert target.model is not None
+        m = target.model.manifest
+        raw = target.model.predict(feature_matrix(frame, m.feature_names, args.features), margin=True)
         scores = correct_margins(raw, m.beta) if m.margin_kind == "logit" else correct_probabilities(raw, m.beta)
-    name = args.name or m.name
+    name = args.name or target.default_name
     version = args.version or reg.next_calibration_version(name)
-    identity = ModelIdentity(m.name, m.version, m.library_sha256)
-    window = _window(frame)
+    if (reg.calibrations_dir / name / version).exists():
+        raise FileExistsError(
+            f"--version {version}: calibration {name}/{version} already exists; calibrations are immutable, "
+            "pick a new version"
+        )
+    predictor = args.predictor or (deployed.name if deployed else None)
+    what = f"{source} (predictor {predictor})" if predictor and args.scores else source
+    try:
+        qmap = fit_quantile_map(scores, ref.reference, args.min_samples, max_edge_error=MAX_EDGE_ERROR)
+    except SampleError as exc:
+        raise SampleError(f"{what}: {exc}") from None
+    _tie_warnings(edge_misses(scores, qmap, ref.reference, STATUS_TOLERANCE), what)
     calibration = functools.partial(  # what every map of this fit shares
         make_calibration,
         name=name,
         version=version,
-        model=identity,
+        model=target.identity,
         reference_name=ref.name,
         reference=ref.reference,
-        beta=m.beta,
-        window=window,
+        beta=target.beta,
+        window=_window(frame),
     )
-    qmap = fit_quantile_map(scores, ref.reference, args.min_samples)
-    path = reg.save_calibration(calibration(qmap, sample_size=scores.size))
-    print(
-        f"fitted {name}/{version} for model {m.name}/{m.version} onto reference {ref.name}: "
-        f"{len(qmap)} knots from {scores.size} scores -> {path}"
-    )
-    _print_rates(ref.reference.edge_rates(), alert_rates(qmap(scores), [e for e, _ in ref.reference.edge_rates()]))
+    cals = [calibration(qmap, sample_size=scores.size)]
+    groups = None
     if args.by:
-        if args.by not in frame.columns:
-            raise ValueError(f"--by {args.by}: the score file has no such column")
         groups = fit_per_group(
             tenant_rows(frame, args.by, scores),
             ref.reference,
             by=args.by,
             min_samples=args.min_samples,
+            max_edge_error=MAX_EDGE_ERROR,
+            warn_above=STATUS_TOLERANCE,
         )
+        cals += [calibration(tmap, sample_size=groups.sizes[t], tenant=t) for t, tmap in groups.maps.items()]
+    path = reg.publish_calibration(cals)
+    rows = f"{scores.size} scores"
+    if "role" in frame.columns and args.scores:
+        roles = ", ".join(f"{_shown(r)} {n}" for r, n in frame.group_by("role").len().sort("role").rows())
+        rows += f" ({roles})"
+    print(
+        f"fitted {name}/{version} for {target.label} onto reference {ref.name}: {len(qmap)} knots from {rows} -> {path}"
+    )
+    _print_rates(ref.reference.edge_rates(), alert_rates(qmap(scores), [e for e, _ in ref.reference.edge_rates()]))
+    if groups is not None:
         for tenant, tmap in groups.maps.items():
-            reg.save_calibration(calibration(tmap, sample_size=groups.sizes[tenant], tenant=tenant))
             print(f"  {args.by} {tenant}: {groups.sizes[tenant]} scores, {len(tmap)} knots")
+            _tie_warnings(groups.misses.get(tenant, []), f"{what}, {args.by} {tenant}")
         for tenant, why in groups.skipped.items():
             print(f"  {args.by} {tenant}: skipped, uses the all-traffic map ({why})")
+    if deployed is not None:
+        print(f'  for predictor {deployed.name}: calibration = "{name}/{version}" in its deployment entry')
 
 
 def _window(frame: pl.DataFrame) -> tuple[str | None, str | None]:
@@ -213,6 +496,20 @@ def _print_rates(edge_rates, achieved) -> None:
         print(f"  {edge:<8.4g} {target:<8.4f} {got:.4f}")
 
 
+def _margin_kind(reg: Registry, cal: Calibration, ref: str, source: str) -> str:
+    """What the margins of calibration ``cal``'s model are, to correct a 'margin' column with."""
+    m = cal.model
+    with contextlib.suppress(RegistryError):
+        manifest = reg.load_model(f"{m.name}/{m.version}").manifest
+        if manifest.library_sha256 == m.sha256:
+            return manifest.margin_kind
+    raise ValueError(
+        f"{source}: its 'margin' column needs the model of calibration {ref}, {m.name}/{m.version} "
+        f"(sha256 {m.sha256[:12]}), which is no compiled model in the registry (an ensemble's calibration "
+        "names its predictor); use --column corrected"
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -220,14 +517,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     reg = Registry(args.registry)
-    runs = [(args.calibration, args.scores)]
+    runs = [(args.calibration, args.scores, args.predictor, "--predictor")]
     if args.compare:
-        runs.append((args.compare, args.compare_scores or args.scores))
+        runs.append((args.compare, args.compare_scores or args.scores, args.compare_predictor, "--compare-predictor"))
+    elif args.compare_predictor or args.compare_scores:
+        raise ValueError("--compare-scores/--compare-predictor: they go with --compare CALIBRATION")
     panels = []
-    for ref_name, score_file in runs:
+    for ref_name, score_file, predictor, flag in runs:
         cal = reg.load_calibration(ref_name)
-        model = reg.load_model(f"{cal.model.name}/{cal.model.version}")
-        scores = corrected_scores(read_table(score_file), args.column, cal.beta, model.manifest.margin_kind)
+        frame = select_predictor(read_table(score_file), predictor, score_file, flag)
+        kind = "logit"  # unused unless the scores are margins: then the model says what they are
+        if score_column(frame, args.column, score_file) == "margin":
+            kind = _margin_kind(reg, cal, ref_name, score_file)
+        scores = corrected_scores(frame, args.column, cal.beta, kind, score_file)
         mapped = cal.quantile_map()(scores)
         panels.append((f"{cal.name}/{cal.version} ({cal.model.name}/{cal.model.version})", cal, scores, mapped))
     edges = np.array([e for e, _ in panels[0][1].reference.edge_rates()])
