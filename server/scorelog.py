@@ -106,8 +106,15 @@ class _Buffer:
 
     def frame(self, labels: list[tuple]) -> pl.DataFrame:
         n = self.rows
-        codes = pl.Series(self.label[:n])
-        table = {name: pl.Series([t[i] for t in labels], dtype=pl.Utf8) for i, name in enumerate(LABELS)}
+        # only the label tuples this buffer holds: the log's table grows with every tenant seen
+        present = np.bincount(self.label[:n], minlength=len(labels))
+        used = np.flatnonzero(present)
+        remap = np.zeros(len(labels), dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        codes = pl.Series(remap[self.label[:n]])
+        table = {
+            name: pl.Series([labels[code][i] for code in used.tolist()], dtype=pl.Utf8) for i, name in enumerate(LABELS)
+        }
         return pl.DataFrame(
             {
                 "time": pl.Series(self.time[:n]).cast(pl.Datetime("us", "UTC")),
