@@ -16,15 +16,19 @@ import numpy as np
 from muse.calib import MapTable, ModelIdentity
 from muse.calib.posterior import correct_margins
 from muse.compile import NativeMapTable, Scores
+from muse.compile.manifest import Manifest
 
 from .batching import ModelBatcher
 
 IDENTITY = 0  # map 0 of every snapshot's table: scores pass unmapped (ensemble members)
 
 
-def ensemble_identity(name: str, version: str, library_hashes: list[str]) -> ModelIdentity:
-    """What an ensemble predictor's calibration must name: its members' exact libraries."""
-    digest = hashlib.sha256("\n".join(library_hashes).encode()).hexdigest()
+def ensemble_identity(name: str, version: str, members: list[Manifest], combine: str) -> ModelIdentity:
+    """What an ensemble predictor's calibration must name: whatever shapes its combined scores --
+    each member's exact library and its beta (the same library compiled with another --beta
+    has the same checksum), and how they combine."""
+    lines = [f"{m.name}/{m.version} {m.library_sha256} {m.beta!r} {m.margin_kind}" for m in members]
+    digest = hashlib.sha256("\n".join([*lines, combine]).encode()).hexdigest()
     return ModelIdentity(name, version, digest)
 
 

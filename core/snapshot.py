@@ -203,10 +203,12 @@ def _load_maps(
         m = members[0].manifest
         expected = (m.name, m.version, m.library_sha256)
         label = f"model {m.name}/{m.version}"
+        beta = m.beta  # the map was fitted on scores corrected with the model's beta
     else:
-        ident = ensemble_identity(p.name, p.version, [m.manifest.library_sha256 for m in members])
+        ident = ensemble_identity(p.name, p.version, [m.manifest for m in members], p.combine)
         expected = (ident.name, ident.version, ident.sha256)
         label = f"ensemble {p.name}/{p.version}"
+        beta = 1.0  # members are corrected one by one before they combine
     tenant_maps: dict[str | None, int] = {}
     try:
         tenants = [None, *reg.calibration_tenants(calibration)]
@@ -218,6 +220,11 @@ def _load_maps(
                     f"{where}: calibration {p.calibration} was fitted for model "
                     f"{cal.model.name}/{cal.model.version} (sha256 {cal.model.sha256[:12]}), "
                     f"not for {label}; refit it with `muse calib fit`"
+                )
+            if cal.beta != beta:
+                raise SpecError(
+                    f"{where}: calibration {p.calibration} was fitted on scores corrected with beta {cal.beta:g}, "
+                    f"{label} serves them corrected with beta {beta:g}; refit it with `muse calib fit`"
                 )
             if cal.reference_name != reference.name or cal.reference != reference.reference:
                 raise SpecError(

@@ -310,7 +310,7 @@ def _ensemble_target(reg: Registry, p: PredictorSpec) -> FitTarget:
     the logistic, or mean of corrected probabilities), so no further correction: beta 1, and
     its 'margin' column is that mean logit (mean_logit) or the corrected probability."""
     members = [reg.load_model(ref).manifest for ref in p.models]
-    identity = ensemble_identity(p.name, p.version, [m.library_sha256 for m in members])
+    identity = ensemble_identity(p.name, p.version, members, p.combine)
     kind = "logit" if p.combine == "mean_logit" else "probability"
     label = f"ensemble {p.name}/{p.version} ({' + '.join(p.models)}, {p.combine})"
     return FitTarget(identity, 1.0, kind, label, p.name, None)

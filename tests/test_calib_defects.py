@@ -434,8 +434,8 @@ def test_ensemble_predictor_is_calibrated_from_its_log_rows(ensemble_reg, tmp_pa
     out = capsys.readouterr().out
     assert "fitted ens/1 for ensemble ens/3 (lightgbm/1 + lgb-half/1, mean_logit) onto reference fraud" in out
     cal = reg.load_calibration("ens/1")
-    hashes = [reg.load_model(r).manifest.library_sha256 for r in ENS.models]
-    assert cal.model == ensemble_identity("ens", "3", hashes) and cal.beta == 1.0
+    manifests = [reg.load_model(r).manifest for r in ENS.models]
+    assert cal.model == ensemble_identity("ens", "3", manifests, "mean_logit") and cal.beta == 1.0
     assert cal.sample_size == ens_rows.size and cal.reference_name == "fraud"
     assert cal.quantile_map() == fit_quantile_map(ens_rows, CURVE)
     report = ["calib", "report", "--registry", str(reg.root), "--calibration", "ens/1", "--predictor", "ens/3"]
@@ -474,3 +474,31 @@ def test_ensemble_needs_its_log_rows_not_features(ensemble_reg, tmp_path, capsys
     assert "--features: predictor ens is an ensemble ens/3" in capsys.readouterr().err
     assert cli(["calib", "fit", "--registry", str(ensemble_reg.root), "--predictor", "gone", "--scores", "x"]) == 2
     assert "--predictor gone: not in the registry's current deployment (generation" in capsys.readouterr().err
+
+
+def test_a_calibration_fitted_with_another_beta_is_refused(reg):
+    """The map was fitted on scores corrected with the calibration's beta; serving corrects with
+    the model's: a mismatch maps every score off its reference."""
+    from muse.calib import ModelIdentity
+
+    model = reg.load_model("lightgbm")
+    m = model.manifest
+    X, _ = training_data(rows=2000, seed=3)
+    corrected = correct_margins(model.predict(X, margin=True), 0.5)
+    cal = make_calibration(
+        fit_quantile_map(corrected, CURVE),
+        name="lightgbm",
+        version="1",
+        model=ModelIdentity(m.name, m.version, m.library_sha256),
+        reference_name="fraud",
+        reference=CURVE,
+        beta=0.5 if m.beta != 0.5 else 0.25,
+        sample_size=corrected.size,
+    )
+    reg.save_calibration(cal)
+    spec = DeploymentSpec(
+        predictors=[PredictorSpec("p", "1", "fraud", ["lightgbm/1"], calibration="lightgbm/1")],
+        routes=[RouteSpec("*", "fraud", "p")],
+    )
+    with pytest.raises(SpecError, match=r"corrected with beta .* refit it"):
+        build_snapshot(spec, ModelPool(reg), 1)
