@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", required=True)
     p.add_argument("--version", help="default: one more than the highest numeric version present")
-    p.add_argument("--beta", type=float, default=1.0, help="negative keep-rate used at training, in (0, 1]")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=1.0,
+        help="negative keep-rate used at training, in (0, 1]; default 1 (no undersampling, no correction). "
+        "Stored in the manifest: serving corrects the model's scores with it, and so does `muse calib fit`",
+    )
     p.add_argument("--format", default="auto", choices=["auto", "lightgbm", "xgboost", "sklearn"])
     p.add_argument("--jobs", type=int, help="parallel compiler processes (default: all cores)")
     p.set_defaults(func=cmd_compile)
