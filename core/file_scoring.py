@@ -1,27 +1,30 @@
 """Scoring a file offline (`muse score`): every row of a Parquet or CSV file through the
 compiled model and calibration the server uses, on every core, in bounded memory.
 
-    input file --Polars, streaming, chunks of chunk_rows--> features [chunk, F] float64
-      --cut into one slice per thread--> native calls on a thread pool (GIL released:
-         compile/_library.pyx runs the model and its map under `with nogil`)
-      --chunk by chunk, in input order--> Polars Parquet sink (streaming) -> output file
+    input file --a reader thread: chunks of chunk_rows, at most 2 ahead of the writer-->
+      features [chunk, F] float64, C order --cut into one slice per thread--> native calls
+      on a thread pool (GIL released: compile/_library.pyx runs the model and its map under
+      `with nogil`) --chunk by chunk, in input order--> Polars' streaming Parquet sink,
+      into a temporary file renamed onto the output once every row is written
 
 Scores are those of ``CompiledModel.score`` / ``Predictor.score`` on the same rows: a row's
 score does not depend on the rows beside it, so chunks and slices change nothing.
 
-Memory stays bounded whatever the file's size: about 4 x chunk_rows x features x 8 bytes
-(the chunk being scored, the next one as Polars read it and as the matrix it becomes, and
-what the reader has buffered), plus the reader's own buffers -- a Parquet file is decoded a
-row group at a time, so a file written in huge row groups costs one of those.  The bound
-does not grow with --threads: threads share a chunk."""
+Memory does not grow with the file.  Parquet: about 3 x chunk_rows x features x 8 bytes (the
+chunk being scored; the next, as Polars read it and as the matrix it becomes) plus Polars'
+decoding buffers; measured peak RSS of `muse score` on 100 features with 2 threads: ~0.5 GiB
+at --chunk-rows 65,536 and ~1 GiB at the default 262,144, the same on 1M and 3M rows (bench/
+offline_scoring.py).  CSV: Polars' streaming CSV reader, whose read-ahead is its own and
+bounded (measured: ~0.6-0.8 GiB, also the same on 1M and 3M rows).  Threads share a chunk, so
+the bound does not grow with --threads."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import os
 import pathlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +44,8 @@ from .predictor import IDENTITY
 from .registry import Registry, RegistryError
 from .snapshot import ModelPool, build_snapshot
 
-DEFAULT_CHUNK_ROWS = 65_536
+DEFAULT_CHUNK_ROWS = 262_144  # a few Parquet pages of each column: see _batches
+AHEAD = 2  # chunks read and not yet written: one being scored while the one before is written
 SCORE_COLUMNS = ("margin", "corrected", "mapped")
 LABEL_COLUMNS = ("predictor", "version")
 DEFAULT_ID_COLUMN = "id"
@@ -341,55 +345,47 @@ def score_file(
     features = [pl.col(c) for c in plan.features]
 
     cancel = threading.Event()
+    room = threading.Semaphore(AHEAD)  # chunks read and not yet written
+    handed: queue.SimpleQueue[_Chunk | BaseException | None] = queue.SimpleQueue()  # reader -> writer, in order
     failure: list[BaseException] = []  # what stopped the run, as raised (not as Polars wraps it)
     done = [0, 0]  # rows, chunks
     started = time.perf_counter()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="muse-score")
 
-    def chunks() -> Iterator[pl.DataFrame]:
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="muse-score")
-        pending: collections.deque[tuple[pl.Series | None, list[Future[Scores]]]] = collections.deque()
-
-        def finish() -> pl.DataFrame:
-            ids, futures = pending.popleft()
-            scores = Scores.concat([f.result() for f in futures])
-            columns: dict[str, pl.Series | np.ndarray] = {}
-            if ids is not None and plan.id_column is not None:
-                columns[plan.id_column] = ids.rename(plan.id_column)
-            columns.update(margin=scores.margin, corrected=scores.corrected, mapped=scores.mapped)
-            done[0] += len(scores)
-            done[1] += 1
-            if progress is not None:
-                progress(done[0], time.perf_counter() - started)
-            return pl.DataFrame(columns, schema=schema)
-
+    def read() -> None:
+        """Read chunk after chunk (at most AHEAD of the writer) and queue its slices to score."""
         try:
-            batches = iter(plan.frame.collect_batches(chunk_size=chunk_rows))
-            while True:
-                if cancel.is_set():
-                    raise _Cancelled
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except (pl.exceptions.PolarsError, OSError) as exc:
-                    raise InputError(f"{plan.path}: cannot read ({_first_line(exc)})") from None
-                if len(batch) == 0:
-                    continue
+            for batch in _batches(plan, chunk_rows, cancel, room):
                 X = batch.select(features).to_numpy(order="c")
                 ids = batch.get_column(id_name) if id_name is not None else None
                 del batch
                 futures = [pool.submit(scorer.score, X[a:b]) for a, b in _slices(len(X), threads)]
                 del X  # the slices hold it until they are scored
-                pending.append((ids, futures))
-                while len(pending) > 1:  # one chunk scoring ahead of the one being written
-                    yield finish()
-            while pending:
-                yield finish()
+                handed.put(_Chunk(ids, futures))
+            handed.put(None)
+        except BaseException as exc:
+            handed.put(exc)
+
+    def chunks() -> Iterator[pl.DataFrame]:
+        """The scored chunks, in order: what the Parquet sink writes."""
+        try:
+            while (chunk := handed.get()) is not None:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                scores = Scores.concat([f.result() for f in chunk.futures])
+                room.release()
+                columns: dict[str, pl.Series | np.ndarray] = {}
+                if chunk.ids is not None and plan.id_column is not None:
+                    columns[plan.id_column] = chunk.ids.rename(plan.id_column)
+                columns.update(margin=scores.margin, corrected=scores.corrected, mapped=scores.mapped)
+                done[0] += len(scores)
+                done[1] += 1
+                if progress is not None:
+                    progress(done[0], time.perf_counter() - started)
+                yield pl.DataFrame(columns, schema=schema)
         except BaseException as exc:
             failure.append(exc)
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
     temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     sink = register_io_source(lambda *_: chunks(), schema=schema)
@@ -402,9 +398,13 @@ def score_file(
         except BaseException as exc:
             writer_error.append(exc)
 
-    # The sink runs on a thread of its own, so this one stays in Python and Ctrl-C reaches it.
+    # Reading and writing run on threads of their own, so this one stays in Python and Ctrl-C
+    # reaches it.  The reader is a thread of ours, not Polars' (the sink pulls chunks() on a
+    # thread of its own): a read nested in the sink's query buffered the whole file ahead.
+    reader = threading.Thread(target=read, name="muse-score-reader", daemon=True)
     writer = threading.Thread(target=write, name="muse-score-writer", daemon=True)
     try:
+        reader.start()
         writer.start()
         while writer.is_alive():
             writer.join(0.1)
@@ -418,10 +418,61 @@ def score_file(
         os.replace(temporary, output)
     except BaseException:
         cancel.set()
-        writer.join()
+        if writer.is_alive():  # stopped by Ctrl-C: the reader hands the writer _Cancelled
+            writer.join()
         temporary.unlink(missing_ok=True)
         raise
+    finally:
+        cancel.set()
+        reader.join()
+        pool.shutdown(wait=True, cancel_futures=True)
     return Summary(done[0], time.perf_counter() - started, done[1], threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    ids: pl.Series | None
+    futures: list[Future[Scores]]
+
+
+def _batches(
+    plan: InputPlan, chunk_rows: int, cancel: threading.Event, room: threading.Semaphore
+) -> Iterator[pl.DataFrame]:
+    """The input's rows, chunk by chunk, each read only once ``room`` has a place for it.
+
+    Parquet: one slice of the file per chunk, so nothing is read ahead of the scoring (Polars'
+    streaming reader, collect_batches, decodes ahead of a slow consumer: the whole file, when
+    the consumer was on a Polars thread).  A slice costs more than streaming when chunks are
+    smaller than a few Parquet pages (about 1 MiB of values per column), hence the default
+    chunk size.  CSV: Polars' streaming reader, whose read-ahead is bounded (a slice of a CSV
+    file would scan it from the top)."""
+
+    def wait_for_room() -> None:
+        while not room.acquire(timeout=0.1):
+            if cancel.is_set():
+                raise _Cancelled
+        if cancel.is_set():
+            raise _Cancelled
+
+    try:
+        if plan.kind == "CSV":
+            batches = plan.frame.collect_batches(chunk_size=chunk_rows)
+            while True:
+                wait_for_room()
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                if len(batch):
+                    yield batch
+                else:
+                    room.release()
+        else:
+            total = count_rows(plan)
+            for offset in range(0, total, chunk_rows):
+                wait_for_room()
+                yield plan.frame.slice(offset, chunk_rows).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"{plan.path}: cannot read ({_first_line(exc)})") from None
 
 
 def default_threads() -> int:

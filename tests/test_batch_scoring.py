@@ -3,6 +3,7 @@ calibration the server uses, in chunks across threads, order kept."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 
@@ -290,3 +291,60 @@ def test_no_deployment_is_an_error_naming_the_fix(tmp_path, model_dir, capsys):
     assert score(fresh, tmp_path / "in.parquet", tmp_path / "out.parquet", "--predictor", "a") == 2
     err = capsys.readouterr().err
     assert "deployments/current: no deployment is current; apply one with `muse deploy apply`" in err
+
+
+def test_reading_stays_at_most_two_chunks_ahead_of_writing(reg, model, X, tmp_path, monkeypatch):
+    """Memory does not grow with the file: a chunk is read only once the chunk two before it is
+    scored, however slow the scoring.  (That Polars reads no further ahead on its own is
+    measured by bench/offline_scoring.py: peak memory on 1M and 3M rows.)"""
+    import time
+
+    from muse.core import file_scoring
+
+    features_frame(model, X).write_parquet(tmp_path / "in.parquet")
+    scorer = model_scorer(reg, "lightgbm")
+    slow = dataclasses.replace(scorer, score=lambda Z: (time.sleep(0.01), scorer.score(Z))[1])
+    read, written, ahead = [0], [0], []
+    batches = file_scoring._batches
+
+    def counting(*args):
+        for batch in batches(*args):
+            read[0] += 1
+            ahead.append(read[0] - written[0])
+            yield batch
+
+    monkeypatch.setattr(file_scoring, "_batches", counting)
+    plan = plan_input(tmp_path / "in.parquet", scorer.feature_names)
+    progress = lambda done, seconds: written.__setitem__(0, written[0] + 1)  # noqa: E731
+    score_file(slow, plan, tmp_path / "out.parquet", threads=2, chunk_rows=20, progress=progress)
+    assert read[0] == 50 and max(ahead) <= file_scoring.AHEAD + 1  # +1: read as the chunk before is counted
+    assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X))
+
+
+def test_a_failure_midway_leaves_no_output_and_no_thread(reg, model, X, tmp_path):
+    import threading
+
+    features_frame(model, X).write_parquet(tmp_path / "in.parquet")
+    scorer = model_scorer(reg, "lightgbm")
+    calls = [0]
+
+    def failing(Z):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise RuntimeError("the model failed")
+        return scorer.score(Z)
+
+    plan = plan_input(tmp_path / "in.parquet", scorer.feature_names)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        score_file(dataclasses.replace(scorer, score=failing), plan, tmp_path / "out.parquet", threads=2, chunk_rows=50)
+    assert {p.name for p in tmp_path.iterdir()} == {"in.parquet"}
+    assert not [t for t in threading.enumerate() if t.name.startswith("muse-score")]
+
+
+def test_a_parquet_directory_is_read_in_file_order(reg, model, X, tmp_path):
+    frame = features_frame(model, X)
+    (tmp_path / "in").mkdir()
+    frame[:400].write_parquet(tmp_path / "in" / "part-0.parquet")
+    frame[400:].write_parquet(tmp_path / "in" / "part-1.parquet")
+    assert score(reg, tmp_path / "in", tmp_path / "out.parquet", "--model", "lightgbm", "--chunk-rows", "150") == 0
+    assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X), frame["id"])
