@@ -15,7 +15,7 @@ from helpers import calibrate, make_registry, rows
 
 from muse.calib import MapTable, identity_map
 from muse.compile import native_map_table
-from muse.core.file_scoring import model_scorer, plan_input, score_file
+from muse.core.file_scoring import chunk_sizes, model_scorer, plan_input, score_file
 from muse.core.snapshot import ModelPool, build_snapshot
 from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec
 from muse.server.cli import main as cli
@@ -111,7 +111,11 @@ def test_model_and_tenant_map_equal_compiled_score_across_chunks(reg, model, X, 
     assert out["predictor"].unique().to_list() == ["lightgbm"] and out["version"].unique().to_list() == ["1"]
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and f"scored 1,000 rows of {tmp_path / 'in.parquet'}" in line
-    assert f"{threads} threads, 28 chunks" in line and "tenant acme's map" in line and "features by name" in line
+    assert (
+        f"{threads} threads, {len(list(chunk_sizes(N, 37)))} chunks" in line
+        and "tenant acme's map" in line
+        and "features by name" in line
+    )
 
 
 def test_threads_and_chunks_do_not_change_the_output(reg, model, X, tmp_path):
@@ -202,7 +206,13 @@ def test_library_call_reports_progress_and_summary(reg, model, X, tmp_path):
     summary = score_file(
         scorer, plan, tmp_path / "out.parquet", threads=2, chunk_rows=300, progress=lambda d, s: seen.append(d)
     )
-    assert seen == [300, 600, 900, 1000] and (summary.rows, summary.chunks, summary.threads) == (N, 4, 2)
+    assert seen == [37, 111, 259, 555, 855, 1000] and (summary.rows, summary.chunks, summary.threads) == (N, 6, 2)
+
+
+def test_parquet_chunks_start_small():
+    assert list(chunk_sizes(1000, 300)) == [37, 74, 148, 296, 300, 145]
+    assert list(chunk_sizes(10, 300)) == [10] and list(chunk_sizes(0, 300)) == []
+    assert list(chunk_sizes(5, 1)) == [1] * 5 and list(chunk_sizes(20, 8)) == [1, 2, 4, 8, 5]
 
 
 def test_progress_line_on_a_terminal(reg, model, X, tmp_path, capsys, monkeypatch):
@@ -317,7 +327,9 @@ def test_reading_stays_at_most_two_chunks_ahead_of_writing(reg, model, X, tmp_pa
     plan = plan_input(tmp_path / "in.parquet", scorer.feature_names)
     progress = lambda done, seconds: written.__setitem__(0, written[0] + 1)  # noqa: E731
     score_file(slow, plan, tmp_path / "out.parquet", threads=2, chunk_rows=20, progress=progress)
-    assert read[0] == 50 and max(ahead) <= file_scoring.AHEAD + 1  # +1: read as the chunk before is counted
+    assert (
+        read[0] == len(list(chunk_sizes(N, 20))) and max(ahead) <= file_scoring.AHEAD + 1
+    )  # +1: read as the chunk before is counted
     assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X))
 
 
