@@ -1,0 +1,233 @@
+"""Offline scoring benchmark: `muse score` on files of fraud-shaped rows (500 trees x 63
+leaves, 100 features, LightGBM, calibrated), rows/s at 1 and 2 threads.
+
+Parquet runs alternate 1 and 2 threads in one process (the host's load moves between runs),
+and the speed-up is the median of each pair's ratio.  Beside each, the native calls alone on
+the same rows held in memory (the same chunks and slices, no reading or writing): what the
+threads could give if the file cost nothing, and a gauge of how busy the host was.  One pair
+on the same rows as CSV.  Then the peak memory (VmHWM) of the `muse score` command, a
+process a run, on the file and on one three times as long, at two chunk sizes: the peak
+must not grow with the file.  Scores of every run are checked equal.
+
+    python -m muse.bench.offline_scoring [--rows 1000000] [--repeats 5] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import polars as pl
+
+from muse.bench.models import fraud_like_matrix, train_lightgbm
+from muse.bench.timing import print_table
+from muse.compile import Scores
+
+MEMORY_CHUNKS = (65_536, 262_144)
+
+
+def build(workdir: pathlib.Path, results: pathlib.Path) -> pathlib.Path:
+    """The registry: the fraud model compiled (beta 0.1) and calibrated onto reference fraud."""
+    from muse.calib import AlertRateCurve, ReferenceFile
+    from muse.compile import build_artifact
+    from muse.server.testing import build_registry, fit_calibration
+
+    root = workdir / "registry"
+    if (root / "calibrations" / "fraud").is_dir():
+        return root
+    curve = AlertRateCurve([0.2, 0.5, 0.6, 0.8], [0.70, 0.35, 0.10, 0.05])
+    reg = build_registry(root, references=[ReferenceFile("fraud", curve)])
+    model_file = train_lightgbm(results / "fraud_500x63.txt", trees=500, leaves=63)
+    print("compiling the 500-tree model ...", file=sys.stderr, flush=True)
+    build_artifact(model_file, reg.models_dir, name="fraud", version="1", beta=0.1)
+    X, _ = fraud_like_matrix(20000, seed=3)
+    fit_calibration(reg, "fraud/1", X, reference="fraud", name="fraud")
+    return root
+
+
+def features_file(workdir: pathlib.Path, rows: int, names: list[str]) -> tuple[pathlib.Path, np.ndarray]:
+    X, _ = fraud_like_matrix(rows, seed=7)
+    path = workdir / f"features-{rows}.parquet"
+    if not path.exists():
+        print(f"writing {rows:,} rows of features ...", file=sys.stderr, flush=True)
+        frame = pl.DataFrame({"id": np.arange(rows), **{n: X[:, i] for i, n in enumerate(names)}})
+        frame.write_parquet(path)
+    return path, X
+
+
+def native_only(score, X: np.ndarray, threads: int, chunk_rows: int) -> float:
+    """rows/s of the native calls alone: X in memory, cut as score_file cuts it."""
+    from muse.core.file_scoring import _slices
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(X), chunk_rows):
+            chunk = np.ascontiguousarray(X[start : start + chunk_rows])
+            list(pool.map(lambda ab: score(chunk[ab[0] : ab[1]]), _slices(len(chunk), threads)))
+    return len(X) / (time.perf_counter() - started)
+
+
+# VmHWM, not getrusage's ru_maxrss: a child started by fork + exec inherits its parent's peak
+# in ru_maxrss (here: the benchmark's own 1M-row matrix).
+PEAK_RSS = """
+import sys
+from muse.server.cli import main
+code = main(sys.argv[1:])
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def peak_rss(registry: pathlib.Path, inp: pathlib.Path, out: pathlib.Path, chunk_rows: int) -> float:
+    """MiB: the peak resident memory of one `muse score` process (its own, not its probe's)."""
+    cmd = [sys.executable, "-c", PEAK_RSS, "score", "--registry", str(registry), "--model", "fraud"]
+    cmd += ["--calibration", "fraud", "--input", str(inp), "--output", str(out)]
+    cmd += ["--threads", "2", "--chunk-rows", str(chunk_rows)]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
+def imports_rss() -> float:
+    """MiB: a process that has imported what `muse score` imports, and done nothing."""
+    code = "import muse.server.cli, muse.core.file_scoring\n"
+    code += 'print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))'
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) / 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    from muse.core.file_scoring import DEFAULT_CHUNK_ROWS, model_scorer, plan_input, score_file
+    from muse.core.registry import Registry
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=5, help="pairs of Parquet runs (1 thread, 2 threads)")
+    parser.add_argument("--chunk-rows", type=int, help="default: muse score's, by input kind")
+    parser.add_argument("--workdir", type=pathlib.Path, help="keep the registry and the features files here")
+    parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or pathlib.Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        registry = build(work, args.results)
+        scorer = model_scorer(Registry(registry), "fraud", calibration="fraud")
+        inp, X = features_file(work, args.rows, list(scorer.feature_names))
+        csv = work / f"features-{args.rows}.csv"
+        if not csv.exists():
+            pl.scan_parquet(inp).sink_csv(csv)
+        load = os.getloadavg()
+        runs: dict[str, dict[int, list[float]]] = {k: {1: [], 2: []} for k in ("parquet", "native", "csv")}
+        outputs = {}
+
+        def run(kind: str, path: pathlib.Path, threads: int) -> None:
+            out = work / f"scores-{kind}-{threads}.parquet"
+            plan = plan_input(path, scorer.feature_names)
+            summary = score_file(scorer, plan, out, threads=threads, chunk_rows=args.chunk_rows)
+            runs[kind][threads].append(summary.rows_per_second)
+            outputs[(kind, threads)] = out
+            print(f"{kind}, {threads} thread(s): {summary.rows_per_second:,.0f} rows/s", file=sys.stderr, flush=True)
+
+        for _ in range(args.repeats):
+            for threads in (1, 2):
+                run("parquet", inp, threads)
+                chunk = args.chunk_rows or DEFAULT_CHUNK_ROWS["Parquet"]
+                runs["native"][threads].append(native_only(scorer.score, X, threads, chunk))
+                print(f"native, {threads} thread(s): {runs['native'][threads][-1]:,.0f} rows/s", file=sys.stderr)
+        for threads in (1, 2):
+            run("csv", csv, threads)
+        # The file's own work -- reading, the row-major matrix, writing -- in CPU seconds, with a
+        # scorer that returns zeros: at 2 threads on 2 cores it takes time from the scoring.
+        noop = dataclasses.replace(scorer, score=lambda Z: Scores(np.zeros((3, len(Z)))))
+        pipeline = {}
+        for kind, path in (("parquet", inp), ("csv", csv)):
+            cpu = time.process_time()
+            score_file(noop, plan_input(path, scorer.feature_names), work / "noop.parquet", threads=2)
+            pipeline[kind] = time.process_time() - cpu
+        first = pl.read_parquet(outputs[("parquet", 1)])
+        for key, out in outputs.items():
+            if not pl.read_parquet(out).equals(first):
+                raise SystemExit(f"{key}: scores differ from Parquet's with 1 thread")
+        memory = {}
+        baseline = imports_rss()
+        if not args.no_memory:
+            # Three times the rows: the peak must not grow with the file.
+            triple = work / f"features-{3 * args.rows}.parquet"
+            if not triple.exists():
+                pl.concat([pl.scan_parquet(inp)] * 3).sink_parquet(triple)
+            triple_csv = triple.with_suffix(".csv")
+            if not triple_csv.exists():
+                pl.concat([pl.scan_parquet(inp)] * 3).sink_csv(triple_csv)
+            csv_chunk = args.chunk_rows or DEFAULT_CHUNK_ROWS["CSV"]
+            cases = [(inp, args.rows, c) for c in MEMORY_CHUNKS] + [(triple, 3 * args.rows, c) for c in MEMORY_CHUNKS]
+            cases += [(csv, args.rows, csv_chunk), (triple_csv, 3 * args.rows, csv_chunk)]
+            for path, n, chunk in cases:
+                kind = "CSV" if path.suffix == ".csv" else "Parquet"
+                print(f"peak memory, {kind}, {n:,} rows, --chunk-rows {chunk:,} ...", file=sys.stderr, flush=True)
+                memory[(kind, n, chunk)] = peak_rss(registry, path, work / "scores-rss.parquet", chunk)
+    chunks = {k: args.chunk_rows or v for k, v in DEFAULT_CHUNK_ROWS.items()}
+    result = {"rows": args.rows, "chunk_rows": chunks, "load_before": load, "runs": runs}
+    result["peak_rss_mib"] = [{"input": k, "rows": n, "chunk_rows": c, "mib": m} for (k, n, c), m in memory.items()]
+    result["imports_rss_mib"] = baseline
+    result["pipeline_cpu_seconds"] = pipeline
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "offline_scoring.json").write_text(json.dumps(result, indent=1))
+
+    print()
+    print(
+        f"{args.rows:,} rows x 100 features (Parquet {inp.stat().st_size / 2**20:,.0f} MiB, "
+        f"CSV {csv.stat().st_size / 2**20:,.0f} MiB), fraud 500x63 calibrated, chunks of {chunks['Parquet']:,} rows "
+        f"(Parquet), {chunks['CSV']:,} (CSV); "
+        f"Parquet and native: {args.repeats} pairs alternated, CSV: one pair; load average before {load[0]:.2f}"
+    )
+    table = []
+    labels = {
+        "parquet": "muse score, Parquet file",
+        "csv": "muse score, CSV file",
+        "native": "native calls only, rows in memory",
+    }
+    for kind, label in labels.items():
+        one, two = runs[kind][1], runs[kind][2]
+        ratios = [b / a for a, b in zip(one, two)]
+        table.append(
+            [
+                label,
+                f"{statistics.median(one):,.0f}",
+                f"{statistics.median(two):,.0f}",
+                f"{statistics.median(ratios):.2f}x",
+                ", ".join(f"{x:.2f}" for x in ratios),
+            ]
+        )
+    print_table(["what", "1 thread rows/s", "2 threads rows/s", "speed-up (median)", "each pair"], table)
+    scoring = args.rows / statistics.median(runs["native"][1])  # seconds of one core
+    for kind, label in (("parquet", "Parquet"), ("csv", "CSV")):
+        ceiling = 2 * scoring / (scoring + pipeline[kind])
+        print(
+            f"{label}: reading, converting and writing take {pipeline[kind]:.2f} CPU s (scoring {scoring:.1f} s); "
+            f"at 2 threads on 2 cores that leaves a speed-up of about "
+            f"2 x {scoring:.1f} / {scoring + pipeline[kind]:.1f} = {ceiling:.2f}x"
+        )
+    if memory:
+        print()
+        rows = []
+        for (kind, n, chunk), mib in memory.items():
+            bound = 3 * chunk * 100 * 8 / 2**20
+            rows.append([kind, f"{n:,}", f"{chunk:,}", f"{bound:,.0f}", f"{mib:,.0f}", f"{mib - baseline:,.0f}"])
+        print(f"muse score --threads 2, a process a run; a process that only imports its modules: {baseline:,.0f} MiB")
+        headers = ["input", "rows", "--chunk-rows", "3 x chunk x 100 x 8 B, MiB", "peak RSS, MiB", "above imports, MiB"]
+        print_table(headers, rows)
+
+
+if __name__ == "__main__":
+    main()
