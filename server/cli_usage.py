@@ -35,6 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from muse.calib.names import is_tenant
 
+from .metrics import MAX_TENANT_LABELS, OTHER
+
 DURATION = re.compile(r"([1-9][0-9]{0,8})([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_FORMS = "a whole number and one of s, m, h, d: 90s, 15m, 2h, 7d"
@@ -43,8 +45,8 @@ SAMPLE_NOTE = (
     "`muse serve --score-log-sample 1` (the fraction is not recorded in the files)"
 )
 SCRAPE_TIMEOUT = 10.0  # seconds
+MAX_SCRAPE_BYTES = 64 << 20  # /metrics of a server with its 1,000 tenant labels is a few MiB
 READ_TRIES = 3  # the server deletes the oldest files to keep its budget, maybe while they are listed
-OTHER = "_other"  # the tenant label of tenants beyond server/metrics.py's MAX_TENANT_LABELS
 
 
 def register(sub) -> None:
@@ -214,7 +216,12 @@ def scrape_url(url: str, key: str | None = None, timeout: float = SCRAPE_TIMEOUT
     req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            text = resp.read().decode()
+            raw = resp.read(MAX_SCRAPE_BYTES + 1)
+        if len(raw) > MAX_SCRAPE_BYTES:
+            raise ValueError(
+                f"--metrics-url {url}: more than {MAX_SCRAPE_BYTES >> 20} MiB; is it a MUSE server's /metrics?"
+            )
+        text = raw.decode()
     except urllib.error.HTTPError as exc:
         said = _error_text(exc)
         if exc.code in (401, 403):
@@ -409,4 +416,4 @@ def _print_notes(args, source, logged: Logged, since, url: str | None, usage: di
     if any(len(key) > 1 and key[1] == "" for key in usage):
         print("intent (none): requests refused before their intent was read, or naming an intent not served")
     if OTHER in tenants and url:
-        print(f"{OTHER}: in /metrics, every tenant beyond the first 1,000 a server worker saw")
+        print(f"{OTHER}: in /metrics, every tenant beyond the first {MAX_TENANT_LABELS:,} a server worker saw")

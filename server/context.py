@@ -130,14 +130,14 @@ class Context:
         tenant, rows = lane.tenant, len(X)
         quotas = self._current_quotas()
         try:
-            quotas.admit(tenant, rows, field)
+            admitted = quotas.admit(tenant, rows, field)
         except HTTPError:
             self.metrics.rejected_rows.labels(self.metrics.tenant_label(tenant), lane.predictor.intent).inc(rows)
             raise
         try:
-            return await lane.score(X, quotas.weight(tenant))
+            return await lane.score(X, admitted.limits.weight)
         finally:
-            quotas.release(tenant, rows)
+            quotas.release(admitted, rows)
 
     def count_error(self, exc: HTTPError, tenant: str, intent: str, predictor: str) -> None:
         """Count a refused scoring request.  Labels name only what is served: a request refused

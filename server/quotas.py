@@ -49,7 +49,9 @@ class Limits:
 UNLIMITED = Limits(None, math.inf, None, PRIORITY_WEIGHTS[DEFAULT_PRIORITY])
 
 
-class _Tenant:
+class TenantState:
+    """A tenant's bucket and rows in flight in this worker."""
+
     __slots__ = ("inflight", "limits", "tokens", "updated")
 
     def __init__(self, limits: Limits, now: float):
@@ -73,7 +75,7 @@ class Quotas:
         self.clock = clock
         self.generation: int | None = None  # the deployment whose quotas are in force
         self._entries: dict[str, QuotaSpec] = {}
-        self._tenants: dict[str, _Tenant] = {}
+        self._tenants: dict[str, TenantState] = {}
         self._next_sweep = MAX_TENANTS  # table size at which idle tenants are next forgotten
 
     def configure(self, quotas: list[QuotaSpec], generation: int) -> None:
@@ -82,14 +84,12 @@ class Quotas:
         self._entries = {q.tenant: q for q in quotas}
         self.generation = generation
         now = self.clock()
-        for name, tenant in list(self._tenants.items()):
+        for name, tenant in self._tenants.items():
             limits = self.limits(name)
-            if limits != tenant.limits:
-                fresh = _Tenant(limits, now)
-                fresh.inflight = tenant.inflight
+            if limits != tenant.limits:  # changed in place: requests in flight hold this object
                 tenant.refill(now)
-                fresh.tokens = min(fresh.tokens, tenant.tokens)  # new limits forgive no debt
-                self._tenants[name] = fresh
+                tenant.limits = limits
+                tenant.tokens = min(tenant.tokens, limits.burst_rows)  # new limits forgive no debt
 
     def limits(self, tenant: str) -> Limits:
         entries = [e for e in (self._entries.get(tenant), self._entries.get(DEFAULT_TENANT)) if e is not None]
@@ -111,14 +111,14 @@ class Quotas:
             PRIORITY_WEIGHTS[priority],
         )
 
-    def _tenant(self, tenant: str) -> _Tenant:
+    def _tenant(self, tenant: str) -> TenantState:
         state = self._tenants.get(tenant)
         if state is None:
             if len(self._tenants) >= self._next_sweep:
                 self._forget_idle()
                 # the next sweep when the table has doubled: each costs O(table), so O(1) a tenant
                 self._next_sweep = max(MAX_TENANTS, 2 * len(self._tenants))
-            state = self._tenants[tenant] = _Tenant(self.limits(tenant), self.clock())
+            state = self._tenants[tenant] = TenantState(self.limits(tenant), self.clock())
         return state
 
     def _forget_idle(self) -> None:
@@ -126,7 +126,7 @@ class Quotas:
         now = self.clock()
         for name, state in list(self._tenants.items()):
             state.refill(now)
-            if state.inflight == 0 and state.tokens >= state.limits.burst_rows:
+            if state.inflight == 0 and (state.limits is UNLIMITED or state.tokens >= state.limits.burst_rows):
                 del self._tenants[name]
 
     def weight(self, tenant: str) -> int:
@@ -140,26 +140,25 @@ class Quotas:
         state.refill(self.clock())
         self._refuse_if_over(tenant, state, 1, field)  # at least one row will come
 
-    def admit(self, tenant: str, rows: int, field: str) -> None:
-        """Take ``rows`` from ``tenant``'s quota (429 if over); ``release`` them once answered."""
+    def admit(self, tenant: str, rows: int, field: str) -> TenantState:
+        """Take ``rows`` from ``tenant``'s quota (429 if over); what it returns is handed to
+        ``release`` once they are answered (and carries the tenant's weight meanwhile)."""
         state = self._tenant(tenant)
-        if state.limits is UNLIMITED:
-            state.inflight += rows
-            return
-        state.refill(self.clock())
-        self._refuse_if_over(tenant, state, rows, field)
-        state.tokens -= rows
+        if state.limits is not UNLIMITED:
+            state.refill(self.clock())
+            self._refuse_if_over(tenant, state, rows, field)
+            state.tokens -= rows
         state.inflight += rows
+        return state
 
-    def release(self, tenant: str, rows: int) -> None:
-        state = self._tenants.get(tenant)
-        if state is not None:
-            state.inflight -= rows
+    @staticmethod
+    def release(admitted: TenantState, rows: int) -> None:
+        admitted.inflight -= rows  # never forgotten meanwhile: only tenants with nothing in flight are
 
     def _shares(self, per_worker: float) -> str:
         return "" if self.workers == 1 else f" ({per_worker:,.0f} in each of {self.workers} workers)"
 
-    def _refuse_if_over(self, tenant: str, state: _Tenant, rows: int, field: str) -> None:
+    def _refuse_if_over(self, tenant: str, state: TenantState, rows: int, field: str) -> None:
         limits = state.limits
         if limits.rows_per_second is not None and state.tokens <= 0:
             wait = max(1, math.ceil(-state.tokens / limits.rows_per_second + 1e-9))

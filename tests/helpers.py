@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 import polars as pl
-from conftest import training_data
+from conftest import get_case, training_data
 
 from muse.calib import AlertRateCurve, ReferenceFile
 from muse.core.registry import Registry
@@ -31,6 +31,17 @@ def make_registry(root: pathlib.Path, cases: dict) -> Registry:
         models={name: case.artifact.parent for name, case in cases.items()},
         references=[ReferenceFile(intent, CURVE) for intent in ("fraud", "risk")],
     )
+
+
+def calibrated_registry(root: pathlib.Path, model_dir: pathlib.Path) -> Registry:
+    """ROOT/registry with lightgbm (also as lightgbm-copy) calibrated per tenant acme, and
+    xgboost-json calibrated as xgb-cal: the models of the deployment and scoring tests."""
+    cases = {k: get_case(k, model_dir, root / "compiled") for k in ("lightgbm", "xgboost-json")}
+    cases["lightgbm-copy"] = cases["lightgbm"]
+    reg = make_registry(root / "registry", cases)
+    calibrate(reg, "lightgbm", {"acme": 1})
+    calibrate(reg, "xgboost-json", {}, name="xgb-cal")
+    return reg
 
 
 def calibrate(reg: Registry, model: str, tenants: dict[str, int], name: str | None = None) -> None:

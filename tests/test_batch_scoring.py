@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import get_case
-from helpers import calibrate, make_registry, rows
+from helpers import calibrated_registry, make_registry, rows
 
 from muse.calib import MapTable, identity_map
 from muse.compile import native_map_table
@@ -33,12 +33,7 @@ SPEC = DeploymentSpec(
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory, model_dir):
-    root = tmp_path_factory.mktemp("score")
-    cases = {k: get_case(k, model_dir, root / "compiled") for k in ("lightgbm", "xgboost-json")}
-    cases["lightgbm-copy"] = cases["lightgbm"]
-    reg = make_registry(root / "registry", cases)
-    calibrate(reg, "lightgbm", {"acme": 1})
-    calibrate(reg, "xgboost-json", {}, name="xgb-cal")
+    reg = calibrated_registry(tmp_path_factory.mktemp("score"), model_dir)
     deploy(reg, SPEC)
     return reg
 

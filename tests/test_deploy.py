@@ -6,8 +6,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 import pytest
-from conftest import get_case
-from helpers import calibrate, make_registry, rows
+from helpers import calibrated_registry, rows
 
 from muse.calib import correct_margins
 from muse.core.deploy import DeploymentStore
@@ -42,12 +41,7 @@ def with_a(**changes) -> DeploymentSpec:
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory, model_dir):
-    root = tmp_path_factory.mktemp("deploy")
-    cases = {k: get_case(k, model_dir, root / "compiled") for k in ("lightgbm", "xgboost-json")}
-    cases["lightgbm-copy"] = cases["lightgbm"]
-    reg = make_registry(root / "registry", cases)
-    calibrate(reg, "lightgbm", {"acme": 1})
-    calibrate(reg, "xgboost-json", {}, name="xgb-cal")
+    reg = calibrated_registry(tmp_path_factory.mktemp("deploy"), model_dir)
     return reg
 
 

@@ -452,6 +452,12 @@ def test_light_load_keeps_the_direct_paths(lgb_case):
     assert np.array_equal(big.array, model.score(X, native, 1).array)
 
 
+def ensemble(members: tuple[ModelBatcher, ...], table, native) -> Predictor:
+    """A mean-logit ensemble of ``members`` whose tenants all use map 1."""
+    names = tuple(f"f{i}" for i in range(FEATURES))
+    return Predictor("p", "1", "fraud", members, "mean_logit", names, table, native, {None: 1}, None)
+
+
 def test_predictors_queue_rows_as_their_tenant_in_every_member(lgb_case):
     """Predictor.score_async hands the tenant and its weight to each member's batcher (an ensemble
     of two here): the rows wait in that tenant's queue at both models."""
@@ -463,10 +469,7 @@ def test_predictors_queue_rows_as_their_tenant_in_every_member(lgb_case):
     async def run():
         threads = [SteppedThread(), SteppedThread()]
         members = tuple(batcher(model, t, max_rows=100) for t in threads)
-        predictor = Predictor(
-            "p", "1", "fraud", members, "mean_logit", tuple(f"f{i}" for i in range(FEATURES)), table, native,
-            {None: 1}, None,
-        )  # fmt: skip
+        predictor = ensemble(members, table, native)
         task = asyncio.ensure_future(predictor.score_async(X, 1, "acme", 3))
         await settle()
         queued = [(m.queued_rows("acme"), m._tenants["acme"].weight) for m in members]
@@ -491,10 +494,7 @@ def test_an_ensemble_member_refused_cancels_the_others(lgb_case):
         threads = [SteppedThread(), SteppedThread()]
         roomy = batcher(model, threads[0], max_rows=100, max_queue_rows=100_000)
         full = batcher(model, threads[1], max_rows=100, max_queue_rows=100)
-        predictor = Predictor(
-            "p", "1", "fraud", (roomy, full), "mean_logit", tuple(f"f{i}" for i in range(FEATURES)), table, native,
-            {None: 1}, None,
-        )  # fmt: skip
+        predictor = ensemble((roomy, full), table, native)
         first = asyncio.ensure_future(full.score_async(X, native, 0, "acme"))  # fills acme's queue at `full`
         await settle()
         with pytest.raises(Overloaded):

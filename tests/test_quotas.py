@@ -68,10 +68,10 @@ def test_over_quota_is_429_with_retry_after_and_the_other_tenant_goes_on():
 
 def test_rows_in_flight_are_capped_but_a_lone_request_always_goes():
     q, _ = quotas(QuotaSpec("*", max_inflight_rows=100))
-    q.admit("acme", 500, "$.tenant")  # nothing in flight: it goes, however large
+    held = q.admit("acme", 500, "$.tenant")  # nothing in flight: it goes, however large
     with pytest.raises(HTTPError, match="500 rows in flight; its max_inflight_rows is 100"):
         q.admit("acme", 1, "$.tenant")
-    q.release("acme", 500)
+    q.release(held, 500)
     q.admit("acme", 60, "$.tenant")
     q.admit("acme", 40, "$.tenant")
     with pytest.raises(HTTPError):
@@ -174,8 +174,7 @@ def test_idle_tenants_are_forgotten_past_max_tenants(monkeypatch):
     monkeypatch.setattr("muse.server.quotas.MAX_TENANTS", 3)
     q, clock = quotas(QuotaSpec("*", rows_per_second=10, burst_rows=10))
     q.admit("busy", 5, "$.tenant")  # in flight
-    q.admit("drained", 10, "$.tenant")
-    q.release("drained", 10)
+    q.release(q.admit("drained", 10, "$.tenant"), 10)
     q.weight("idle")
     q.weight("new")  # the fourth: idle ones with full buckets go, the others stay
     assert set(q._tenants) == {"busy", "drained", "new"}
