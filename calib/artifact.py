@@ -98,6 +98,13 @@ def make_calibration(
     return msgspec.structs.replace(cal, checksum=_digest(cal))
 
 
+def carried_over(cal: Calibration, *, name: str, version: str) -> Calibration:
+    """``cal``'s map, unchanged, as part of calibration version name/version (a refresh keeps a
+    tenant's previous map when its new one is refused).  Its window and sample stay its own."""
+    moved = msgspec.structs.replace(cal, name=name, version=version, checksum="")
+    return msgspec.structs.replace(moved, checksum=_digest(moved))
+
+
 def write_calibration(cal: Calibration, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     if path.exists():

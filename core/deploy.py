@@ -23,6 +23,10 @@ from .snapshot import ModelPool, build_snapshot
 from .spec import DeploymentSpec, RouteSpec, SpecError, decode_spec, encode_spec
 
 
+class GenerationConflict(SpecError):
+    """A deployment derived from one generation lost the race to publish the next."""
+
+
 class DeploymentStore:
     def __init__(self, registry: Registry):
         self.registry = registry
@@ -58,20 +62,29 @@ class DeploymentStore:
         """Raise SpecError naming the first bad entry; loads models into a throwaway pool."""
         build_snapshot(spec, ModelPool(self.registry), generation=0, source=source)
 
-    def apply(self, spec: DeploymentSpec, source: str = "deployment") -> int:
-        """Validate, store as the next generation and make it current; returns the generation."""
+    def apply(self, spec: DeploymentSpec, source: str = "deployment", after: int | None = None) -> int:
+        """Validate, store as the next generation (``after``: see publish) and make it current;
+        returns the generation."""
         self.validate(spec, source)
-        return self.publish(spec)
+        return self.publish(spec, after)
 
-    def publish(self, spec: DeploymentSpec) -> int:
+    def publish(self, spec: DeploymentSpec, after: int | None = None) -> int:
+        """Store ``spec`` as the next generation and make it current.  With ``after``, only as
+        generation ``after + 1`` (compare and swap: ``spec`` was derived from generation
+        ``after``, and must not silently undo a generation someone published meanwhile);
+        GenerationConflict if that number is taken."""
         self.dir.mkdir(parents=True, exist_ok=True)
         raw = encode_spec(spec)
-        generation = max(self.generations(), default=0) + 1
+        generation = max(self.generations(), default=0) + 1 if after is None else after + 1
         while True:  # exclusive create: two concurrent applies never share a number
             try:
                 fd = os.open(self.path(generation), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 break
             except FileExistsError:
+                if after is not None:
+                    raise GenerationConflict(
+                        f"generation {generation} was published by someone else after generation {after}"
+                    ) from None
                 generation += 1
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
@@ -127,7 +140,7 @@ class DeploymentStore:
         new = msgspec.structs.replace(
             spec, routes=routes, description=f"promote {predictor} for {intent} ({who}) from generation {generation}"
         )
-        return self.apply(new, source=f"promote {predictor}")
+        return self.apply(new, source=f"promote {predictor}", after=generation)
 
     def rollback(self, to: int | None = None) -> int:
         """Publish an earlier generation again (default: the one before the current)."""
@@ -141,7 +154,7 @@ class DeploymentStore:
             raise SpecError(f"generation {to} is already current")
         spec = self.read(to)
         new = msgspec.structs.replace(spec, description=f"rollback to generation {to} (from {generation})")
-        return self.apply(new, source=str(self.path(to)))
+        return self.apply(new, source=str(self.path(to)), after=generation)
 
     def _current(self) -> tuple[int, DeploymentSpec]:
         generation = self.current_generation()

@@ -30,10 +30,19 @@ priority = "normal"          # "high" | "normal" | "low": its share when the mod
 [[quotas]]
 tenant = "acme-bank"         # what it leaves out comes from "*"
 rows_per_second = 5000
+
+[[refresh]]                  # optional; run by `muse refresher` (muse.core.refresh)
+predictor = "fraud-v1"       # refit this predictor's map from its own score-log rows
+every = "1d"                 # when its calibration is this old (a duration: 90s, 15m, 2h, 7d)
+window = "7d"                # from the rows of this last stretch of time; or last = 200000 rows
+tolerance = 0.10             # or sooner, when live alert rates drift this far off their targets
+by = "tenant"                # also one map per tenant (optional)
 """
 
 from __future__ import annotations
 
+import datetime
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -101,13 +110,70 @@ class QuotaSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
             raise ValueError("burst_rows needs rows_per_second (the rate that refills the burst)")
 
 
+DURATION = re.compile(r"([1-9][0-9]{0,8})([smhd])")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_FORMS = "a whole number and one of s, m, h, d: 90s, 15m, 2h, 7d"
+DurationText = Annotated[str, msgspec.Meta(pattern=f"^{DURATION.pattern}$", description=DURATION_FORMS)]
+
+
+def parse_duration(what: str, text: str) -> datetime.timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d``; anything else is a ValueError naming ``what``."""
+    match = DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{what} {text!r}: not a duration; use {DURATION_FORMS}")
+    return datetime.timedelta(seconds=int(match.group(1)) * UNIT_SECONDS[match.group(2)])
+
+
+DEFAULT_REFRESH_WINDOW = "7d"
+DEFAULT_REFRESH_MIN_SAMPLES = 10_000
+
+
+class RefreshSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """When and how `muse refresher` refits a predictor's map (muse.core.refresh has the checks)."""
+
+    predictor: Name
+    every: DurationText  # refresh when the predictor's calibration is this old
+    window: DurationText | None = None  # fit from the rows of this last stretch of time (default 7d)...
+    last: Annotated[int, msgspec.Meta(ge=1)] | None = None  # ...or from this many newest rows
+    # Refresh early when an edge's live alert rate is off its target by more than this fraction
+    # of the target; also the bound a new map must keep on the newest rows of its window.
+    tolerance: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.10
+    # At most this change, as a fraction of the target, in any edge's alert rate at one refresh.
+    max_shift: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    min_samples: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_REFRESH_MIN_SAMPLES
+    by: Literal["tenant"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.last is not None:
+            raise ValueError("give window (a duration) or last (a number of rows), not both")
+
+    @property
+    def window_text(self) -> str | None:
+        """The time window, unless the policy counts rows (``last``)."""
+        return None if self.last is not None else self.window or DEFAULT_REFRESH_WINDOW
+
+
 class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     # Never empty: publishing a deployment without routes would take every tenant offline.
     predictors: Annotated[list[PredictorSpec], msgspec.Meta(min_length=1)]
     routes: Annotated[list[RouteSpec], msgspec.Meta(min_length=1)]
     batching: dict[ModelRef, BatchingSpec] = {}
     quotas: list[QuotaSpec] = []
+    refresh: list[RefreshSpec] = []
     description: str = ""
+
+    def __post_init__(self) -> None:
+        defined = {p.name for p in self.predictors}
+        seen: set[str] = set()
+        for i, policy in enumerate(self.refresh):
+            if policy.predictor not in defined:
+                raise ValueError(
+                    f"refresh[{i}]: predictor {policy.predictor!r} is not defined "
+                    f"(defined: {', '.join(sorted(defined))})"
+                )
+            if policy.predictor in seen:
+                raise ValueError(f"refresh[{i}]: predictor {policy.predictor!r} has two refresh policies; keep one")
+            seen.add(policy.predictor)
 
 
 class SpecError(ValueError):

@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import re
 import sys
 import urllib.error
 import urllib.parse
@@ -34,12 +33,10 @@ import polars as pl
 from prometheus_client.parser import text_string_to_metric_families
 
 from muse.calib.names import is_tenant
+from muse.core.spec import parse_duration
 
 from .metrics import MAX_TENANT_LABELS, OTHER
 
-DURATION = re.compile(r"([1-9][0-9]{0,8})([smhd])")
-UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-DURATION_FORMS = "a whole number and one of s, m, h, d: 90s, 15m, 2h, 7d"
 SAMPLE_NOTE = (
     "rows logged are the rows of the requests the score log kept: equal to rows scored only at "
     "`muse serve --score-log-sample 1` (the fraction is not recorded in the files)"
@@ -90,14 +87,6 @@ def register(sub) -> None:
 
 
 # -- the window ----------------------------------------------------------------------------
-
-
-def parse_duration(flag: str, text: str) -> datetime.timedelta:
-    """``90s``, ``15m``, ``2h``, ``7d``; anything else is a ValueError naming ``flag``."""
-    match = DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"{flag} {text!r}: not a duration; use {DURATION_FORMS}")
-    return datetime.timedelta(seconds=int(match.group(1)) * UNIT_SECONDS[match.group(2)])
 
 
 def cutoff(since: str | None, now: datetime.datetime) -> datetime.datetime | None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from muse.calib.names import TENANT_RULE, tenant_problem
 from muse.compile import Scores
+from muse.core.deploy import GenerationConflict
 from muse.core.registry import Registry
 from muse.core.snapshot import RouteError, Snapshot
 from muse.core.spec import SpecError
@@ -170,5 +171,7 @@ class Context:
         """Deployment work on the background thread; a refused deployment is a 422."""
         try:
             return await self.serving.in_background(fn, *args)
+        except GenerationConflict as exc:  # derived from a generation that another publish replaced
+            raise HTTPError(409, f"{exc}; retry against the current generation", "$") from None
         except SpecError as exc:
             raise HTTPError(422, str(exc), "$") from None
