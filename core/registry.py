@@ -9,6 +9,7 @@
       deployments/GENERATION.toml     every applied deployment, numbered
       deployments/current             the generation being served
       keys.toml                       hashed API keys (muse keys)
+      labels/labels-SEQUENCE.parquet  imported labels, one file per import, the last wins (muse.core.labels)
 
 Versions are directory names; "latest" means the highest numeric version.
 Nothing is ever rewritten in place: a new version is a new directory.  A

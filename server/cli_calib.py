@@ -29,6 +29,7 @@ from muse.calib.quantile_map import DEFAULT_MIN_SAMPLES, MAX_EDGE_ERROR, EdgeMis
 from muse.calib.samples import read_frame, read_table
 from muse.compile import CompiledModel
 from muse.core.deploy import DeploymentStore
+from muse.core.labels import LabelStore
 from muse.core.predictor import ensemble_identity
 from muse.core.registry import Registry, RegistryError
 from muse.core.spec import PredictorSpec, SpecError
@@ -117,6 +118,13 @@ def register(sub) -> None:
         "--all-generations",
         action="store_true",
         help="judge every logged generation (default: only the latest, i.e. what is live)",
+    )
+    st.add_argument(
+        "--labels",
+        action="store_true",
+        help="also, per series and edge, the alert rate, recall and precision among the events labelled with "
+        "`muse labels import` (joined by event id; an event scored twice by a predictor counts once, its last "
+        "score), and how many events are labelled and unlabelled",
     )
     st.set_defaults(func=cmd_status)
 
@@ -584,6 +592,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         # an integer column (None when empty); polars types Series.max() as any Python scalar
         generation = cast("int | None", frame["generation"].max())
         print(f"generation {generation} (the latest in the log; --all-generations for history)")
+    labels = _load_labels(reg, frame) if args.labels else None
     drifted = 0
     for intent in sorted(frame["intent"].drop_nulls().unique().to_list()):
         try:
@@ -617,5 +626,85 @@ def cmd_status(args: argparse.Namespace) -> int:
                 + " ".join(f"{a:>7.3f} [{t:.3f}]" for a, (_, t) in zip(achieved, edges))
                 + f"  {status}"
             )
+        if labels is not None:
+            _print_label_metrics(frame.filter(pl.col("intent") == intent), labels, [e for e, _ in edges])
     print(f"{drifted} drifted series" if drifted else "no drift beyond tolerance")
     return 1 if drifted else 0
+
+
+# -- muse calib status --labels ------------------------------------------------------------------
+
+SERIES = ["predictor", "role", "tenant"]
+
+
+def _load_labels(reg: Registry, frame: pl.DataFrame) -> pl.DataFrame:
+    """The registry's labels (event_id, label), saying when they cannot be joined to anything."""
+    store = LabelStore(reg)
+    labels = store.labels().select("event_id", "label")
+    if labels.height == 0:
+        print(f"no labels in {store.directory}: import them with `muse labels import FILE --registry {reg.root}`")
+    if frame.height and ("event_id" not in frame.columns or frame["event_id"].null_count() == frame.height):
+        print("the score log holds no event ids (files written before they were logged): every event is unlabelled")
+    return labels
+
+
+def labelled_events(frame: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    """One row per event of each (predictor, role, tenant) series: its last score ('mapped') and
+    its label (null when unlabelled).  A retried event, logged twice by one predictor, counts
+    once; rows without an event id (older log files) are each an unlabelled event."""
+    ids = pl.col("event_id").cast(pl.Utf8) if "event_id" in frame.columns else pl.lit(None, pl.Utf8)
+    rows = frame.select(*SERIES, ids.alias("event_id"), "mapped", *(["time"] if "time" in frame.columns else []))
+    if "time" in rows.columns:
+        rows = rows.sort("time", maintain_order=True)  # stable: rows logged at one instant keep the log's order
+    known = rows.filter(pl.col("event_id").is_not_null())
+    events = pl.concat(
+        [
+            known.unique(subset=[*SERIES, "event_id"], keep="last", maintain_order=True),
+            rows.filter(pl.col("event_id").is_null()),
+        ]
+    )
+    return events.join(labels.select("event_id", "label"), on="event_id", how="left")
+
+
+def label_metrics(events: pl.DataFrame, edges: list[float]) -> pl.DataFrame:
+    """Per series: events, labelled, fraud, and per edge i the labelled events alerted on
+    (``alerts{i}``: mapped >= edge) and the fraud among them (``caught{i}``)."""
+    labelled = pl.col("label").is_not_null()
+    fraud = pl.col("label") == 1
+    per_edge = []
+    for i, edge in enumerate(edges):
+        alert = pl.col("mapped") >= edge
+        per_edge += [(alert & labelled).sum().alias(f"alerts{i}"), (alert & fraud).sum().alias(f"caught{i}")]
+    return (
+        events.group_by(SERIES)
+        .agg(pl.len().alias("events"), labelled.sum().alias("labelled"), fraud.sum().alias("fraud"), *per_edge)
+        .sort(SERIES)
+    )
+
+
+def _ratio(num: int, den: int) -> str:
+    return f"{num / den:.3f}" if den else "-"
+
+
+def _print_label_metrics(frame: pl.DataFrame, labels: pl.DataFrame, edges: list[float]) -> None:
+    metrics = label_metrics(labelled_events(frame, labels), edges)
+    print(
+        "  labelled events: alert rate among them, recall (alerts among fraud), precision (fraud among alerts); "
+        "'-' when undefined"
+    )
+    print(
+        f"  {'predictor':<14} {'role':<7} {'tenant':<14} {'events':>8} {'labelled':>8} {'unlabelled':>10} "
+        f"{'fraud':>7}  {'edge':>6} {'alert rate':>10} {'recall':>7} {'precision':>9}"
+    )
+    for row in metrics.iter_rows(named=True):
+        tenant = row["tenant"] if is_tenant(row["tenant"]) else repr(row["tenant"])  # no control characters
+        series = (
+            f"  {row['predictor']:<14} {row['role']:<7} {tenant:<14} {row['events']:>8} {row['labelled']:>8} "
+            f"{row['events'] - row['labelled']:>10} {row['fraud']:>7}"
+        )
+        for i, edge in enumerate(edges):
+            alerts, caught = row[f"alerts{i}"], row[f"caught{i}"]
+            print(
+                f"{series if i == 0 else ' ' * len(series)}  {edge:>6g} {_ratio(alerts, row['labelled']):>10} "
+                f"{_ratio(caught, row['fraud']):>7} {_ratio(caught, alerts):>9}"
+            )
