@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import functools
 import sys
-from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -15,7 +14,6 @@ import polars as pl
 
 from muse.calib import (
     Calibration,
-    ModelIdentity,
     SampleError,
     alert_rates,
     correct_margins,
@@ -27,12 +25,13 @@ from muse.calib import (
 from muse.calib.names import check_name, is_tenant, tenant_problem
 from muse.calib.quantile_map import DEFAULT_MIN_SAMPLES, MAX_EDGE_ERROR, EdgeMiss, edge_misses
 from muse.calib.samples import read_frame, read_table
-from muse.compile import CompiledModel
 from muse.core.deploy import DeploymentStore
+from muse.core.fit_target import FitTarget, deployed_predictor, ensemble_target, model_target
 from muse.core.labels import LabelStore
-from muse.core.predictor import ensemble_identity
 from muse.core.registry import Registry, RegistryError
 from muse.core.spec import PredictorSpec, SpecError
+
+from .cli_refresh import register_refresh
 
 # `muse calib status` calls a series drifted when an edge's alert rate is off its target by more
 # than this fraction of the target; `muse calib fit` warns when ties leave a fresh map that far off.
@@ -147,6 +146,7 @@ def register(sub) -> None:
     )
     rep.add_argument("--out", default="calibration-report.png")
     rep.set_defaults(func=cmd_report)
+    register_refresh(csub)
 
 
 def score_column(frame: pl.DataFrame, column: str | None, source: str = "score file") -> str:
@@ -293,49 +293,6 @@ def tenant_rows(frame: pl.DataFrame, by: str, scores: np.ndarray) -> pl.DataFram
     return data
 
 
-@dataclass(frozen=True)
-class FitTarget:
-    """What a map is fitted for: one compiled model, or an ensemble predictor's combined scores."""
-
-    identity: ModelIdentity  # what the deployment's validation compares (core.snapshot)
-    beta: float  # the posterior correction of the calibrated scores' margins
-    margin_kind: str  # what a 'margin' column holds: "logit" or "probability"
-    label: str
-    default_name: str
-    model: CompiledModel | None  # None: an ensemble (scored only through its log rows)
-
-
-def _model_target(model: CompiledModel) -> FitTarget:
-    m = model.manifest
-    identity = ModelIdentity(m.name, m.version, m.library_sha256)
-    return FitTarget(identity, m.beta, m.margin_kind, f"model {m.name}/{m.version}", m.name, model)
-
-
-def _ensemble_target(reg: Registry, p: PredictorSpec) -> FitTarget:
-    """An ensemble predictor's calibration: core.snapshot validates it against
-    ensemble_identity(name, version, member library hashes).  Its scores (and log rows) are
-    its members' combined corrected scores (core.predictor: mean of margin + ln beta through
-    the logistic, or mean of corrected probabilities), so no further correction: beta 1, and
-    its 'margin' column is that mean logit (mean_logit) or the corrected probability."""
-    members = [reg.load_model(ref).manifest for ref in p.models]
-    identity = ensemble_identity(p.name, p.version, members, p.combine)
-    kind = "logit" if p.combine == "mean_logit" else "probability"
-    label = f"ensemble {p.name}/{p.version} ({' + '.join(p.models)}, {p.combine})"
-    return FitTarget(identity, 1.0, kind, label, p.name, None)
-
-
-def deployed_predictor(reg: Registry, name: str) -> tuple[int, PredictorSpec] | None:
-    """Predictor ``name`` in the registry's current deployment, with its generation."""
-    store = DeploymentStore(reg)
-    generation = store.current_generation()
-    if generation is None:
-        return None
-    for p in store.read(generation).predictors:
-        if p.name == name:
-            return generation, p
-    return None
-
-
 def fit_target(reg: Registry, args: argparse.Namespace) -> tuple[FitTarget, PredictorSpec | None, str | None]:
     """(what to fit for, the deployed predictor named by --predictor or None, the predictor version
     whose rows to use or None)."""
@@ -358,9 +315,9 @@ def fit_target(reg: Registry, args: argparse.Namespace) -> tuple[FitTarget, Pred
                 f"version {p.version}; pass --predictor {name} or --model for another version"
             )
         if len(p.models) == 1:
-            return _model_target(reg.load_model(p.models[0])), p, p.version
-        return _ensemble_target(reg, p), p, p.version
-    target = _model_target(reg.load_model(args.model))
+            return model_target(reg.load_model(p.models[0])), p, p.version
+        return ensemble_target(reg, p), p, p.version
+    target = model_target(reg.load_model(args.model))
     found = None
     if name is not None:
         with contextlib.suppress(SpecError, OSError):  # a broken deployment: --model says what to fit for
@@ -370,7 +327,7 @@ def fit_target(reg: Registry, args: argparse.Namespace) -> tuple[FitTarget, Pred
     generation, p = found
     if version is not None and version != p.version:  # another version than deployed: --model decides
         return target, None, version
-    runs = [_model_target(reg.load_model(ref)).identity for ref in p.models]
+    runs = [model_target(reg.load_model(ref)).identity for ref in p.models]
     if runs != [target.identity]:
         raise ValueError(
             f"--model {args.model}: predictor {name} in the current deployment (generation {generation}) runs "

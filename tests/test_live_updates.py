@@ -9,6 +9,7 @@ fixed time: every wait is for an observable state, with a deadline."""
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import threading
 import time
@@ -22,9 +23,11 @@ from helpers import calibrate, make_registry, read_log, rows
 
 from muse.calib import correct_margins
 from muse.core.deploy import DeploymentStore
-from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec, encode_spec
+from muse.core.refresh import due
+from muse.core.spec import DeploymentSpec, PredictorSpec, RefreshSpec, RouteSpec, encode_spec
 from muse.server.auth import add_key, keys_path
 from muse.server.cli import main as cli
+from muse.server.cli_refresh import Refresher
 from muse.server.testing import LocalServer, as_json_rows, deploy, wait_until
 
 WORKERS = 2
@@ -40,9 +43,10 @@ DROPPED = 'muse_shadow_dropped_total{intent="fraud"}'
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("live")
-    cases = {k: get_case(k, model_dir, root / "compiled") for k in ("lightgbm", "xgboost-json")}
+    cases = {k: get_case(k, model_dir, root / "compiled") for k in ("lightgbm", "xgboost-json", "lightgbm-fine")}
     reg = make_registry(root / "registry", cases)
     calibrate(reg, "lightgbm", {})
+    calibrate(reg, "lightgbm-fine", {})
     keys = {t: add_key(keys_path(reg.root), t, False)[1] for t in TENANTS}
     admin = add_key(keys_path(reg.root), None, True)[1]
     deploy(reg, V1_WITH_SHADOW)
@@ -289,6 +293,35 @@ def test_calibrate_shadow_from_log_then_promote_and_roll_back_under_load(live, t
     spec = live.store.read(promoted)
     assert spec.routes[0].active == "fraud-v2c" and spec.routes[0].shadows == []
     assert live.store.read(rolled_back).routes == v2c.routes
+
+
+def test_the_refresher_publishes_a_refreshed_map_under_load_with_no_failed_request(live):
+    # the suite's small models tie so much that maps fitted from their traffic are refused
+    fine = PredictorSpec("fraud-fine", "1", "fraud", ["lightgbm-fine/1"], calibration="lightgbm-fine/1")
+    policy = RefreshSpec(fine.name, every="1s", min_samples=1000, max_shift=100)
+    spec = DeploymentSpec(predictors=[fine], routes=[RouteSpec("*", "fraud", fine.name)], refresh=[policy])
+    generation = publish(live, spec)
+    load = Load(live)
+    try:
+        load.wait_served(50, generation)
+        wait_until(lambda: logged(live, generation).height >= 1000, 30, "1000 rows of fraud-fine in the score log")
+        now = lambda: datetime.datetime.now(datetime.timezone.utc)  # noqa: E731
+        wait_until(lambda: due(live.reg, policy, fine, generation, now()), 10, "the calibration to be 1 s old")
+        [out] = Refresher(live.reg, None).run_once()
+        assert out.outcome == "published", out.maps
+        wait_converged(live, out.generation)
+        load.wait_served(50, out.generation)
+    finally:
+        responses = load.finish()
+    failed = [(s, b) for s, b, _ in responses if s != 200]
+    assert not failed, failed[:3]
+    refreshed = live.reg.load_calibration(out.calibration).quantile_map()
+    model = live.cases["lightgbm-fine"].model
+    answered = [(b, X) for _, b, X in responses if b["generation"] == out.generation]
+    assert answered and out.calibration == "lightgbm-fine/2"
+    for body, X in answered:  # scored through the refreshed map
+        corrected = correct_margins(model.predict(X, margin=True), model.manifest.beta)
+        np.testing.assert_allclose(body["scores"], refreshed(corrected), rtol=1e-12, atol=1e-15)
 
 
 def test_broken_deployment_refused_while_serving_continues(live):
