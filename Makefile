@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m muse.bench.http
 	$(BIN)/python -m muse.bench.faults
 	$(BIN)/python -m muse.bench.isolation
-	$(BIN)/python -m muse.bench.calib_study
+	$(BIN)/python -m muse.bench.calibration_study
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out $(patsubst %.pyx,%.c,$(filter %.pyx,$(NATIVE))) $(addsuffix /*.so,$(PACKAGES))
