@@ -28,7 +28,7 @@ def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
         raise SampleError(f"{path}: no such file")
     try:
         if path.is_dir():
-            return pl.read_parquet(path / "*.parquet")
+            return scan_parquet_files(sorted(path.glob("*.parquet")), path).collect()
         if path.suffix == ".parquet":
             return pl.read_parquet(path)
         if path.suffix in (".csv", ".txt"):
@@ -36,6 +36,17 @@ def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise SampleError(f"{path}: cannot read ({exc})") from None
     raise SampleError(f"{path}: unknown file type; use .parquet or .csv")
+
+
+def scan_parquet_files(files: list[pathlib.Path], where: pathlib.Path) -> pl.LazyFrame:
+    """Parquet files as one frame, whose columns are all the files' (in the order first seen):
+    a column a file lacks is null in its rows.  So a score log read as one holds files written
+    before a column was added (server/scorelog.py: request_id, event_id) beside newer ones,
+    whichever comes first -- a scan of several files takes its columns from the first, and
+    ``missing_columns="insert"`` alone still refuses a later file's extra columns."""
+    if not files:
+        raise SampleError(f"{where}: no Parquet files")
+    return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal")
 
 
 def read_frame(source: ScoreSource, column: str = "score") -> pl.DataFrame:

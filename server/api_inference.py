@@ -1,6 +1,13 @@
 """The Open Inference Protocol (KServe v2) endpoints of an intent: metadata,
 readiness and inference, with JSON tensors or the binary tensor extension.
-The tenant comes from the key, or from ``parameters.tenant`` with an admin key."""
+The tenant comes from the key, or from ``parameters.tenant`` with an admin key.
+
+The protocol has no per-row ids: the score log's event id of row i is
+``<id>-<i>``, where ``id`` is the request's ``id`` when the client sent one (1 to
+128 printable ASCII characters without spaces, else a 422 naming ``$.id``), else
+the request id of the access log (server/asgi.py ``Request.id``).  The answer's
+``id`` is always that id, so a client can rebuild its rows' event ids; the score
+log's ``request_id`` is the access log's either way."""
 
 from __future__ import annotations
 
@@ -87,6 +94,9 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         X = infer_matrix(r, binary, predictor.num_feature)
         binary_out = wants_binary(r)
         scores = await app.score_within_quota(lane, X, "$.parameters.tenant")
+        request_id = req.id
+        lane.record(X, scores, (request_id, r.id, None))  # event ids: <r.id or request id>-<row>
+        prefix = r.id or request_id
         params = {"predictor": predictor.name, "generation": lane.generation}
         if binary_out:
             raw = scores.mapped.astype("<f8").tobytes()
@@ -94,7 +104,7 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         else:
             raw = b""
             output = InferOutput("score", [len(X)], "FP64", data=scores.mapped.tolist())
-        header = encode(InferResponse(intent, [output], predictor.version, r.id, params))
+        header = encode(InferResponse(intent, [output], predictor.version, prefix, params))
     except HTTPError as exc:
         app.count_error(exc, tenant or "", intent, predictor_name)
         raise

@@ -1,11 +1,20 @@
 """`POST /v1/score`: the native scoring API.  Events carry features in the
 model's order or by name (null = missing); the answer names the predictor,
-version and generation that produced the scores."""
+version and generation that produced the scores, and every event's id.
+
+An event's id is the client's ``id`` where it sent one (echoed as sent: a string
+or an integer), else ``<request id>-<i>``: the request's id (server/asgi.py
+``Request.id``: the client's X-Request-ID, else a random one) and the event's
+index in the request, so generated ids are unique as long as request ids are.
+The score log keeps the same ids (an integer id as its decimal string).  When
+none of several events has an id, the answer's ``ids`` are written as JSON
+directly, from a table of index strings: formatting a Python string per event
+took ~10x as long (100 events: 12.6 us against 1.2 us, measured)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -45,8 +54,11 @@ async def score(app: Context, req: Request) -> Response:
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
         scores = await app.score_within_quota(lane, X, "$.tenant")
+        request_id = req.id
+        answered, logged = event_ids(request_id, r.events)
+        lane.record(X, scores, (request_id, None, logged))  # generated ids: <request id>-<i>
         body = encode(
-            ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), _ids(r.events))
+            ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), answered)
         )
     except HTTPError as exc:
         app.count_error(exc, tenant, intent, predictor_name)
@@ -55,12 +67,30 @@ async def score(app: Context, req: Request) -> Response:
     return 200, body, b"application/json", None
 
 
-def _ids(events: list[Event]) -> list[Any] | None:
-    """The events' ids in order, or None when no event has one (the usual case: nothing to echo)."""
-    for event in events:
-        if event.id is not None:
-            return [e.id for e in events]
-    return None
+def event_ids(request_id: str, events: list[Event]) -> tuple[list[str | int], list[str | int | None] | None]:
+    """(the events' ids as answered, the client's ids as logged: None when it sent none)."""
+    given = [e.id for e in events]
+    missing = given.count(None)
+    if missing == len(given):
+        if missing == 1:  # the usual batch-1 request: one string costs less than the join below
+            return [request_id + "-0"], None
+        return cast("list[str | int]", generated_ids(request_id, len(given))), None
+    if missing == 0:
+        return cast("list[str | int]", given), given
+    return [f"{request_id}-{i}" if g is None else g for i, g in enumerate(given)], given
+
+
+_INDEXES: list[bytes] = []  # b"0", b"1", ...: made once, up to _MAX_INDEXES (~5 MB of them)
+_MAX_INDEXES = 100_000
+
+
+def generated_ids(prefix: str, n: int) -> msgspec.Raw:
+    """``["<prefix>-0", ..., "<prefix>-<n-1>"]`` as JSON."""
+    if n > len(_INDEXES) and len(_INDEXES) < _MAX_INDEXES:
+        _INDEXES.extend(b"%d" % i for i in range(len(_INDEXES), min(n, _MAX_INDEXES)))
+    indexes = _INDEXES[:n] if n <= len(_INDEXES) else _INDEXES + [b"%d" % i for i in range(len(_INDEXES), n)]
+    head = encode(prefix)[:-1] + b"-"  # the opening quote, the prefix JSON-escaped, the dash
+    return msgspec.Raw(b"[" + head + (b'",' + head).join(indexes) + b'"]')
 
 
 def events_matrix(events: list[Event], index: dict[str, int], names: tuple[str, ...]) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from .errors import Headers, HTTPError
+from .schemas import MAX_REQUEST_ID
 
 JSON = b"application/json"
 Response = tuple[int, bytes, bytes, Headers | None]  # status, body, content type, extra headers
@@ -98,11 +99,13 @@ class Request:
 
     @property
     def id(self) -> str:
-        """The request's id for logs: the client's X-Request-ID (printable ASCII, at most 128
-        characters), else a new one; the same for every line about this request."""
+        """The request's id for logs and the score log: the client's X-Request-ID (printable
+        ASCII without spaces, at most 128 characters), else 16 random hex digits (unique with
+        overwhelming odds: event ids generated from it rely on that); the same for every line
+        about this request."""
         if self._id is None:
             given = self.headers.get(b"x-request-id", b"")
-            ok = 0 < len(given) <= 128 and all(32 < c < 127 for c in given)
+            ok = 0 < len(given) <= MAX_REQUEST_ID and all(32 < c < 127 for c in given)
             self._id = given.decode("ascii") if ok else os.urandom(8).hex()
         return self._id
 

@@ -1,8 +1,9 @@
 """Lanes: what serving one (tenant, intent) takes, resolved once per generation.
 
 A request looks up one lane (a dict lookup) instead of routing, choosing the
-tenant's map and finding where its metrics and scores go; the lane scores,
-records and shadows the request in one call."""
+tenant's map and finding where its metrics and scores go; the lane scores the
+request (``score``, within the tenant's quota: Context.score_within_quota), then
+records it under its ids and queues it for the shadows (``record``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from muse.core.snapshot import Route, Snapshot
 from .errors import RETRY_AFTER, HTTPError
 from .metrics import Metrics, RequestSeries
 from .recording import Recorder, ServedSeries
+from .scorelog import EventIds
 
 if TYPE_CHECKING:
     from .shadows import ShadowQueue
@@ -41,17 +43,20 @@ class Lane:
         self.map_index, self.metrics, self.served, self.shadows = map_index, metrics, served, shadows
 
     async def score(self, X: np.ndarray, weight: int = 1) -> Scores:
-        """X scored by the route's active predictor, recorded, and queued for its shadows; 503
-        when the tenant's queue at a model is full (see muse.core.batching: tenants queue apart,
-        and a busy model serves them in proportion to ``weight``, the tenant's priority)."""
+        """X scored by the route's active predictor (then ``record`` it); 503 when the tenant's
+        queue at a model is full (see muse.core.batching: tenants queue apart, and a busy model
+        serves them in proportion to ``weight``, the tenant's priority)."""
         try:
-            scores = await self.predictor.score_async(X, self.map_index, self.tenant, weight)
+            return await self.predictor.score_async(X, self.map_index, self.tenant, weight)
         except Overloaded as exc:
             raise HTTPError(503, f"overloaded: {exc}; retry later", None, RETRY_AFTER) from None
-        self.served.add(scores)
+
+    def record(self, X: np.ndarray, scores: Scores, ids: EventIds) -> None:
+        """A request's scores recorded (its rows logged under ``ids``), and its rows queued for
+        the route's shadows, whose rows carry the same ids."""
+        self.served.add(scores, ids)
         if self.route.shadows:
-            self.shadows.put(self.route, X, self.tenant, self.generation)
-        return scores
+            self.shadows.put(self.route, X, self.tenant, self.generation, ids)
 
 
 class Lanes:

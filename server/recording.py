@@ -1,10 +1,13 @@
 """Served scores, recorded in bulk: each request's scores are appended to its series
 (one per tenant, predictor, role and generation) on the event loop, and ``record``
 stores everything since the last call at once -- one drift-window update and one
-score-log append per series, whatever the number of requests."""
+score-log append per series, whatever the number of requests.  A logged request keeps
+its ids (``EventIds``: the request id, the prefix of generated event ids and the client's
+event ids) as one tuple; the score log turns them into columns when it writes a file."""
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -15,8 +18,9 @@ from muse.compile import Scores
 from muse.core.predictor import Predictor
 
 from .metrics import Metrics
-from .scorelog import ScoreLog
+from .scorelog import NO_IDS, EventIds, ScoreLog
 
+_TIME, _IDS = operator.itemgetter(1), operator.itemgetter(2)  # of a logged request's tuple
 IDLE_RECORDS = 40  # a series unused this many records is dropped (tenant names are the client's); made again on use
 
 
@@ -31,16 +35,17 @@ class ServedSeries:
     ):
         self.tenant, self.predictor, self.role, self.generation = tenant, predictor, role, generation
         self.outs: list[Scores] = []
-        self.logged: list[tuple[int, int]] = []  # (index in outs, microseconds since the epoch)
+        self.logged: list[tuple[int, int, EventIds]] = []  # (index in outs, microseconds since the epoch, ids)
         self.sampled = sampled  # the score log's per-request sampler, or None without a log
         self.idle = 0  # records with nothing to store
 
-    def add(self, scores: Scores) -> None:
+    def add(self, scores: Scores, ids: EventIds = NO_IDS) -> None:
+        """One request's scores; ``ids`` are what its rows are logged under."""
         self.outs.append(scores)
         if self.sampled is not None and self.sampled():
-            self.logged.append((len(self.outs) - 1, int(time.time() * 1e6)))
+            self.logged.append((len(self.outs) - 1, int(time.time() * 1e6), ids))
 
-    def take(self) -> tuple[list[Scores], list[tuple[int, int]]]:
+    def take(self) -> tuple[list[Scores], list[tuple[int, int, EventIds]]]:
         outs, logged = self.outs, self.logged
         self.outs, self.logged = [], []
         return outs, logged
@@ -83,15 +88,16 @@ class Recorder:
             self._store(series, outs, logged)
         return dropped
 
-    def _store(self, series: ServedSeries, outs: list[Scores], logged: list[tuple[int, int]]) -> None:
+    def _store(self, series: ServedSeries, outs: list[Scores], logged: list[tuple[int, int, EventIds]]) -> None:
         predictor = series.predictor
         scores = Scores.concat(outs)
         self.metrics.drift.observe(series.tenant, predictor.intent, predictor.name, scores.mapped)
         if not logged or self.score_log is None:
             return
-        rows = outs if len(logged) == len(outs) else [outs[i] for i, _ in logged]
+        rows = outs if len(logged) == len(outs) else [outs[i] for i, _, _ in logged]
         kept = scores if rows is outs else Scores.concat(rows)
-        at_us = np.repeat(np.array([at for _, at in logged], dtype=np.int64), [len(r) for r in rows])
+        sizes = [len(r) for r in rows]
+        at_us = np.repeat(np.fromiter(map(_TIME, logged), np.int64, len(logged)), sizes)
         self.score_log.append(
             series.tenant,
             predictor.intent,
@@ -103,4 +109,6 @@ class Recorder:
             kept.corrected,
             kept.mapped,
             at_us,
+            list(map(_IDS, logged)),
+            sizes,
         )

@@ -16,11 +16,25 @@ Feature = float | None  # null = missing
 # A tenant name (muse.calib.names.check_tenant; Context.check_tenant applies all of the rule).
 Tenant = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TENANT_BYTES, description=TENANT_RULE)]
 Many = msgspec.Meta(max_length=MAX_ELEMENTS)  # the element-count limit of muse.calib.names
+# A request id the client chooses (X-Request-ID, server/asgi.py; an Open Inference Protocol request's
+# `id`): printable ASCII without spaces, as it goes into log lines and prefixes event ids.
+MAX_REQUEST_ID = 128
+REQUEST_ID_PATTERN = "^[!-~]+$"
+RequestId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_REQUEST_ID,
+        pattern=REQUEST_ID_PATTERN,
+        description=f"1 to {MAX_REQUEST_ID} printable ASCII characters, no spaces; the score log's events of "
+        "this request are `<id>-<row index>`",
+    ),
+]
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
     features: list[Feature] | dict[str, Feature]
-    id: str | int | None = None
+    id: str | int | None = None  # absent: the server makes one (server/api_scoring.py)
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,7 +48,8 @@ class ScoreResponse(msgspec.Struct, omit_defaults=True):
     version: str
     generation: int
     scores: list[float]
-    ids: list[str | int | None] | None = None
+    # every event's id: the client's, or the one generated for it (server/api_scoring.py)
+    ids: list[str | int]
 
 
 class PromoteRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,7 +96,7 @@ class RequestedOutput(msgspec.Struct):
 
 class InferRequest(msgspec.Struct):
     inputs: Annotated[list[InferInput], msgspec.Meta(min_length=1, max_length=64)]
-    id: str | None = None
+    id: RequestId | None = None
     parameters: Parameters = {}
     outputs: Annotated[list[RequestedOutput], msgspec.Meta(max_length=64)] = []
 
@@ -98,7 +113,7 @@ class InferResponse(msgspec.Struct, omit_defaults=True):
     model_name: str
     outputs: list[InferOutput]
     model_version: str | None = None
-    id: str | None = None
+    id: str | None = None  # the request's id, or the one generated for it (server/api_inference.py)
     parameters: dict[str, Any] = {}
 
 

@@ -1,5 +1,18 @@
 """The score log: sampled (time, tenant, intent, predictor, version, role,
-generation, margin, corrected, mapped) records in rotating Parquet files.
+generation, margin, corrected, mapped, request_id, event_id) records in rotating
+Parquet files.
+
+``request_id`` is the id the access log shows (server/asgi.py ``Request.id``: the
+client's X-Request-ID, else a random one).  ``event_id`` is the client's event id
+(an integer as its decimal string) or, where it sent none, the id the server
+answered with: ``<prefix>-<row index in the request>``, the prefix being the
+request id (on the Open Inference Protocol, the request's ``id`` when given), so
+generated ids are unique as long as request ids are.  A shadow row carries the
+ids of the active row it copies.  Serving stores per row only a request code and
+the row's index, and per request its ids (``EventIds``); the id strings are made
+with vectorised Polars calls when a file is written.  Files written before these
+two columns existed lack them: muse.calib.samples.read_table reads them beside
+newer ones (nulls).
 
 Requests are sampled (``sample``: the fraction of requests logged, every row
 of each: serving asks ``sampled()`` per request and ``append``s the rows of
@@ -26,10 +39,13 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import operator
 import pathlib
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -38,6 +54,7 @@ from . import scorelog_files as disk
 
 log = logging.getLogger("muse.scorelog")
 
+# The columns of every score-log file.
 SCHEMA = pl.Schema(
     {
         "time": pl.Datetime("us", "UTC"),
@@ -52,7 +69,18 @@ SCHEMA = pl.Schema(
         "mapped": pl.Float64(),
     }
 )
+# Since issue 16; absent from older files (read_table inserts them as nulls), and null in rows
+# appended without ids.
+ID_SCHEMA = pl.Schema({"request_id": pl.Utf8(), "event_id": pl.Utf8()})
+FILE_SCHEMA = pl.Schema({**SCHEMA, **ID_SCHEMA})  # what this version writes
 LABELS = ("tenant", "intent", "predictor", "version", "role")
+
+# A request's ids: (request id, prefix of the event ids generated for it -- None: the request id --,
+# the client's event ids in row order -- str, int or None where it sent none -- or None when it
+# sent none at all).
+EventIds = tuple[str | None, str | None, list[str | int | None] | None]
+NO_IDS: EventIds = (None, None, None)  # rows appended without ids: both columns null
+_REQUEST_ID, _PREFIX, _CLIENT_IDS = (operator.itemgetter(i) for i in range(3))
 
 # Why records were not written (the `reason` of muse_scorelog_dropped_records_total and
 # muse_scorelog_write_failures_total): a fixed set.
@@ -63,21 +91,24 @@ SHUTDOWN = "shutdown"  # still unwritten when the server stopped
 DROP_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR, SHUTDOWN)
 FAILURE_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR)
 # Records kept in memory while files cannot be written, in files' worth (``rows_per_file``):
-# 44 bytes a row, so 400,000 rows (17.6 MB) a worker by default -- about a minute of a fully
+# ~140 bytes a row of 1-event requests (52 of columns, the rest the request's ids; the client's
+# event ids add theirs), so 400,000 rows take ~55 MB a worker by default -- about a minute of a fully
 # sampled 3,000 req/s worker, hours of a typical one, and within a few buffers of what a worker
 # holds anyway.
 PENDING_FILES = 4
 
 
 class _Buffer:
-    """Preallocated columns; strings are stored as codes into a small table of label tuples.
+    """Preallocated columns; strings are stored as codes into a small table of label tuples,
+    and each row's ids as a code into the buffer's list of requests plus the row's index in
+    its request (the client's event ids, where given, in a list made on first use).
 
     Writing a request is a few slice assignments, and turning a full buffer into a
     frame is a handful of vectorised calls whatever the number of requests: an
     earlier design that built the frame from per-request tuples held the GIL for
     ~100 ms per flush at 3,000 req/s, which showed as p99.9 stalls."""
 
-    COLUMNS = ("time", "label", "generation", "margin", "corrected", "mapped")
+    COLUMNS = ("time", "label", "generation", "margin", "corrected", "mapped", "request", "row")
 
     def __init__(self, capacity: int):
         self.time = np.empty(capacity, dtype=np.int64)
@@ -86,6 +117,10 @@ class _Buffer:
         self.margin = np.empty(capacity)
         self.corrected = np.empty(capacity)
         self.mapped = np.empty(capacity)
+        self.request = np.empty(capacity, dtype=np.int32)  # index into requests
+        self.row = np.empty(capacity, dtype=np.int32)  # the row's index within its request
+        self.requests: list[EventIds] = []  # unpacked only when the file is written
+        self.event_ids: list[str | int | None] | None = None  # the client's, per row; None until one is given
         self.rows = 0
 
     @property
@@ -101,6 +136,15 @@ class _Buffer:
         for column in cls.COLUMNS:
             pieces = [getattr(b, column)[b.rows - keep : b.rows] for b, keep in parts]
             setattr(joined, column, np.concatenate(pieces))
+        at, offset = 0, 0
+        for b, keep in parts:  # each part's request codes, past the requests of the parts before it
+            joined.request[at : at + keep] += offset
+            joined.requests += b.requests
+            at, offset = at + keep, offset + len(b.requests)
+        if any(b.event_ids is not None for b, _ in parts):
+            joined.event_ids = []
+            for b, keep in parts:
+                joined.event_ids += [None] * keep if b.event_ids is None else b.event_ids[b.rows - keep : b.rows]
         joined.rows = joined.capacity
         return joined
 
@@ -115,6 +159,16 @@ class _Buffer:
         table = {
             name: pl.Series([labels[code][i] for code in used.tolist()], dtype=pl.Utf8) for i, name in enumerate(LABELS)
         }
+        requests = pl.Series(self.request[:n])
+        request_ids = _utf8(self.requests, _REQUEST_ID)
+        if all(p is None for p in map(_PREFIX, self.requests)):  # /v1's: the request ids
+            prefix = request_ids
+        else:
+            prefix = _utf8(self.requests, _PREFIX).fill_null(request_ids)
+        # a null prefix (rows appended without ids) makes a null event id
+        event_id = prefix.gather(requests) + "-" + pl.Series(self.row[:n]).cast(pl.Utf8)
+        if self.event_ids is not None:
+            event_id = _utf8(self.event_ids[:n]).fill_null(event_id)
         return pl.DataFrame(
             {
                 "time": pl.Series(self.time[:n]).cast(pl.Datetime("us", "UTC")),
@@ -123,8 +177,29 @@ class _Buffer:
                 "margin": self.margin[:n],
                 "corrected": self.corrected[:n],
                 "mapped": self.mapped[:n],
+                "request_id": request_ids.gather(requests),
+                "event_id": event_id,
             }
-        ).cast(SCHEMA)
+        ).cast(FILE_SCHEMA)
+
+
+# Python objects to a Series a slice at a time: each conversion holds the GIL throughout (~5 ms per
+# 100,000 strings, measured), and the event loop of a busy worker waits for it.
+_CONVERT_ROWS = 16_384
+
+
+def _utf8(values: list, field: Callable[[Any], Any] | None = None) -> pl.Series:
+    """``values`` (or ``field`` of each) as a Utf8 Series; integers in decimal, None as null."""
+    parts = []
+    for i in range(0, len(values), _CONVERT_ROWS):
+        part = values[i : i + _CONVERT_ROWS]
+        if field is not None:
+            part = list(map(field, part))
+        series = pl.Series(part, dtype=pl.Utf8, strict=False)
+        if series.null_count() != part.count(None):  # Polars nulls integers past 128 bits; str() does not
+            series = pl.Series([v if v is None or type(v) is str else str(v) for v in part], dtype=pl.Utf8)
+        parts.append(series)
+    return pl.concat(parts) if parts else pl.Series([], dtype=pl.Utf8)
 
 
 class ScoreLogStats:
@@ -227,19 +302,42 @@ class ScoreLog:
         corrected: np.ndarray,
         mapped: np.ndarray,
         at_us: np.ndarray,
+        requests: Sequence[EventIds] = (NO_IDS,),
+        sizes: Sequence[int] | None = None,
     ) -> None:
-        """Store rows (already sampled) scored at ``at_us`` (microseconds since the epoch).  Thread-safe."""
+        """Store rows (already sampled) scored at ``at_us`` (microseconds since the epoch): the
+        rows of ``requests[i]``, whose ids they carry, are the next ``sizes[i]`` (at least one;
+        default: one request of every row).  Thread-safe."""
         key = (tenant, intent, predictor, version, role)
+        n = len(margins)
+        if n == 0:
+            return
+        if sizes is None:
+            sizes = (n,)
+        k = len(sizes)
+        if k == n:  # a row per request (the usual batch-1 traffic)
+            of_row = np.arange(n, dtype=np.int32)  # each row's request
+            row_in_request = np.zeros(n, dtype=np.int32)
+        else:
+            counts = np.fromiter(sizes, np.int64, k)
+            of_row = np.repeat(np.arange(k, dtype=np.int32), counts)
+            firsts = np.repeat((np.cumsum(counts) - counts).astype(np.int32), counts)
+            row_in_request = np.arange(n, dtype=np.int32) - firsts
+        event_ids: list[str | int | None] | None = None
+        if any(map(_CLIENT_IDS, requests)):  # (no Python code per request: the usual case has none)
+            event_ids = []
+            for (_, _, ids), count in zip(requests, sizes):
+                event_ids += [None] * count if ids is None else ids
         with self._lock:
             code = self._codes.get(key)
             if code is None:
                 code = self._codes[key] = len(self._labels)
                 self._labels.append(key)
-            self._appended += len(margins)
+            self._appended += n
             start = 0
-            while start < len(margins):
+            while start < n:
                 b = self._buffer
-                take = min(len(margins) - start, b.capacity - b.rows)
+                take = min(n - start, b.capacity - b.rows)
                 rows = slice(b.rows, b.rows + take)
                 part = slice(start, start + take)
                 b.time[rows] = at_us[part]
@@ -248,6 +346,15 @@ class ScoreLog:
                 b.margin[rows] = margins[part]
                 b.corrected[rows] = corrected[part]
                 b.mapped[rows] = mapped[part]
+                # the requests of these rows join the buffer's list (one split across buffers joins both)
+                first, last = int(of_row[start]), int(of_row[start + take - 1])
+                b.request[rows] = of_row[part] + (len(b.requests) - first)
+                b.row[rows] = row_in_request[part]
+                b.requests += requests[first : last + 1]
+                if event_ids is not None:
+                    if b.event_ids is None:
+                        b.event_ids = [None] * b.capacity
+                    b.event_ids[rows] = event_ids[part]
                 b.rows += take
                 start += take
                 if b.rows == b.capacity:
@@ -255,13 +362,14 @@ class ScoreLog:
                     self._buffer = _Buffer(self.rows_per_file)
 
     def warm(self) -> None:
-        """Build and encode a one-row file in memory: Polars' first frame and Parquet write page in
+        """Build and encode a two-row file in memory: Polars' first frame and Parquet write page in
         its code, which held the GIL in pieces of up to 5 ms (~30 ms in all, measured against a
         busy thread) -- a pause on the event loop at the first flush, unless done at start-up."""
-        b = _Buffer(1)
-        b.time[0] = b.label[0] = b.generation[0] = 0
-        b.margin[0] = b.corrected[0] = b.mapped[0] = 0.0
-        b.rows = 1
+        b = _Buffer(2)
+        b.time[:] = b.label[:] = b.generation[:] = b.request[:] = b.row[:] = 0
+        b.margin[:] = b.corrected[:] = b.mapped[:] = 0.0
+        b.requests, b.event_ids = [("", "", None)], [None, "id"]  # generated ids and the client's
+        b.rows = 2
         b.frame([("",) * len(LABELS)]).write_parquet(io.BytesIO())
 
     @property

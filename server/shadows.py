@@ -1,7 +1,8 @@
 """Shadows: copies of live rows scored by a route's shadow predictors, off the
 request's critical path, on the background thread; their scores are recorded,
-never returned.  When the queue is full, shadow work is dropped and counted
-rather than slowing live traffic."""
+never returned, and logged under the ids of the request they copy.  When the
+queue is full, shadow work is dropped and counted rather than slowing live
+traffic."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from muse.core.snapshot import Route
 
 from .metrics import Metrics
 from .recording import Recorder
+from .scorelog import NO_IDS, EventIds
 
 log = logging.getLogger("muse.serve")
 BATCH = 256  # queued requests scored together
+Work = tuple[str, Predictor, np.ndarray, int, EventIds]  # tenant, shadow predictor, rows, generation, ids
 
 
 class ShadowQueue:
@@ -27,14 +30,14 @@ class ShadowQueue:
         self.capacity = capacity
         self.metrics = metrics
         self.recorder = recorder
-        # (tenant, shadow predictor, rows, generation); binds to the loop that first waits on it
-        self._queue: asyncio.Queue[tuple[str, Predictor, np.ndarray, int]] = asyncio.Queue(capacity)
+        self._queue: asyncio.Queue[Work] = asyncio.Queue(capacity)  # binds to the loop that first waits on it
 
-    def put(self, route: Route, X: np.ndarray, tenant: str, generation: int) -> None:
-        """Queue a copy of live rows for the route's shadows; drop (and count) what does not fit."""
+    def put(self, route: Route, X: np.ndarray, tenant: str, generation: int, ids: EventIds = NO_IDS) -> None:
+        """Queue a copy of live rows for the route's shadows, logged under the request's ``ids``;
+        drop (and count) what does not fit."""
         for predictor in route.shadows:
             try:
-                self._queue.put_nowait((tenant, predictor, X, generation))
+                self._queue.put_nowait((tenant, predictor, X, generation, ids))
             except asyncio.QueueFull:
                 self.metrics.shadow_dropped.labels(route.intent).inc()
 
@@ -54,18 +57,19 @@ class ShadowQueue:
             except Exception:
                 log.exception("shadow scoring")
 
-    def _score(self, work: list[tuple[str, Predictor, np.ndarray, int]]) -> None:
-        groups: dict[int, tuple[Predictor, list[tuple[str, np.ndarray, int]]]] = {}
-        for tenant, predictor, X, generation in work:
-            groups.setdefault(id(predictor), (predictor, []))[1].append((tenant, X, generation))
+    def _score(self, work: list[Work]) -> None:
+        groups: dict[int, tuple[Predictor, list[tuple[str, np.ndarray, int, EventIds]]]] = {}
+        for tenant, predictor, X, generation, ids in work:
+            groups.setdefault(id(predictor), (predictor, []))[1].append((tenant, X, generation, ids))
         for predictor, items in groups.values():
-            X = np.concatenate([x for _, x, _ in items])
-            sizes = [len(x) for _, x, _ in items]
-            index = np.repeat([predictor.map_index(t) for t, _, _ in items], sizes)
+            X = np.concatenate([x for _, x, _, _ in items])
+            sizes = [len(x) for _, x, _, _ in items]
+            index = np.repeat([predictor.map_index(t) for t, _, _, _ in items], sizes)
             scores = predictor.score(X, index)
             self.metrics.shadow_events.labels(predictor.intent, predictor.name).inc(len(X))
             start = 0
             with self.recorder.lock:
-                for (tenant, _, generation), n in zip(items, sizes):
-                    self.recorder.series(tenant, predictor, "shadow", generation).add(scores.rows(start, start + n))
+                for (tenant, _, generation, ids), n in zip(items, sizes):
+                    series = self.recorder.series(tenant, predictor, "shadow", generation)
+                    series.add(scores.rows(start, start + n), ids)
                     start += n

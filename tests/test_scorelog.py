@@ -163,3 +163,8 @@ def test_served_requests_are_sampled_whole_through_the_app(reg, tmp_path, sample
         assert at < len(served), f"logged rows {group} are not a whole served request (in order)"
         at += 1
     assert 50 < len(groups) < 150  # binomial(200, 0.5): 7 standard deviations either side
+    # ... each under its own request id, its events numbered in order (the client sent no ids)
+    requests = logged.group_by("request_id", maintain_order=True).agg(pl.col("event_id"))
+    assert requests.height == len(groups)
+    for request_id, events in requests.iter_rows():
+        assert events == [f"{request_id}-{i}" for i in range(len(events))]
