@@ -137,7 +137,8 @@ class Stream:
         self.events = events
         self.corrected = {m: correct_margins(events[m].to_numpy(), beta) for m, beta in betas.items()}
         self.raw = {m: 1.0 / (1.0 + np.exp(-events[m].to_numpy())) for m in betas}
-        self.bounds = np.searchsorted(events["day"].to_numpy(), np.arange(events["day"].max() + 2))
+        day = events["day"].to_numpy()
+        self.bounds = np.searchsorted(day, np.arange(int(day.max()) + 2))
 
     def days(self, model: str, first: int, last: int) -> np.ndarray:
         """Corrected scores of ``model`` on days [first, last)."""

@@ -52,6 +52,7 @@ from muse.calib import Calibration, QuantileMap, Reference, SampleError, fit_qua
 from muse.calib.artifact import carried_over, make_calibration
 from muse.calib.names import is_tenant
 from muse.calib.quantile_map import MAX_EDGE_ERROR, reference_edges
+from muse.calib.samples import scan_parquet_files
 
 from .deploy import DeploymentStore, GenerationConflict
 from .fit_target import predictor_target
@@ -229,7 +230,7 @@ def _scan(directory: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]
         if not files:
             return pl.DataFrame(schema={"time": pl.Datetime("us", "UTC"), "tenant": pl.String, "corrected": pl.Float64})
         try:
-            frame: pl.DataFrame = query(pl.scan_parquet(files, missing_columns="insert")).collect()
+            frame: pl.DataFrame = query(scan_parquet_files(files, directory)).collect()
             return frame
         except (FileNotFoundError, pl.exceptions.ComputeError):
             if attempt == READ_TRIES - 1:

@@ -33,6 +33,7 @@ import polars as pl
 from prometheus_client.parser import text_string_to_metric_families
 
 from muse.calib.names import is_tenant
+from muse.calib.samples import scan_parquet_files
 from muse.core.spec import parse_duration
 
 from .metrics import MAX_TENANT_LABELS, OTHER
@@ -152,7 +153,7 @@ def read_logged(path: pathlib.Path, since: datetime.datetime | None, by_intent: 
         files = score_log_files(path)
         if not files:
             return Logged({})
-        query = pl.scan_parquet(files).filter(pl.col("role") == "active")
+        query = scan_parquet_files(files, path).filter(pl.col("role") == "active")
         if since is not None:
             query = query.filter(pl.col("time") >= since)
         query = query.group_by(keys).agg(

@@ -22,7 +22,7 @@ from muse.core.refresh import LiveMaps, RefreshError, due, plan_refresh, refresh
 from muse.core.spec import DeploymentSpec, PredictorSpec, RefreshSpec, RouteSpec, SpecError, decode_spec
 from muse.server.cli import main as cli
 from muse.server.cli_refresh import Refresher
-from muse.server.scorelog import SCHEMA
+from muse.server.scorelog import FILE_SCHEMA, SCHEMA
 from muse.server.testing import deploy
 
 EDGES = [e for e, _ in zip(CURVE.edges, CURVE.rates)]
@@ -128,8 +128,11 @@ def reg(tmp_path, model_dir):
     return reg
 
 
-def write_log(reg, scores: np.ndarray, generation: int, *, tenants=None, end=NOW, predictor="p", name="a") -> None:
-    """A score-log file of ``scores`` served by ``predictor`` at ``generation`` (mapped by its live map)."""
+def write_log(
+    reg, scores: np.ndarray, generation: int, *, tenants=None, end=NOW, predictor="p", name="a", ids=False
+) -> None:
+    """A score-log file of ``scores`` served by ``predictor`` at ``generation`` (mapped by its live
+    map); with ``ids``, in today's schema (event and request ids), else in the schema before them."""
     frame = window(scores, end, tenants)
     n = frame.height
     mapped = reg.load_calibration("p-cal/1").quantile_map()(scores)
@@ -142,9 +145,11 @@ def write_log(reg, scores: np.ndarray, generation: int, *, tenants=None, end=NOW
         margin=pl.lit(0.0),
         mapped=pl.Series(mapped),
     ).select(list(SCHEMA.names()))
+    if ids:
+        log = log.with_columns(request_id=pl.lit("r1"), event_id=pl.int_range(n).cast(pl.String))
     directory = reg.root / "scorelog"
     directory.mkdir(exist_ok=True)
-    log.cast(SCHEMA).write_parquet(directory / f"scores-{name}.parquet")
+    log.cast(FILE_SCHEMA if ids else SCHEMA).write_parquet(directory / f"scores-{name}.parquet")
     assert n == scores.size
 
 
@@ -209,7 +214,7 @@ def test_dry_run_and_windows(reg):
     store = DeploymentStore(reg)
     base = store.current_generation()
     write_log(reg, model_scores(2_000, seed=8), base, end=NOW - datetime.timedelta(days=3), name="old")
-    write_log(reg, model_scores(1_000, seed=9), base, name="new")
+    write_log(reg, model_scores(1_000, seed=9), base, name="new", ids=True)  # beside files from before ids
     write_log(reg, model_scores(1_000, seed=9), base, predictor="other", name="other")
     assert refresh(reg, "p", policy(window="1d"), now=NOW, dry_run=True).plan.rows == 1_000
     assert refresh(reg, "p", policy(window="7d"), now=NOW, dry_run=True).plan.rows == 3_000

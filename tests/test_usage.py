@@ -4,18 +4,20 @@ requests, rows, bytes, quota refusals and latency from a running server's /metri
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import time
 
 import numpy as np
+import polars as pl
 import pytest
 from helpers import make_registry, read_log
 
 from muse.core.spec import DeploymentSpec, PredictorSpec, QuotaSpec, RouteSpec
 from muse.server.auth import add_key, keys_path
 from muse.server.cli import main as cli
-from muse.server.scorelog import ScoreLog
+from muse.server.scorelog import SCHEMA, ScoreLog
 from muse.server.testing import LocalServer, deploy, wait_until
 
 HOUR_US = 3600 * 10**6
@@ -215,3 +217,23 @@ def test_request_bytes_of_v1_score_are_the_bytes_received(tmp_path, lgb_case, ca
         (record,) = json.loads(usage(capsys, "--registry", str(reg.root), "--metrics-url", url, "--format", "json"))
     assert (record["tenant"], record["requests"], record["rows_scored"]) == ("globex", 1, 20)
     assert record["request_bytes"] == len(json.dumps(body).encode())
+
+
+def test_a_log_with_files_from_before_event_ids_is_read_whole(tmp_path, capsys):
+    """Files written before request_id/event_id existed, listed first, beside newer ones."""
+    root = tmp_path / "reg"
+    write_log(root / "scorelog", [("acme", "fraud", "active", 5, 0.5)])
+    old = pl.DataFrame(
+        {
+            "time": [datetime.datetime.now(datetime.timezone.utc)] * 3,
+            **{k: [v] * 3 for k, v in dict(tenant="globex", intent="fraud", predictor="p", version="1").items()},
+            "role": ["active"] * 3,
+            "generation": [1] * 3,
+            **{k: [0.0] * 3 for k in ("margin", "corrected", "mapped")},
+        }
+    ).cast(SCHEMA)
+    assert "event_id" not in old.columns
+    old.write_parquet(root / "scorelog" / "scores-0-before-ids.parquet")
+    assert sorted((root / "scorelog").glob("*.parquet"))[0].name == "scores-0-before-ids.parquet"
+    lines = usage(capsys, "--registry", str(root)).splitlines()
+    assert [line.split() for line in lines[1:3]] == [["acme", "5"], ["globex", "3"]]

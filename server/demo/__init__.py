@@ -24,6 +24,7 @@ import polars as pl
 
 from muse.calib import AlertRateCurve, ReferenceFile
 from muse.calib.reference import encode_reference
+from muse.calib.samples import scan_parquet_files
 from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
 from muse.server import testing
@@ -350,7 +351,7 @@ def wait_for_logged(scorelog: pathlib.Path, role: str, expected: int, timeout: f
         files = sorted(scorelog.glob("*.parquet"))
         if not files:
             return 0
-        n: int = pl.scan_parquet(files).filter(pl.col("role") == role).select(pl.len()).collect().item()
+        n: int = scan_parquet_files(files, scorelog).filter(pl.col("role") == role).select(pl.len()).collect().item()
         return n if n >= max(expected, 1) else 0
 
     return int(testing.wait_until(enough, timeout, f"{expected:,} {role} scores in {scorelog}", interval=0.2))
