@@ -16,8 +16,8 @@ policies (core.spec.RefreshSpec) when they are due.  Serving processes never fit
      (plus three binomial standard errors of the slice): a window whose newest rows already
      disagree with it mixes two regimes, and its map would be wrong on arrival;
    - *max_shift*: at no edge does the alert rate move by more than ``max_shift`` of the target
-     between the live map and the new one: a jump that large is a broken feed or an attack more
-     often than drift, and is left to a person (`muse calib fit`).
+     (plus the same noise) between the live map and the new one: a jump that large is a broken
+     feed or an attack more often than drift, and is left to a person (`muse calib fit`).
    A refused all-traffic map refuses the refresh; a refused tenant map keeps that tenant's
    previous map (or, if it had none, the tenant uses the all-traffic map).
 4. **Publish**, under the registry's refresh lock (so two refreshers never publish at once):
@@ -159,13 +159,13 @@ def check_map(
     for edge, target in reference_edges(reference):
         e = EdgeCheck(edge, target, float(np.mean(live_mapped >= edge)), float(np.mean(new_mapped >= edge)))
         check.edges.append(e)
-        allowed = policy.tolerance * target + NOISE_SIGMAS * math.sqrt(target * (1 - target) / newest.size)
-        if abs(e.new - target) > allowed:
+        noise = NOISE_SIGMAS * math.sqrt(target * (1 - target) / newest.size)
+        if abs(e.new - target) > policy.tolerance * target + noise:
             check.problems.append(
                 f"edge {edge:g}: the new map alerts on {e.new:.4f} of the newest {newest.size} rows for a target of "
                 f"{target:g}, beyond the tolerance {policy.tolerance:g} (the window mixes regimes: shorten it)"
             )
-        if e.shift > policy.max_shift:
+        if abs(e.new - e.live) > policy.max_shift * target + noise:
             check.problems.append(
                 f"edge {edge:g}: the alert rate would move from {e.live:.4f} to {e.new:.4f} at once, "
                 f"{e.shift:.0%} of the target {target:g}, beyond max_shift {policy.max_shift:g}; "
@@ -534,4 +534,13 @@ def due(
         return None
     reference = reg.load_reference(predictor.intent).reference
     off = drifted_edges(rows["mapped"].cast(pl.Float64).to_numpy(), reference, policy.tolerance)
-    return f"drift: {'; '.join(off)}" if off else None
+    if off:
+        return f"drift: {'; '.join(off)}"
+    if policy.by == "tenant":  # tenants' maps drift apart: pooled, one's excess can hide another's lack
+        grouped = rows.group_by(pl.col("tenant").cast(pl.String)).agg(pl.col("mapped")).sort("tenant")
+        for tenant, mapped in zip(grouped["tenant"].to_list(), grouped["mapped"].to_list()):
+            if len(mapped) >= policy.min_samples and is_tenant(tenant):
+                off = drifted_edges(np.asarray(mapped, dtype=np.float64), reference, policy.tolerance)
+                if off:
+                    return f"drift: tenant {tenant}: {'; '.join(off)}"
+    return None

@@ -194,7 +194,7 @@ def cmd_refresher(args: argparse.Namespace) -> int:
     refresher = Refresher(reg, pathlib.Path(args.scores) if args.scores else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    log.info("refresher on %s: checking every %g s", reg.root, args.poll)
+    log.info("refresher on %s: %s", reg.root, "one pass" if args.once else f"checking every {args.poll:g} s")
     while True:
         try:
             refresher.run_once()

@@ -58,9 +58,10 @@ def off_target(table: RateTable, label: str) -> list[str]:
 
 def test_demo_exits_0_and_prints_every_command_it_runs(demo: Run) -> None:
     assert demo.code == 0, demo.output[-3000:]
-    for command in ("compile", "calib fit", "deploy apply", "keys add", "serve", "promote", "usage", "calib status"):
+    commands = ("compile", "calib fit", "deploy apply", "keys add", "serve", "promote", "usage", "calib status")
+    for command in (*commands, "labels import", "refresher"):
         assert f"\n$ muse {command} " in demo.output, f"`muse {command}` not shown"
-    assert "== 12." in demo.output and "demo finished" in demo.output
+    assert "== 15." in demo.output and "demo finished" in demo.output
 
 
 def test_the_deployment_files_it_applies_are_its_structs(demo: Run) -> None:
@@ -130,3 +131,23 @@ def test_v2_catches_more_fraud_at_the_same_thresholds(demo: Run) -> None:
 
     v1, v2 = caught("v1"), caught("v2")
     assert v2 > v1, f"v2 caught {v2:.0f} (summed over edges), v1 {v1:.0f}"
+
+
+def mean_error(table: RateTable) -> float:
+    """Mean over tenants and edges of |alert rate - target| / target."""
+    errors = [abs(a - t) / t for r in table.rows for a, t in zip(r.rates, table.targets)]
+    return sum(errors) / len(errors)
+
+
+def test_the_refresher_brings_drifted_alert_rates_back_on_target(demo: Run) -> None:
+    r = demo.result
+    assert r.stale is not None and r.refreshed is not None and r.failures == []
+    # month 9 under month 5's maps is off; the refresher, from the score log alone, puts it back
+    assert r.refresh_generation > 0 and f"in generation {r.refresh_generation}" in demo.output
+    assert "refreshing fraud-v2 (drift:" in demo.output and "$ muse calib fit" not in demo.output.split("== 12.")[1]
+    assert off_target(r.refreshed, "v2") == []
+    assert mean_error(r.refreshed) < mean_error(r.stale) / 2, (mean_error(r.stale), mean_error(r.refreshed))
+    # labels imported by the ids the server answered: status joins them and shows recall per tenant
+    assert r.labels_imported > 0 and f"{r.labels_imported:,}" in demo.output.split("$ muse labels import")[1]
+    status = demo.output.split("calib status --registry")[-2].split("== 14.")[0]
+    assert "recall" in status and all(t in status for t in TENANTS)

@@ -73,6 +73,12 @@ class DemoResult:
     quota_answered: int = 0  # its requests answered (200)
     quota_others_requests: int = 0
     quota_others_failures: list[str] = dataclasses.field(default_factory=list)
+    # Refresh: month 9 under v2's month-5 maps (first half), then under the maps the refresher
+    # fitted from that half (second half); the labels imported, and the refresher's generation.
+    stale: RateTable | None = None
+    refreshed: RateTable | None = None
+    labels_imported: int = 0
+    refresh_generation: int = 0
     seconds: float = 0.0
 
 
@@ -178,7 +184,7 @@ def run_demo(work: pathlib.Path, rows: int, trees: int = 200) -> DemoResult:
         result = serve_and_compare(client, reg, work, rows, trees)
         # Leaving the block stops the server with SIGTERM: it flushes its score log before exiting.
 
-    step("12. Server stopped (SIGTERM) and its score log flushed: is any live calibration drifting?")
+    step("15. Server stopped (SIGTERM) and its score log flushed: is any live calibration drifting?")
     run(f"calib status --registry {R}", codes=(0, 1))  # 1 = some calibration drifted: news, not a failure
     result.seconds = time.perf_counter() - t0
     print(f"\ndemo finished in {result.seconds:.0f} s; registry in {registry}; results in {work / 'result.json'}")
@@ -273,6 +279,7 @@ def serve_and_compare(client: DemoClient, reg: Registry, work: pathlib.Path, row
         failures=[*fraud4.failures, *review4.failures, *fraud5.failures, *fraud6.failures],
     )
     quotas(client, reg, work, X6, t6, result)
+    refresh(client, reg, work, rows, result)
     return result
 
 
@@ -337,6 +344,50 @@ def quotas(
     result.quota_others_requests = scored.requests
     result.quota_others_failures = scored.failures
     result.failures += [*burst.failures, *scored.failures]
+
+
+def refresh(client: DemoClient, reg: Registry, work: pathlib.Path, rows: int, result: DemoResult) -> None:
+    """Steps 12-14: traffic drifts away from fraud-v2's maps; labels arrive after the fact; the
+    refresher, not a person, refits the maps from the score log."""
+    R = q(reg.root)
+    step("12. Months go by and traffic drifts from v2's maps (fitted on month 5): add a refresh policy")
+    X9, y9, t9 = traffic.generate_mix(9, rows, seed=19)
+    first = (np.arange(len(t9)) % rows) < rows // 2  # each tenant's first half of month 9
+    policy = msgspec.structs.replace(deployments.REFRESH, last=int(first.sum()))
+    spec = msgspec.structs.replace(deployments.REFRESHED, refresh=[policy])
+    path = deployments.write(spec, work / "refresh.toml")
+    text = path.read_text()
+    print(f"{path}: as promoted, without the quota, plus")
+    print(text[text.index("[[refresh]]") :].strip())
+    run(f"deploy apply {q(path)} --registry {R}")
+    generation = DeploymentStore(reg).current_generation()
+    assert generation is not None
+    client.wait_generation(generation)
+
+    step("13. Month 9, first half, under month 5's maps; then labels for 70% of its events arrive")
+    stale = client.score_all("fraud", X9[first], t9[first])
+    result.stale = rate_table("fraud", REFERENCE, {"v2": stale.scores}, y9[first], t9[first], TENANTS)
+    print(format_table(result.stale))
+    labelled = np.random.default_rng(23).random(int(first.sum())) < 0.7
+    labels_file = work / "labels-month9.csv"
+    pl.DataFrame({"event_id": stale.ids[labelled].astype(str), "label": y9[first][labelled]}).write_csv(labels_file)
+    print(f"{labels_file}: event ids as the server answered them (`ids`), and whether each event was fraud")
+    run(f"labels import {q(labels_file)} --registry {R}")
+    scored_rows = sum(v for k, v in client.metrics().items() if k.startswith("muse_events_scored_total{"))
+    wait_for_logged(reg.root / "scorelog", "active", int(scored_rows), timeout=30)
+    run(f"calib status --registry {R} --labels", codes=(0, 1))
+    result.labels_imported = int(labelled.sum())
+    result.failures += stale.failures
+
+    step("14. The refresher sees live alert rates off target and refits v2's maps; nobody runs calib fit")
+    run(f"refresher --registry {R} --once")
+    client.wait_generation(generation + 1)
+    result.refresh_generation = generation + 1
+    fresh = client.score_all("fraud", X9[~first], t9[~first])
+    result.refreshed = rate_table("fraud", REFERENCE, {"v2": fresh.scores}, y9[~first], t9[~first], TENANTS)
+    print("month 9, second half, under the refreshed maps:")
+    print(format_table(result.refreshed, recall=True))
+    result.failures += fresh.failures
 
 
 def wait_for_shadow_scores(scorelog: pathlib.Path, expected: int, timeout: float = 60) -> int:

@@ -26,6 +26,7 @@ class Scored:
     def __init__(self, n: int):
         self.scores = np.full(n, np.nan)
         self.predictors = np.full(n, None, dtype=object)
+        self.ids = np.full(n, None, dtype=object)  # each event's id, as the server answered it
         self.requests = 0
         self.failures: list[str] = []  # one line per failed request
 
@@ -103,6 +104,7 @@ class DemoClient:
                 if status == 200:
                     out.scores[idx] = body["scores"]
                     out.predictors[idx] = body["predictor"]
+                    out.ids[idx] = body["ids"]
                 else:
                     out.failures.append(f"{tenant}: {status} {str(body)[:200]}")
                 self.done += 1

@@ -7,7 +7,7 @@ import pathlib
 
 from msgspec.structs import replace
 
-from muse.core.spec import DeploymentSpec, PredictorSpec, QuotaSpec, RouteSpec, encode_spec
+from muse.core.spec import DeploymentSpec, PredictorSpec, QuotaSpec, RefreshSpec, RouteSpec, encode_spec
 
 FRAUD_V1 = PredictorSpec(name="fraud-v1", version="1", intent="fraud", models=["fraud/1"], calibration="fraud/1")
 # The second intent shares v1's model: the server loads it once for both predictors.
@@ -53,6 +53,16 @@ QUOTAS = replace(
     PROMOTED,
     quotas=[QUOTA],
     description=f"demo: v2 serves fraud; {QUOTA_TENANT} limited to 1,000 rows/s (bursts of 1,000 rows)",
+)
+
+# Later: the quota lifted, and fraud-v2's maps kept fresh by `muse refresher` from its own score-log
+# rows, per tenant; `last` (the newest rows) is set by the demo to one half-month of its traffic.
+# min_samples is the demo's volume (the default, 10,000, suits a month of a real tenant).
+REFRESH = RefreshSpec(predictor="fraud-v2", every="1d", tolerance=0.10, min_samples=2000, by="tenant")
+REFRESHED = replace(
+    PROMOTED,
+    refresh=[REFRESH],
+    description="demo: v2 serves fraud, its maps refreshed by muse refresher; quotas lifted",
 )
 
 
