@@ -130,8 +130,8 @@ def predictor_scorer(reg: Registry, name: str, tenant: str | None = None) -> Bat
         raise RegistryError(
             f"--predictor {name}: not in the current deployment ({store.path(generation)}; has: {have})"
         )
-    # Only this predictor's models are loaded: no routes, no quotas, nothing else to check.
-    alone = msgspec.structs.replace(spec, predictors=chosen, routes=[], quotas=[])
+    # Only this predictor's models are loaded: no routes, quotas or refresh policies, nothing else to check.
+    alone = msgspec.structs.replace(spec, predictors=chosen, routes=[], quotas=[], refresh=[])
     snapshot = build_snapshot(alone, ModelPool(reg), generation, source=str(store.path(generation)))
     predictor = snapshot.predictors[name]
     index = predictor.maps[None] if tenant is None else predictor.map_index(tenant)

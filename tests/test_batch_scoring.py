@@ -17,7 +17,7 @@ from muse.calib import MapTable, identity_map
 from muse.compile import native_map_table
 from muse.core.file_scoring import chunk_sizes, model_scorer, plan_input, score_file
 from muse.core.snapshot import ModelPool, build_snapshot
-from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec
+from muse.core.spec import DeploymentSpec, PredictorSpec, RefreshSpec, RouteSpec
 from muse.server.cli import main as cli
 from muse.server.testing import deploy
 
@@ -28,6 +28,7 @@ SPEC = DeploymentSpec(
         PredictorSpec("ens", "1", "fraud", ["lightgbm/1", "lightgbm-copy/1"]),
     ],
     routes=[RouteSpec("*", "fraud", "a", shadows=["ens"])],
+    refresh=[RefreshSpec("ens", every="1d")],  # about another predictor than the one scored: no matter
 )
 
 
