@@ -26,6 +26,7 @@ from muse.calib.names import check_name, is_tenant, tenant_problem
 from muse.calib.quantile_map import DEFAULT_MIN_SAMPLES, MAX_EDGE_ERROR, EdgeMiss, edge_misses
 from muse.calib.samples import read_frame, read_table
 from muse.core.deploy import DeploymentStore
+from muse.core.file_scoring import predictor_scorer
 from muse.core.fit_target import FitTarget, deployed_predictor, ensemble_target, model_target
 from muse.core.labels import LabelStore
 from muse.core.registry import Registry, RegistryError
@@ -63,7 +64,11 @@ def register(sub) -> None:
     )
     src = fit.add_mutually_exclusive_group(required=True)
     src.add_argument("--scores", help="Parquet/CSV file (or directory of Parquet) with corrected scores or raw margins")
-    src.add_argument("--features", help="Parquet/CSV file of feature rows to score with the model")
+    src.add_argument(
+        "--features",
+        help="Parquet/CSV file of feature rows to score with the model (an ensemble predictor: with its "
+        "members, combined as it serves them)",
+    )
     fit.add_argument(
         "--column",
         default=None,
@@ -378,18 +383,16 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if args.scores:
         frame = select_predictor(read_table(args.scores), args.predictor, args.scores, "--predictor", predictor_version)
     else:
-        if target.model is None:
-            raise ValueError(
-                f"--features: predictor {args.predictor} is an {target.label}; fit it from its rows in the score "
-                "log (--scores REGISTRY/scorelog), which hold its combined scores"
-            )
         frame = read_table(args.features)
     if args.by and args.by not in frame.columns:
         raise ValueError(f"--by {args.by}: {source} has no such column (has: {', '.join(frame.columns)})")
     if args.scores:
         scores = corrected_scores(frame, args.column, target.beta, target.margin_kind, args.scores)
+    elif target.model is None:  # an ensemble: its members' scores combined, as it serves them
+        assert deployed is not None
+        scorer = predictor_scorer(reg, deployed.name)
+        scores = scorer.score(feature_matrix(frame, list(scorer.feature_names), args.features)).corrected
     else:
-        assert target.model is not None
         m = target.model.manifest
         raw = target.model.predict(feature_matrix(frame, m.feature_names, args.features), margin=True)
         scores = correct_margins(raw, m.beta) if m.margin_kind == "logit" else correct_probabilities(raw, m.beta)

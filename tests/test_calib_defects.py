@@ -465,14 +465,21 @@ def test_ensemble_predictor_is_calibrated_from_its_log_rows(ensemble_reg, tmp_pa
         )
 
 
-def test_ensemble_needs_its_log_rows_not_features(ensemble_reg, tmp_path, capsys):
-    DeploymentStore(ensemble_reg).apply(LIVE)
-    X, _ = training_data(rows=100, seed=41)
-    pl.DataFrame({f"f{i}": X[:, i] for i in range(X.shape[1])}).write_parquet(tmp_path / "features.parquet")
-    args = ["calib", "fit", "--registry", str(ensemble_reg.root), "--predictor", "ens"]
-    assert cli([*args, "--features", str(tmp_path / "features.parquet")]) == 2
-    assert "--features: predictor ens is an ensemble ens/3" in capsys.readouterr().err
-    assert cli(["calib", "fit", "--registry", str(ensemble_reg.root), "--predictor", "gone", "--scores", "x"]) == 2
+def test_ensemble_from_features_is_fitted_on_its_combined_scores(ensemble_reg, tmp_path, capsys):
+    reg = ensemble_reg
+    DeploymentStore(reg).apply(LIVE)
+    X, _ = training_data(rows=3000, seed=41)
+    names = reg.load_model("lightgbm/1").manifest.feature_names
+    pl.DataFrame({n: X[:, i] for i, n in enumerate(names)}).write_parquet(tmp_path / "features.parquet")
+    args = ["calib", "fit", "--registry", str(reg.root), "--predictor", "ens", "--min-samples", "500"]
+    assert cli([*args, "--features", str(tmp_path / "features.parquet")]) == 0, capsys.readouterr().err
+    assert "fitted ens/1 for ensemble ens/3" in capsys.readouterr().out
+    combined = logged_rows(reg, X).filter(pl.col("predictor") == "ens")["corrected"].to_numpy()
+    cal = reg.load_calibration("ens/1")
+    assert cal.quantile_map() == fit_quantile_map(combined, CURVE) and cal.sample_size == X.shape[0]
+    manifests = [reg.load_model(r).manifest for r in ENS.models]
+    assert cal.model == ensemble_identity("ens", "3", manifests, "mean_logit")
+    assert cli(["calib", "fit", "--registry", str(reg.root), "--predictor", "gone", "--scores", "x"]) == 2
     assert "--predictor gone: not in the registry's current deployment (generation" in capsys.readouterr().err
 
 
