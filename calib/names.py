@@ -153,6 +153,10 @@ def _unquote(stem: str) -> bytes:
 
 # -- limits on parsed documents ------------------------------------------------------------------
 
+# An event's id, as clients send it (server/schemas.py) and as labels name it (core/labels.py):
+# what the server accepts can always be labelled.
+MAX_EVENT_ID_CHARS = 256
+
 MAX_DEPTH = 32  # levels of nesting (arrays and tables/objects) in any JSON or TOML document
 MAX_ELEMENTS = 1_000_000  # values (array items plus table/object entries) in one document
 LIMITS = f"at most {MAX_DEPTH} levels of nesting and {MAX_ELEMENTS} values (muse.calib.names.MAX_DEPTH/MAX_ELEMENTS)"

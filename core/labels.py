@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from muse.calib.names import MAX_EVENT_ID_CHARS
+
 from .registry import Registry
 
 SCHEMA = pl.Schema(
@@ -42,7 +44,6 @@ REQUIRED = ("event_id", "label")
 OPTIONAL = ("label_time",)
 COLUMNS_RULE = "columns event_id (text or whole numbers), label (0 or 1) and optionally label_time"
 
-MAX_EVENT_ID_BYTES = 256
 # One import is read whole into memory: bounded so a wrong file (a feature dump, a log)
 # fails fast with a fix instead of exhausting memory.  Bigger label sets go in several imports.
 MAX_FILE_BYTES = 1 << 30
@@ -323,8 +324,8 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
     reason = (
         pl.when(e.is_null() | (e == ""))
         .then(pl.lit("event_id is missing"))
-        .when(e.str.len_bytes() > MAX_EVENT_ID_BYTES)
-        .then(pl.lit(f"event_id is longer than {MAX_EVENT_ID_BYTES} bytes"))
+        .when(e.str.len_chars() > MAX_EVENT_ID_CHARS)
+        .then(pl.lit(f"event_id is longer than {MAX_EVENT_ID_CHARS} characters"))
         .when(e.str.contains(_UNPRINTABLE))
         .then(pl.lit("event_id holds an unprintable character (control, format or separator)"))
         .when(pl.col("label_text").is_null() | (pl.col("label_text").str.strip_chars() == ""))

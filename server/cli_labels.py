@@ -6,7 +6,8 @@ import argparse
 import pathlib
 import sys
 
-from muse.core.labels import MAX_EVENT_ID_BYTES, MAX_FILE_BYTES, MAX_ROWS, LabelStore, import_labels
+from muse.calib.names import MAX_EVENT_ID_CHARS
+from muse.core.labels import MAX_FILE_BYTES, MAX_ROWS, LabelStore, import_labels
 
 
 def register(sub) -> None:
@@ -17,7 +18,7 @@ def register(sub) -> None:
         help="store a Parquet or CSV file of labels (event_id, label 0/1, optional label_time)",
         description="Store labels under REGISTRY/labels/ as a new, append-only import: the last label of an event "
         "wins (a later import over an earlier one; within a file, a later row). Event ids are the ids the scoring "
-        f"requests carried, compared as text (whole numbers are converted), at most {MAX_EVENT_ID_BYTES} bytes, "
+        f"requests carried, compared as text (whole numbers are converted), at most {MAX_EVENT_ID_CHARS} characters, "
         "printable. label is 0 or 1 (or true/false); label_time is ISO 8601 (UTC when it has no offset). Refused "
         "rows are listed with their line (CSV) or row (Parquet) and the rest are stored. At most "
         f"{MAX_FILE_BYTES >> 20} MiB and {MAX_ROWS:,} rows an import. Exit status: 0 when rows were stored, "

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from muse.calib.names import MAX_ELEMENTS, MAX_TENANT_BYTES, TENANT_RULE, Name, route_tenant_problem
+from muse.calib.names import MAX_ELEMENTS, MAX_EVENT_ID_CHARS, MAX_TENANT_BYTES, TENANT_RULE, Name, route_tenant_problem
 
 Feature = float | None  # null = missing
 # A tenant name (muse.calib.names.check_tenant; Context.check_tenant applies all of the rule).
@@ -34,7 +34,8 @@ RequestId = Annotated[
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
     features: list[Feature] | dict[str, Feature]
-    id: str | int | None = None  # absent: the server makes one (server/api_scoring.py)
+    # absent: the server makes one (server/api_scoring.py); bounded so that any id can be labelled
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_ID_CHARS)] | int | None = None
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -17,6 +17,7 @@ from helpers import make_registry, read_log
 from hypothesis import given
 from hypothesis import strategies as st
 
+from muse.calib.names import MAX_EVENT_ID_CHARS
 from muse.calib.samples import read_table
 from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec
 from muse.server.scorelog import FILE_SCHEMA, SCHEMA, ScoreLog, _Buffer
@@ -247,3 +248,13 @@ def test_inference_protocol_refuses_an_id_that_cannot_prefix_event_ids(served, b
     server, _ = served
     status, body = infer(server, 1, oip_id=bad)
     assert status == 422 and body["field"] == "$.id", body
+
+
+@pytest.mark.parametrize("bad", ["", "x" * (MAX_EVENT_ID_CHARS + 1)])
+def test_an_event_id_that_labels_could_not_name_is_refused(served, bad):
+    """Empty, or longer than `muse labels import` accepts: 422 naming the event's id."""
+    server, _ = served
+    events = [{"id": "ok", "features": [0.1] * 6}, {"id": bad, "features": [0.1] * 6}]
+    status, body, _ = server.post("/v1/score", {"tenant": "acme", "intent": "fraud", "events": events})
+    assert status == 422 and body["field"] == "$.events[1].id", body
+    assert score(server, [{"id": "y" * MAX_EVENT_ID_CHARS, "features": [0.1] * 6}])["ids"] == ["y" * MAX_EVENT_ID_CHARS]

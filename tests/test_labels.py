@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from muse.calib import ReferenceFile
-from muse.core.labels import MAX_EVENT_ID_BYTES, MAX_SHOWN, SCHEMA, LabelFileError, LabelStore, import_labels
+from muse.calib.names import MAX_EVENT_ID_CHARS
+from muse.core.labels import MAX_SHOWN, SCHEMA, LabelFileError, LabelStore, import_labels
 from muse.server.cli import main as cli
 from muse.server.testing import build_registry
 
@@ -92,7 +93,7 @@ def test_refused_rows_reported_by_line_and_the_rest_stored(reg, tmp_path, capsys
         "bad-5,,",  # 6: no label
         "bad-6,yes,",  # 7
         ",1,",  # 8: no event id
-        "x" * (MAX_EVENT_ID_BYTES + 1) + ",1,",  # 9
+        "x" * (MAX_EVENT_ID_CHARS + 1) + ",1,",  # 9
         '"bell\x07",1,',  # 10
         "bad-11,1,yesterday",  # 11
         "ok-12,0,2026-03-01 12:00:00",  # 12
@@ -110,7 +111,7 @@ def test_refused_rows_reported_by_line_and_the_rest_stored(reg, tmp_path, capsys
         (6, "label is missing"),
         (7, "'yes'"),
         (8, "event_id is missing"),
-        (9, f"longer than {MAX_EVENT_ID_BYTES} bytes"),
+        (9, f"longer than {MAX_EVENT_ID_CHARS} characters"),
         (10, "unprintable character"),
         (11, "label_time is not a date-time"),
     ]:
