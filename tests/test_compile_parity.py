@@ -100,7 +100,10 @@ def test_manifest_describes_model(case):
     assert m.margin_kind == ("probability" if case.kind in ("sklearn-rf", "sklearn-et") else "logit")
     assert m.library_file.startswith(f"lib{case.kind}-{m.version}-")
     assert (case.artifact / m.library_file).is_file()
-    assert "-DMUSE_BLOCKED" in m.compiler_flags  # the tree-blocked entry point is what these tests check
+    # What these tests check: the predicated walk (LightGBM, XGBoost), or for scikit-learn the
+    # if/else generator's tree-blocked entry point.
+    predicated = case.kind.startswith(("lightgbm", "xgboost"))
+    assert ("-DMUSE_PREDICATED" if predicated else "-DMUSE_BLOCKED") in m.compiler_flags
 
 
 def test_scores_do_not_depend_on_batch_composition(case):

@@ -255,7 +255,8 @@ def _model_sources(tmp_path: pathlib.Path):
     work = tmp_path / "src"
     work.mkdir()
     params = codegen.codegen_params(source.model.num_tree, source.model.num_feature)
-    return source, codegen.generate_sources(source, work, params)
+    # The if/else generator: its trees are many translation units, built in parallel.
+    return source, codegen.generate_sources(source, work, params, generator="ifelse")
 
 
 def _wait_readable(fd: int) -> bytes:

@@ -102,9 +102,9 @@ def _sklearn(kind: str):
 
 
 MODELS = {
-    # 40 trees: quantized thresholds, tree units, the blocked entry point.
+    # 40 trees (with MUSE_CODEGEN=ifelse: quantized thresholds, tree units, the blocked entry point).
     "xgboost": (_xgboost(40, ".json"), {"nan": True, "exact": True}),
-    # 3 trees: no quantization and no units (TL2cgen's own predict(), one row at a time).
+    # 3 trees (with MUSE_CODEGEN=ifelse: no quantization and no units, TL2cgen's own predict()).
     "xgboost-small-ubj": (_xgboost(3, ".ubj"), {"nan": True, "exact": True}),
     "lightgbm": (_lightgbm, {"nan": True, "exact": True}),
     "sklearn-gb": (_sklearn("GradientBoostingClassifier"), {"nan": False, "exact": False}),
@@ -311,14 +311,14 @@ def test_every_node_reached(model):
 
 
 def test_both_code_paths_covered(tmp_path_factory):
-    """The two XGBoost models take both of codegen's paths: quantized thresholds in tree units
-    over blocks of rows, and plain thresholds in TL2cgen's own predict(); both start at XGBoost's
-    base margin."""
+    """Both XGBoost models take the predicated generator (node arrays, its one-row walk for the
+    small one's single rows and the blocked walk for batches), both starting at XGBoost's base
+    margin; the if/else generator's two paths on the same models are checked in
+    test_predicated_codegen.py."""
     big = get_model("xgboost", tmp_path_factory).compiled.manifest
     small = get_model("xgboost-small-ubj", tmp_path_factory).compiled.manifest
-    assert big.codegen_params["quantize"] == 1 and "-DMUSE_BLOCKED" in big.compiler_flags
-    assert small.codegen_params["quantize"] == 0 and "-DMUSE_BLOCKED" not in small.compiler_flags
     for manifest in (big, small):
+        assert manifest.codegen_params["predicated"] == 1 and "-DMUSE_PREDICATED" in manifest.compiler_flags
         assert any(flag.startswith("-DMUSE_BASE_MARGIN=") for flag in manifest.compiler_flags)
 
 
