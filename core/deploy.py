@@ -11,6 +11,7 @@ does not validate never becomes current."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 
@@ -69,28 +70,37 @@ class DeploymentStore:
         return self.publish(spec, after)
 
     def publish(self, spec: DeploymentSpec, after: int | None = None) -> int:
-        """Store ``spec`` as the next generation and make it current.  With ``after``, only as
-        generation ``after + 1`` (compare and swap: ``spec`` was derived from generation
-        ``after``, and must not silently undo a generation someone published meanwhile);
-        GenerationConflict if that number is taken."""
+        """Store ``spec`` as the next generation and make it current.  With ``after``, only if
+        generation ``after`` is still current (compare and swap: ``spec`` was derived from it and
+        must not undo a generation someone published meanwhile); GenerationConflict otherwise.
+
+        Publishers take turns on an flock of deployments/.publish.lock, and a generation's file
+        and the move of `current` happen under it, so `current` never goes back to an older
+        generation; a file left by a publisher that died before moving `current` is skipped
+        (numbers only grow), never a reason to refuse."""
         self.dir.mkdir(parents=True, exist_ok=True)
         raw = encode_spec(spec)
-        generation = max(self.generations(), default=0) + 1 if after is None else after + 1
-        while True:  # exclusive create: two concurrent applies never share a number
+        fd = os.open(self.dir / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if after is not None and self.current_generation() != after:
+                raise GenerationConflict(
+                    f"generation {self.current_generation()} was published after generation {after}, "
+                    "from which this deployment was derived"
+                )
+            generation = max(self.generations(), default=0) + 1
+            path = self.path(generation)
             try:
-                fd = os.open(self.path(generation), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                break
-            except FileExistsError:
-                if after is not None:
-                    raise GenerationConflict(
-                        f"generation {generation} was published by someone else after generation {after}"
-                    ) from None
-                generation += 1
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        self.point_to(generation)
+                with open(path, "xb") as f:  # exclusive: a publisher that ignores the lock still cannot share it
+                    f.write(raw)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.point_to(generation)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(fd)  # releases the lock
         return generation
 
     def point_to(self, generation: int) -> None:

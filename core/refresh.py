@@ -40,6 +40,7 @@ import os
 import pathlib
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,14 +57,15 @@ from muse.calib.samples import scan_parquet_files
 
 from .deploy import DeploymentStore, GenerationConflict
 from .fit_target import predictor_target
-from .registry import Registry
-from .spec import DeploymentSpec, PredictorSpec, RefreshSpec, parse_duration
+from .registry import Registry, RegistryError
+from .spec import DeploymentSpec, PredictorSpec, RefreshSpec, SpecError, parse_duration
 
 NEWEST_FRACTION = 0.2  # the slice of the window the guardrails judge the new map on
 NOISE_SIGMAS = 3.0  # binomial standard errors allowed on top of the tolerance
 PUBLISH_TRIES = 3
 READ_TRIES = 3  # the server deletes its oldest files to keep its budget, maybe while they are read
 LOCK_NAME = "refresh.lock"
+EMPTY = {"time": pl.Datetime("us", "UTC"), "tenant": pl.String, "corrected": pl.Float64, "mapped": pl.Float64}
 
 
 class RefreshError(ValueError):
@@ -228,20 +230,31 @@ def _scan(directory: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]
     for attempt in range(READ_TRIES):
         files = _log_files(directory)
         if not files:
-            return pl.DataFrame(schema={"time": pl.Datetime("us", "UTC"), "tenant": pl.String, "corrected": pl.Float64})
+            return pl.DataFrame(schema=EMPTY)
         try:
             frame: pl.DataFrame = query(scan_parquet_files(files, directory)).collect()
             return frame
-        except (FileNotFoundError, pl.exceptions.ComputeError):
+        except FileNotFoundError:  # deleted since listed: list again
             if attempt == READ_TRIES - 1:
-                raise
+                raise RefreshError(f"{directory}: score-log files keep vanishing while read; try again") from None
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise RefreshError(
+                f"{directory}: cannot read the score log ({str(exc).splitlines()[0][:300]}); move the unreadable "
+                "file out of the directory"
+            ) from None
     raise AssertionError("unreachable")
 
 
 def window_rows(
-    directory: pathlib.Path, predictor: PredictorSpec, policy: RefreshSpec, now: datetime.datetime
+    directory: pathlib.Path,
+    predictor: PredictorSpec,
+    policy: RefreshSpec,
+    now: datetime.datetime,
+    generations: list[int] | None = None,
+    column: str = "corrected",
 ) -> pl.DataFrame:
-    """(time, tenant, corrected) of ``predictor``'s deployed version in the policy's window, as of ``now``."""
+    """(time, tenant, ``column``) of ``predictor``'s rows in the policy's window as of ``now``:
+    its deployed version, served by ``generations`` (those that ran it with its models)."""
     window = policy.window_text
 
     def query(scan: pl.LazyFrame) -> pl.LazyFrame:
@@ -249,26 +262,35 @@ def window_rows(
             (pl.col("predictor") == predictor.name)
             & (pl.col("version") == predictor.version)
             & (pl.col("time") <= now)
-            & pl.col("corrected").is_not_nan()
+            & pl.col(column).is_not_nan()
         )
+        if generations is not None:
+            rows = rows.filter(pl.col("generation").is_in(generations))
         if window is not None:
             rows = rows.filter(pl.col("time") > now - parse_duration("window", window))
         else:
             assert policy.last is not None
             rows = rows.sort("time").tail(policy.last)
-        return rows.select("time", "tenant", "corrected")
+        return rows.select("time", "tenant", column)
 
     return _scan(directory, query)
 
 
-def live_rows(directory: pathlib.Path, predictor: PredictorSpec, generation: int) -> pl.DataFrame:
-    """(tenant, mapped) of ``predictor`` served by ``generation``: what its live map gives now."""
-    return _scan(
-        directory,
-        lambda scan: scan.filter((pl.col("predictor") == predictor.name) & (pl.col("generation") == generation)).select(
-            "tenant", "mapped"
-        ),
-    )
+def same_models(store: DeploymentStore, predictor: PredictorSpec) -> list[int]:
+    """The generations that ran ``predictor`` (its name and version) with its models: a version
+    whose models changed under it scored with other models, and its rows are no sample of these."""
+    found = []
+    for g in store.generations():
+        try:
+            spec = store.read(g)
+        except SpecError:  # a file that never validated is no generation anyone served
+            continue
+        if any(
+            (p.name, p.version, p.models) == (predictor.name, predictor.version, predictor.models)
+            for p in spec.predictors
+        ):
+            found.append(g)
+    return found
 
 
 def live_maps(reg: Registry, predictor: PredictorSpec) -> LiveMaps:
@@ -288,21 +310,26 @@ def calibration_age(live: LiveMaps, now: datetime.datetime) -> datetime.timedelt
 
 
 @contextlib.contextmanager
-def refresh_lock(reg: Registry, wait: float | None = None) -> Iterator[None]:
+def refresh_lock(reg: Registry, wait: float | None = None, stop: threading.Event | None = None) -> Iterator[None]:
     """The registry's refresh lock (an flock on REGISTRY/locks/refresh.lock: released by the
-    kernel if its holder dies).  Waits up to ``wait`` seconds (None: as long as it takes);
-    TimeoutError naming the holder's pid when it cannot be had."""
+    kernel if its holder dies; it needs a local file system, as flock does).  Waits up to
+    ``wait`` seconds (None: until ``stop`` is set, or for ever); TimeoutError naming the
+    holder's pid when it cannot be had, InterruptedError when ``stop`` is set meanwhile."""
+    if not reg.root.is_dir():
+        raise RefreshError(f"--registry {reg.root}: no such directory")
     directory = reg.root / "locks"
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(exist_ok=True)
     path = directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if stop is not None and stop.is_set():
+                    raise InterruptedError("stopped while waiting for the registry's refresh lock") from None
                 if deadline is not None and time.monotonic() >= deadline:
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                     raise TimeoutError(
@@ -399,7 +426,7 @@ def _find(spec: DeploymentSpec, name: str, generation: int) -> PredictorSpec:
 
 
 def _calibrations(
-    reg: Registry, predictor: PredictorSpec, plan: RefreshPlan, live: LiveMaps, reference_name: str
+    reg: Registry, predictor: PredictorSpec, plan: RefreshPlan, live: LiveMaps, reference_name: str, by_tenant: bool
 ) -> tuple[list[Calibration], list[MapRecord]]:
     """The new version's maps (all-traffic first) and what became of each map."""
     target = predictor_target(reg, predictor)
@@ -425,12 +452,33 @@ def _calibrations(
             cals.append(make_calibration(check.qmap, sample_size=check.rows, tenant=check.tenant, **common))  # type: ignore[arg-type]
             refitted.add(check.tenant)
             records.append(_map_record(check, "fitted"))
-        else:
-            kept = check.tenant in live.tenant_calibrations
-            records.append(_map_record(check, "kept previous" if kept else "uses all-traffic map"))
+    judged = {c.tenant: c for c in plan.tenants}
     for tenant, cal in sorted(live.tenant_calibrations.items()):
-        if tenant not in refitted:  # refused, or no rows in the window: its map stays
+        if tenant in refitted:
+            continue
+        check = judged.get(tenant, MapCheck(tenant, 0, problems=["no rows in the window"]))
+        same = (cal.model, cal.beta, cal.reference_name, cal.reference) == (
+            common["model"],
+            common["beta"],
+            common["reference_name"],
+            common["reference"],
+        )
+        if not by_tenant:
+            check.problems.append(
+                'the policy fits no tenant maps (by = "tenant"): the tenant takes the new all-traffic map'
+            )
+            records.append(_map_record(check, "dropped"))
+        elif not same:
+            check.problems.append(
+                "its map was fitted for another model or reference: the tenant takes the new all-traffic map"
+            )
+            records.append(_map_record(check, "dropped"))
+        else:  # refused, or no rows in the window: its map stays
             cals.append(carried_over(cal, name=name, version=version))
+            records.append(_map_record(check, "kept previous"))
+    for check in plan.tenants:
+        if not check.ok and check.tenant not in live.tenant_calibrations:
+            records.append(_map_record(check, "uses all-traffic map"))
     return cals, records
 
 
@@ -458,7 +506,7 @@ def refresh(
     predictor = _find(store.read(base), name, base)
     reference = reg.load_reference(predictor.intent)
     live = live_maps(reg, predictor)
-    rows = window_rows(scores or reg.root / "scorelog", predictor, policy, now)
+    rows = window_rows(scores or reg.root / "scorelog", predictor, policy, now, same_models(store, predictor))
     plan = plan_refresh(name, rows, reference.reference, live, policy)
     result = RefreshOutcome(plan, "dry run" if dry_run else "refused")
     record = AuditRecord(
@@ -481,39 +529,50 @@ def refresh(
         if not dry_run:
             result.audit = write_audit(reg, record)
         return result
-    cals, result.maps = _calibrations(reg, predictor, plan, live, reference.name)
+    cals, result.maps = _calibrations(reg, predictor, plan, live, reference.name, policy.by == "tenant")
+    record = msgspec.structs.replace(record, maps=result.maps)
     if dry_run:
         return result
-    path = reg.publish_calibration(cals)
     ref = f"{cals[0].name}/{cals[0].version}"
-    description = f"refresh {name}: calibration {ref} from {plan.rows} rows ({trigger}) on generation {base}"
+    try:
+        reg.publish_calibration(cals)
+        result.generation = _publish(
+            store, base, predictor, ref, f"refresh {name}: calibration {ref} from {plan.rows} rows ({trigger})"
+        )
+    except (SpecError, RegistryError, OSError, ValueError) as exc:  # audited, then told
+        record = msgspec.structs.replace(record, outcome="failed", calibration=ref, reasons=[str(exc)])
+        write_audit(reg, record)
+        raise
+    result.outcome, result.calibration = "published", ref
+    record = msgspec.structs.replace(
+        record, outcome="published", generation=result.generation, calibration=ref, reasons=[]
+    )
+    result.audit = write_audit(reg, record)
+    return result
+
+
+def _publish(store: DeploymentStore, base: int, predictor: PredictorSpec, ref: str, description: str) -> int:
+    """Switch ``predictor`` to calibration ``ref`` in a generation derived from the current one,
+    published only as its successor; when another generation came first, derived again from it
+    -- provided it still runs the predictor as it was when the map was fitted."""
     generation = base
     for attempt in range(PUBLISH_TRIES):
         current = store.read(generation)
-        now_running = _find(current, name, generation)
-        if (now_running.models, now_running.version, now_running.intent) != (
-            predictor.models,
-            predictor.version,
-            predictor.intent,
-        ):
+        now_running = _find(current, predictor.name, generation)
+        if now_running != predictor:
             raise RefreshError(
-                f"generation {generation} changed predictor {name} ({now_running.models} version "
-                f"{now_running.version}) while its map was fitted; {path} is unused, refresh again"
+                f"generation {generation} changed predictor {predictor.name} (models {now_running.models}, version "
+                f"{now_running.version}, calibration {now_running.calibration}) while its map was fitted from "
+                f"generation {base}; calibration {ref} is unused, refresh again"
             )
         try:
-            switched = _switch(current, now_running, ref, description)
-            result.generation = store.apply(switched, description, after=generation)
-            break
+            switched = _switch(current, now_running, ref, f"{description} on generation {generation}")
+            return store.apply(switched, description, after=generation)
         except GenerationConflict:
             if attempt == PUBLISH_TRIES - 1:
                 raise
             generation = store.current_generation() or generation
-    result.outcome, result.calibration = "published", ref
-    record = msgspec.structs.replace(
-        record, outcome="published", maps=result.maps, generation=result.generation, calibration=ref, reasons=[]
-    )
-    result.audit = write_audit(reg, record)
-    return result
+    raise AssertionError("unreachable")
 
 
 def due(
@@ -529,7 +588,8 @@ def due(
     age = calibration_age(live, now)
     if age is None or age >= parse_duration("every", policy.every):
         return "schedule"
-    rows = live_rows(scores or reg.root / "scorelog", predictor, generation)
+    # the live map's rows of the policy's window (not the generation's whole life: recent drift shows)
+    rows = window_rows(scores or reg.root / "scorelog", predictor, policy, now, [generation], column="mapped")
     if rows.height < policy.min_samples:
         return None
     reference = reg.load_reference(predictor.intent).reference

@@ -113,6 +113,7 @@ class QuotaSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
 DURATION = re.compile(r"([1-9][0-9]{0,8})([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_FORMS = "a whole number and one of s, m, h, d: 90s, 15m, 2h, 7d"
+MAX_DURATION_DAYS = 36_500
 DurationText = Annotated[str, msgspec.Meta(pattern=f"^{DURATION.pattern}$", description=DURATION_FORMS)]
 
 
@@ -121,7 +122,10 @@ def parse_duration(what: str, text: str) -> datetime.timedelta:
     match = DURATION.fullmatch(text)
     if match is None:
         raise ValueError(f"{what} {text!r}: not a duration; use {DURATION_FORMS}")
-    return datetime.timedelta(seconds=int(match.group(1)) * UNIT_SECONDS[match.group(2)])
+    seconds = int(match.group(1)) * UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:  # beyond it, dates it is subtracted from overflow
+        raise ValueError(f"{what} {text!r}: longer than {MAX_DURATION_DAYS} days; use a shorter duration")
+    return datetime.timedelta(seconds=seconds)
 
 
 DEFAULT_REFRESH_WINDOW = "7d"
@@ -146,6 +150,9 @@ class RefreshSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     def __post_init__(self) -> None:
         if self.window is not None and self.last is not None:
             raise ValueError("give window (a duration) or last (a number of rows), not both")
+        parse_duration("every", self.every)
+        if self.window is not None:
+            parse_duration("window", self.window)
 
     @property
     def window_text(self) -> str | None:

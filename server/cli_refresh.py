@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import math
 import pathlib
 import signal
 import threading
@@ -120,10 +121,20 @@ def print_outcome(out: RefreshOutcome) -> None:
         print(f"refused: nothing published; audit: {out.audit}")
 
 
+def _scores_dir(flag: str | None) -> pathlib.Path | None:
+    if flag is None:
+        return None
+    if not pathlib.Path(flag).is_dir():
+        raise ValueError(f"--scores {flag}: no such directory (the score log: REGISTRY/scorelog by default)")
+    return pathlib.Path(flag)
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     reg = Registry(args.registry)
+    if not reg.root.is_dir():
+        raise ValueError(f"--registry {args.registry}: no such directory")
     policy = _policy(reg, args)
-    scores = pathlib.Path(args.scores) if args.scores else None
+    scores = _scores_dir(args.scores)
     with refresh_lock(reg, wait=60.0):
         out = refresh(reg, args.predictor, policy, scores=scores, dry_run=args.dry_run)
     print_outcome(out)
@@ -131,41 +142,50 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 class Refresher:
-    """One pass over the current deployment's policies at a time (``run_once``)."""
+    """One pass over the current deployment's policies at a time (``run_once``).  Two refreshers
+    on one registry take turns under its lock, each judging due-ness there, so a refresh one of
+    them published is not due for the other."""
 
-    def __init__(self, reg: Registry, scores: pathlib.Path | None):
-        self.reg, self.scores = reg, scores
+    def __init__(self, reg: Registry, scores: pathlib.Path | None, stop: threading.Event | None = None):
+        self.reg, self.scores, self.stop = reg, scores, stop or threading.Event()
         self.store = DeploymentStore(reg)
-        self._refused_at: dict[str, float] = {}  # predictor -> monotonic time of its last refused attempt
+        self._failed_at: dict[str, float] = {}  # predictor -> monotonic time of its last refused or failed attempt
+        self._idle_said = False
+
+    @property
+    def failing(self) -> list[str]:
+        """The predictors whose last attempt was refused or failed."""
+        return sorted(self._failed_at)
 
     def run_once(self) -> list[RefreshOutcome]:
+        """The refreshes done (published or refused); a predictor whose attempt failed or was
+        refused is tried again after RETRY_REFUSED_SECONDS (or its `every`, if shorter)."""
         done: list[RefreshOutcome] = []
-        with refresh_lock(self.reg):  # due-ness is judged under the lock: a twin refresher sees our work
+        with refresh_lock(self.reg, stop=self.stop):
             generation = self.store.current_generation()
             if generation is None:
+                if not self._idle_said:
+                    log.info("nothing is deployed in %s yet: nothing to refresh", self.reg.root)
+                    self._idle_said = True
                 return done
-            spec = self.store.read(generation)
-            for policy in spec.refresh:
-                predictor = next(p for p in spec.predictors if p.name == policy.predictor)
-                now = datetime.datetime.now(datetime.timezone.utc)
-                refused = self._refused_at.get(policy.predictor)
+            for policy in self.store.read(generation).refresh:
+                if self.stop.is_set():
+                    break
+                failed = self._failed_at.get(policy.predictor)
                 backoff = min(RETRY_REFUSED_SECONDS, parse_duration("every", policy.every).total_seconds())
-                if refused is not None and time.monotonic() - refused < backoff:
+                if failed is not None and time.monotonic() - failed < backoff:
                     continue
-                why = due(self.reg, policy, predictor, generation, now, self.scores)
-                if why is None:
-                    continue
-                trigger = why.split(":")[0]
-                log.info("refreshing %s (%s)", policy.predictor, why)
                 try:
-                    out = refresh(self.reg, policy.predictor, policy, scores=self.scores, now=now, trigger=trigger)
-                except (RefreshError, SpecError, OSError, ValueError) as exc:
+                    out = self._run(policy)
+                except (RefreshError, SpecError, OSError, ValueError) as exc:  # this policy's; the others go on
                     log.error("refresh of %s failed: %s", policy.predictor, exc)
-                    self._refused_at[policy.predictor] = time.monotonic()
+                    self._failed_at[policy.predictor] = time.monotonic()
+                    continue
+                if out is None:
                     continue
                 done.append(out)
                 if out.outcome == "published":
-                    self._refused_at.pop(policy.predictor, None)
+                    self._failed_at.pop(policy.predictor, None)
                     log.info(
                         "published calibration %s for %s in generation %s (%d rows)",
                         out.calibration,
@@ -173,34 +193,53 @@ class Refresher:
                         out.generation,
                         out.plan.rows,
                     )
-                    generation = out.generation or generation
-                    spec = self.store.read(generation)
                 else:
-                    self._refused_at[policy.predictor] = time.monotonic()
+                    self._failed_at[policy.predictor] = time.monotonic()
                     problems = [p for m in out.maps for p in m.problems]
                     log.warning(
                         "refresh of %s refused: %s (audit %s)", policy.predictor, "; ".join(problems), out.audit
                     )
         return done
 
+    def _run(self, policy: RefreshSpec) -> RefreshOutcome | None:
+        """Refresh ``policy``'s predictor if due, judged against the current generation."""
+        generation = self.store.current_generation()
+        if generation is None:
+            return None
+        predictor = next((p for p in self.store.read(generation).predictors if p.name == policy.predictor), None)
+        if predictor is None:  # a generation published meanwhile dropped it
+            return None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        why = due(self.reg, policy, predictor, generation, now, self.scores)
+        if why is None:
+            return None
+        log.info("refreshing %s (%s)", policy.predictor, why)
+        return refresh(self.reg, policy.predictor, policy, scores=self.scores, now=now, trigger=why.split(":")[0])
+
 
 def cmd_refresher(args: argparse.Namespace) -> int:
+    """Exit status 0; with --once, 1 when a refresh was refused or failed (for cron)."""
     logs.configure(args.log_format)
     reg = Registry(args.registry)
     if not reg.root.is_dir():
         raise ValueError(f"--registry {args.registry}: no such directory")
-    if args.poll <= 0:
+    if not (math.isfinite(args.poll) and args.poll > 0):
         raise ValueError(f"--poll {args.poll}: give a number of seconds > 0")
-    refresher = Refresher(reg, pathlib.Path(args.scores) if args.scores else None)
     stop = threading.Event()
+    refresher = Refresher(reg, _scores_dir(args.scores), stop)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log.info("refresher on %s: %s", reg.root, "one pass" if args.once else f"checking every {args.poll:g} s")
-    while True:
+    status = 0
+    while not stop.is_set():
         try:
             refresher.run_once()
-        except (SpecError, OSError, ValueError) as exc:  # a bad deployment or an unreadable log: try again later
+            status = 1 if refresher.failing else 0
+        except InterruptedError:  # SIGTERM while waiting for the lock
+            break
+        except (SpecError, OSError, ValueError) as exc:  # a bad deployment: try again later
             log.error("refresher: %s", exc)
+            status = 1
         if args.once or stop.wait(args.poll):
             break
     log.info("refresher stopped")
-    return 0
+    return status if args.once else 0

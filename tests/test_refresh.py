@@ -232,10 +232,12 @@ def test_due_by_schedule_and_by_drift(reg):
     soon = created + datetime.timedelta(hours=1)
     assert due(reg, policy(), P, generation, created + datetime.timedelta(days=2)) == "schedule"
     assert due(reg, policy(), P, generation, soon) is None  # no live rows yet: nothing to judge
-    write_log(reg, model_scores(2_000, seed=10), generation)
+    write_log(reg, model_scores(2_000, seed=10), generation, end=soon)
     assert due(reg, policy(), P, generation, soon) is None  # the same distribution the map was fitted on
-    write_log(reg, model_scores(2_000, seed=11, shift=1.0), generation, name="b")
+    write_log(reg, model_scores(2_000, seed=11, shift=1.0), generation, name="b", end=soon)
     assert due(reg, policy(), P, generation, soon).startswith("drift: edge")
+    # judged on the policy's window: drifted rows older than it are history
+    assert due(reg, policy(window="1h"), P, generation, soon + datetime.timedelta(hours=2)) is None
     assert due(reg, policy(), P, generation + 1, soon) is None  # judged on the generation's own rows
 
 
@@ -244,9 +246,17 @@ def test_publishing_after_a_generation_is_compare_and_swap(reg):
     base = store.current_generation()
     spec = store.read(base)
     assert store.publish(spec, after=base) == base + 1
-    with pytest.raises(GenerationConflict, match=f"generation {base + 1} was published by someone else"):
+    with pytest.raises(GenerationConflict, match=f"generation {base + 1} was published after generation {base}"):
         store.publish(spec, after=base)
     assert store.current_generation() == base + 1
+    # a publisher that died between writing its file and moving `current` wedges nothing
+    store.path(base + 2).write_bytes(store.path(base + 1).read_bytes())
+    assert store.publish(spec, after=base + 1) == base + 3 and store.current_generation() == base + 3
+    # a plain apply in between: the derived publish refuses, `current` stays on the newest
+    assert store.publish(spec) == base + 4
+    with pytest.raises(GenerationConflict):
+        store.publish(spec, after=base + 3)
+    assert store.current_generation() == base + 4 == max(store.generations())
 
 
 def test_the_refresh_lock_admits_one_holder(reg):
@@ -261,7 +271,6 @@ def test_the_refresh_lock_admits_one_holder(reg):
 
         t = threading.Thread(target=take)
         t.start()
-        assert not got.is_set()
     t.join(30)
     assert got.is_set()
 
@@ -302,3 +311,70 @@ def test_cli_refresh_and_the_refresher(reg, capsys):
     assert audit_records(reg)[-1]["trigger"] == "drift"
     assert store.read(base + 1).refresh == spec.refresh  # the policy carries over
     assert Refresher(reg, None).run_once() == []  # the new generation has no rows yet: not due
+
+
+def test_a_calibration_switched_while_fitting_is_not_overwritten_and_the_failure_is_audited(reg, monkeypatch):
+    store = DeploymentStore(reg)
+    base = store.current_generation()
+    write_log(reg, model_scores(3_000, seed=20), base)
+    publish = reg.publish_calibration
+
+    def meanwhile(cals):  # someone deploys p uncalibrated while the refresh fits
+        spec = store.read(store.current_generation())
+        store.publish(msgspec.structs.replace(spec, predictors=[msgspec.structs.replace(P, calibration=None)]))
+        return publish(cals)
+
+    monkeypatch.setattr(reg, "publish_calibration", meanwhile)
+    with pytest.raises(RefreshError, match=r"changed predictor p .* calibration None"):
+        refresh(reg, "p", policy(max_shift=100), now=NOW)
+    assert store.read(store.current_generation()).predictors[0].calibration is None  # theirs stands
+    [record] = audit_records(reg)
+    assert (
+        record["outcome"] == "failed"
+        and record["calibration"] == "p-cal/2"
+        and "changed predictor" in record["reasons"][0]
+    )
+
+
+def test_tenant_maps_not_refitted_are_kept_only_when_still_valid(reg):
+    store = DeploymentStore(reg)
+    base = store.current_generation()
+    write_log(reg, model_scores(3_000, seed=21), base, tenants=["globex"] * 3_000)  # acme: no rows
+    # without by = "tenant" the policy fits no tenant maps: acme's is dropped, and said so
+    out = refresh(reg, "p", policy(max_shift=100), now=NOW)
+    assert {m.tenant: m.outcome for m in out.maps} == {None: "fitted", "acme": "dropped"}
+    assert reg.calibration_tenants(out.calibration) == []
+    # with it, acme's map (no rows to refit it) is carried over unchanged ...
+    out = refresh(reg, "p", policy(by="tenant", max_shift=100), now=NOW)
+    assert {m.tenant: m.outcome for m in out.maps}["globex"] == "fitted"
+    assert reg.calibration_tenants(out.calibration) == ["globex"]  # acme's was dropped by the refresh before
+    # ... unless it maps onto another reference than the new version's (here: an edited reference)
+    deploy(reg, store.read(base))  # p on p-cal/1 again, acme's map in it
+    path = reg.reference_path("fraud")
+    path.write_text(path.read_text().replace("0.05", "0.04"))
+    out = refresh(reg, "p", policy(by="tenant", max_shift=100, tolerance=1.0), now=NOW)
+    assert out.outcome == "published" and {m.tenant: m.outcome for m in out.maps}["acme"] == "dropped"
+
+
+def test_the_window_leaves_out_generations_that_ran_the_version_with_other_models(reg):
+    store = DeploymentStore(reg)
+    base = store.current_generation()
+    spec = store.read(base)
+    other = store.publish(
+        msgspec.structs.replace(spec, predictors=[msgspec.structs.replace(P, models=["lightgbm-copy/1"])])
+    )
+    store.publish(spec)
+    write_log(reg, model_scores(1_000, seed=22), base, name="same")
+    write_log(reg, model_scores(1_000, seed=23), other, name="other")
+    assert refresh(reg, "p", policy(), now=NOW, dry_run=True).plan.rows == 1_000
+
+
+def test_an_unreadable_score_log_file_is_a_one_line_error(reg, capsys):
+    (reg.root / "scorelog").mkdir()
+    (reg.root / "scorelog" / "scores-zz.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(RefreshError, match=r"cannot read the score log .* move the unreadable file out"):
+        refresh(reg, "p", policy(), now=NOW)
+    assert cli(["calib", "refresh", "--registry", str(reg.root), "--predictor", "p"]) == 2
+    assert "cannot read the score log" in capsys.readouterr().err
+    assert cli(["calib", "refresh", "--registry", str(reg.root / "typo"), "--predictor", "p"]) == 2
+    assert "no such directory" in capsys.readouterr().err and not (reg.root / "typo").exists()
