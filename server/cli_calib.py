@@ -646,8 +646,22 @@ def _ratio(num: int, den: int) -> str:
     return f"{num / den:.3f}" if den else "-"
 
 
+def shared_ids(events: pl.DataFrame) -> int:
+    """Labelled event ids seen under more than one tenant: labels name events by id alone, so
+    such a label applies to every tenant's event of that id (clients' own ids can collide)."""
+    labelled = events.filter(pl.col("label").is_not_null() & pl.col("event_id").is_not_null())
+    return labelled.group_by("event_id").agg(pl.col("tenant").n_unique().alias("n")).filter(pl.col("n") > 1).height
+
+
 def _print_label_metrics(frame: pl.DataFrame, labels: pl.DataFrame, edges: list[float]) -> None:
-    metrics = label_metrics(labelled_events(frame, labels), edges)
+    events = labelled_events(frame, labels)
+    metrics = label_metrics(events, edges)
+    shared = shared_ids(events)
+    if shared:
+        warn(
+            f"{shared} labelled event ids appear under several tenants; a label names an event by id alone, so it "
+            "counts for each of them: have clients send ids unique across tenants (or let the server make them)"
+        )
     print(
         "  labelled events: alert rate among them, recall (alerts among fraud), precision (fraud among alerts); "
         "'-' when undefined"

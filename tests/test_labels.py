@@ -353,3 +353,15 @@ def test_status_labels_on_a_log_without_event_ids(reg, capsys):
     assert any("holds no event ids" in line for line in lines)
     counts, edges = series(lines, "fraud-v1", "active", "acme")
     assert counts == ["5", "0", "5", "0"] and all(e[1:] == ["-", "-", "-"] for e in edges)
+
+
+def test_status_labels_warns_when_tenants_share_labelled_ids(reg, tmp_path, capsys):
+    log = reg.root / "scorelog"
+    log.mkdir()
+    rows = [(1, "acme", "fraud-v1", "active", "1001", 0.9), (2, "globex", "fraud-v1", "active", "1001", 0.1)]
+    rows += [(3, "acme", "fraud-v1", "active", "a-7", 0.5)]
+    log_rows(rows).write_parquet(log / "scores-0000000000001-1-000001.parquet")
+    assert import_file(reg, write(tmp_path / "l.csv", "event_id,label\n1001,1\na-7,0\n")) == 0
+    capsys.readouterr()
+    cli(["calib", "status", "--registry", str(reg.root), "--labels"])
+    assert "1 labelled event ids appear under several tenants" in capsys.readouterr().err
