@@ -53,9 +53,9 @@ async def score(app: Context, req: Request) -> Response:
         predictor = lane.predictor
         predictor_name = predictor.name
         X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
-        scores = await app.score_within_quota(lane, X, "$.tenant")
         request_id = req.id
         answered, logged = event_ids(request_id, r.events)
+        scores = await app.score_within_quota(lane, X, "$.tenant")
         lane.record(X, scores, (request_id, None, logged))  # generated ids: <request id>-<i>
         body = encode(
             ScoreResponse(predictor.name, predictor.version, lane.generation, scores.mapped.tolist(), answered)
@@ -75,6 +75,10 @@ def event_ids(request_id: str, events: list[Event]) -> tuple[list[str | int], li
         if missing == 1:  # the usual batch-1 request: one string costs less than the join below
             return [request_id + "-0"], None
         return cast("list[str | int]", generated_ids(request_id, len(given))), None
+    for i, g in enumerate(given):
+        # what `muse labels import` refuses (control, format and separator characters) must not be served
+        if type(g) is str and not g.isprintable():
+            raise HTTPError(422, f"event id {g!r} holds an unprintable character", f"$.events[{i}].id")
     if missing == 0:
         return cast("list[str | int]", given), given
     return [f"{request_id}-{i}" if g is None else g for i, g in enumerate(given)], given

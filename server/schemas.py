@@ -35,7 +35,11 @@ RequestId = Annotated[
 class Event(msgspec.Struct, forbid_unknown_fields=True):
     features: list[Feature] | dict[str, Feature]
     # absent: the server makes one (server/api_scoring.py); bounded so that any id can be labelled
-    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_ID_CHARS)] | int | None = None
+    id: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_ID_CHARS)]
+        | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+        | None
+    ) = None
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):

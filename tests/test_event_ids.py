@@ -250,7 +250,7 @@ def test_inference_protocol_refuses_an_id_that_cannot_prefix_event_ids(served, b
     assert status == 422 and body["field"] == "$.id", body
 
 
-@pytest.mark.parametrize("bad", ["", "x" * (MAX_EVENT_ID_CHARS + 1)])
+@pytest.mark.parametrize("bad", ["", "x" * (MAX_EVENT_ID_CHARS + 1), "tab\there", "zero\u200bwidth", 10**30])
 def test_an_event_id_that_labels_could_not_name_is_refused(served, bad):
     """Empty, or longer than `muse labels import` accepts: 422 naming the event's id."""
     server, _ = served
