@@ -3,11 +3,12 @@ readiness and inference, with JSON tensors or the binary tensor extension.
 The tenant comes from the key, or from ``parameters.tenant`` with an admin key.
 
 The protocol has no per-row ids: the score log's event id of row i is
-``<id>-<i>``, where ``id`` is the request's ``id`` when the client sent one (1 to
-128 printable ASCII characters without spaces, else a 422 naming ``$.id``), else
-the request id of the access log (server/asgi.py ``Request.id``).  The answer's
-``id`` is always that id, so a client can rebuild its rows' event ids; the score
-log's ``request_id`` is the access log's either way."""
+``<prefix>-<i>``, where the prefix is the request's ``id`` when the client sent one
+that can be (1 to 128 printable ASCII characters without spaces), else the request
+id of the access log (server/asgi.py ``Request.id``).  The answer's ``id`` echoes the
+client's (the protocol's rule), or is the request id when it sent none, and
+``parameters.event_id_prefix`` is the prefix, so a client can rebuild its rows'
+event ids; the score log's ``request_id`` is the access log's either way."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from muse.core.snapshot import RouteError
 from .asgi import Request, Response, encode, json_response
 from .context import Context
 from .errors import HTTPError, check_version, no_route, validation_error
-from .schemas import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorMeta
+from .schemas import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorMeta, usable_request_id
 
 DECODER = msgspec.json.Decoder(InferRequest)
 TENSOR_DTYPES: dict[str, np.dtype[np.floating[Any]]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
@@ -95,16 +96,18 @@ async def infer(app: Context, req: Request, intent: str, version: str | None = N
         binary_out = wants_binary(r)
         scores = await app.score_within_quota(lane, X, "$.parameters.tenant")
         request_id = req.id
-        lane.record(X, scores, (request_id, r.id, None))  # event ids: <r.id or request id>-<row>
-        prefix = r.id or request_id
-        params = {"predictor": predictor.name, "generation": lane.generation}
+        named = r.id if r.id is not None and usable_request_id(r.id) else None
+        lane.record(X, scores, (request_id, named, None))  # event ids: <named or request id>-<row>
+        prefix = named or request_id
+        params = {"predictor": predictor.name, "generation": lane.generation, "event_id_prefix": prefix}
         if binary_out:
             raw = scores.mapped.astype("<f8").tobytes()
             output = InferOutput("score", [len(X)], "FP64", parameters={"binary_data_size": len(raw)})
         else:
             raw = b""
             output = InferOutput("score", [len(X)], "FP64", data=scores.mapped.tolist())
-        header = encode(InferResponse(intent, [output], predictor.version, prefix, params))
+        answered_id = r.id if r.id is not None else request_id
+        header = encode(InferResponse(intent, [output], predictor.version, answered_id, params))
     except HTTPError as exc:
         app.count_error(exc, tenant or "", intent, predictor_name)
         raise

@@ -6,6 +6,7 @@ recursing into it.  Numbers are numbers: no strings, no booleans (``float`` take
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -19,17 +20,12 @@ Many = msgspec.Meta(max_length=MAX_ELEMENTS)  # the element-count limit of muse.
 # A request id the client chooses (X-Request-ID, server/asgi.py; an Open Inference Protocol request's
 # `id`): printable ASCII without spaces, as it goes into log lines and prefixes event ids.
 MAX_REQUEST_ID = 128
-REQUEST_ID_PATTERN = "^[!-~]+$"
-RequestId = Annotated[
-    str,
-    msgspec.Meta(
-        min_length=1,
-        max_length=MAX_REQUEST_ID,
-        pattern=REQUEST_ID_PATTERN,
-        description=f"1 to {MAX_REQUEST_ID} printable ASCII characters, no spaces; the score log's events of "
-        "this request are `<id>-<row index>`",
-    ),
-]
+REQUEST_ID = re.compile("[!-~]+")
+
+
+def usable_request_id(value: str) -> bool:
+    """Whether a client's id can prefix event ids and go into log lines as it is."""
+    return len(value) <= MAX_REQUEST_ID and REQUEST_ID.fullmatch(value) is not None
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,7 +97,9 @@ class RequestedOutput(msgspec.Struct):
 
 class InferRequest(msgspec.Struct):
     inputs: Annotated[list[InferInput], msgspec.Meta(min_length=1, max_length=64)]
-    id: RequestId | None = None
+    # The protocol allows any string; one that cannot prefix event ids (usable_request_id) is echoed
+    # all the same, and the rows are named after the server's request id (api_inference).
+    id: Annotated[str, msgspec.Meta(max_length=MAX_EVENT_ID_CHARS)] | None = None
     parameters: Parameters = {}
     outputs: Annotated[list[RequestedOutput], msgspec.Meta(max_length=64)] = []
 

@@ -243,8 +243,21 @@ def test_inference_protocol_ids(served):
     assert rows["active"] == rows["shadow"] == [(body["id"], f"{body['id']}-{i}") for i in range(3)]
 
 
-@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "naïve", "tab\there", 5])
-def test_inference_protocol_refuses_an_id_that_cannot_prefix_event_ids(served, bad):
+@pytest.mark.parametrize("odd", ["", "has space", "x" * 129, "naïve", "tab\there"])
+def test_an_inference_id_that_cannot_prefix_event_ids_is_echoed_and_rows_take_the_request_id(served, odd):
+    """The protocol allows any string id and asks for it back; the rows are named after the
+    server's request id, which the answer gives as parameters.event_id_prefix."""
+    server, directory = served
+    status, body = infer(server, 2, oip_id=odd, request_id=f"req-odd-{len(odd)}-{odd.isascii()}")
+    assert status == 200 and body["id"] == odd, body
+    prefix = body["parameters"]["event_id_prefix"]
+    assert prefix == f"req-odd-{len(odd)}-{odd.isascii()}"
+    rows = logged(directory, prefix, 2)
+    assert rows["active"] == [(prefix, f"{prefix}-0"), (prefix, f"{prefix}-1")]
+
+
+@pytest.mark.parametrize("bad", [5, "x" * (MAX_EVENT_ID_CHARS + 1)])
+def test_inference_protocol_refuses_an_id_that_is_no_bounded_string(served, bad):
     server, _ = served
     status, body = infer(server, 1, oip_id=bad)
     assert status == 422 and body["field"] == "$.id", body
