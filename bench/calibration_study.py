@@ -52,7 +52,7 @@ from muse.calib import QuantileMap, alert_rates, correct_margins, fit_quantile_m
 from muse.calib.quantile_map import MAX_EDGE_ERROR
 from muse.compile import CompiledModel, build_artifact, load_artifact
 from muse.core.labels import LabelStore
-from muse.core.refresh import LiveMaps, plan_refresh
+from muse.core.refresh_plan import LiveMaps, plan_refresh
 from muse.core.registry import Registry
 from muse.core.spec import RefreshSpec, parse_duration
 from muse.server.demo import BETA_V1, LIGHTGBM, REFERENCE, traffic

@@ -20,202 +20,50 @@ policies (core.spec.RefreshSpec) when they are due.  Serving processes never fit
      feed or an attack more often than drift, and is left to a person (`muse calib fit`).
    A refused all-traffic map refuses the refresh; a refused tenant map keeps that tenant's
    previous map (or, if it had none, the tenant uses the all-traffic map).
-4. **Publish**, under the registry's refresh lock (so two refreshers never publish at once):
+4. **Publish**, under the registry's refresh lock (core/locks.py; so two refreshers never publish at once):
    the calibration version whole (Registry.publish_calibration), then a generation derived from
    the current one that changes only this predictor's calibration, published with compare and
    swap (DeploymentStore.publish ``after``).  When another generation was published meanwhile,
    the change is derived again from it (the predictor must still run the same models), up to
    PUBLISH_TRIES times; a calibration version left by a lost race is unused, never wrong.
-5. **Audit.** Every refresh that is not a dry run appends a record, published or refused, to
-   ``REGISTRY/audit/``: who, when, why, the window and each map's alert rates before and after."""
+5. **Audit.** Every refresh that is not a dry run appends a record, published, refused or failed,
+   to ``REGISTRY/audit/`` (core/audit.py): who, when, why, the window and each map's alert rates
+   before and after.
+
+Steps 2 and 3 are core/refresh_plan.py, pure functions of rows (what the study runs)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
-import getpass
-import math
-import os
 import pathlib
-import secrets
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
 import polars as pl
 
-from muse.calib import Calibration, QuantileMap, Reference, SampleError, fit_quantile_map, identity_map
+from muse.calib import Calibration, identity_map
 from muse.calib.artifact import carried_over, make_calibration
 from muse.calib.names import is_tenant
-from muse.calib.quantile_map import MAX_EDGE_ERROR, reference_edges
 from muse.calib.samples import scan_parquet_files
 
+from .audit import AuditRecord, EdgeRecord, MapRecord, who, write_audit
 from .deploy import DeploymentStore, GenerationConflict
 from .fit_target import predictor_target
+from .refresh_plan import LiveMaps, MapCheck, RefreshPlan, drifted_edges, plan_refresh
 from .registry import Registry, RegistryError
 from .spec import DeploymentSpec, PredictorSpec, RefreshSpec, SpecError, parse_duration
 
-NEWEST_FRACTION = 0.2  # the slice of the window the guardrails judge the new map on
-NOISE_SIGMAS = 3.0  # binomial standard errors allowed on top of the tolerance
 PUBLISH_TRIES = 3
 READ_TRIES = 3  # the server deletes its oldest files to keep its budget, maybe while they are read
-LOCK_NAME = "refresh.lock"
-EMPTY = {"time": pl.Datetime("us", "UTC"), "tenant": pl.String, "corrected": pl.Float64, "mapped": pl.Float64}
+EMPTY = pl.Schema(
+    {"time": pl.Datetime("us", "UTC"), "tenant": pl.String(), "corrected": pl.Float64(), "mapped": pl.Float64()}
+)
 
 
 class RefreshError(ValueError):
     """A refresh that cannot even be planned (nothing deployed, the predictor unknown...)."""
-
-
-# -- the plan: pure functions of rows, a reference and the live maps (the study calls these) --
-
-
-@dataclass(frozen=True)
-class EdgeCheck:
-    edge: float
-    target: float
-    live: float  # alert rate on the newest slice under the live map
-    new: float  # ... under the new map
-
-    @property
-    def shift(self) -> float:
-        return abs(self.new - self.live) / self.target
-
-
-@dataclass
-class MapCheck:
-    """One map of a refresh: fitted from ``rows`` window rows, judged on the ``newest`` of them."""
-
-    tenant: str | None
-    rows: int
-    newest: int = 0
-    edges: list[EdgeCheck] = field(default_factory=list)
-    qmap: QuantileMap | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.qmap is not None and not self.problems
-
-
-@dataclass
-class LiveMaps:
-    """The maps a predictor serves now: all-traffic and per tenant (identity when uncalibrated)."""
-
-    overall: QuantileMap
-    tenants: dict[str, QuantileMap] = field(default_factory=dict)
-    calibration: Calibration | None = None
-    tenant_calibrations: dict[str, Calibration] = field(default_factory=dict)
-
-    def of(self, tenant: str | None) -> QuantileMap:
-        return self.overall if tenant is None else self.tenants.get(tenant, self.overall)
-
-
-@dataclass
-class RefreshPlan:
-    predictor: str
-    rows: int
-    start: datetime.datetime | None
-    end: datetime.datetime | None
-    overall: MapCheck
-    tenants: list[MapCheck] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.overall.ok
-
-
-def _newest(times: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The newest NEWEST_FRACTION of ``scores`` by time (at least one row)."""
-    n = max(1, math.ceil(scores.size * NEWEST_FRACTION))
-    order = np.argsort(times, kind="stable")
-    return scores[order[-n:]]
-
-
-def check_map(
-    tenant: str | None,
-    times: np.ndarray,
-    scores: np.ndarray,
-    reference: Reference,
-    live: QuantileMap,
-    policy: RefreshSpec,
-) -> MapCheck:
-    """Fit one map from ``scores`` (corrected, at ``times``) and judge it by the guardrails."""
-    check = MapCheck(tenant, int(scores.size))
-    if scores.size < policy.min_samples:
-        check.problems.append(f"{scores.size} rows in the window, fewer than min_samples {policy.min_samples}")
-        return check
-    try:
-        check.qmap = fit_quantile_map(scores, reference, policy.min_samples, max_edge_error=MAX_EDGE_ERROR)
-    except SampleError as exc:
-        check.problems.append(str(exc))
-        return check
-    newest = _newest(times, scores)
-    check.newest = int(newest.size)
-    new_mapped, live_mapped = check.qmap(newest), live(newest)
-    for edge, target in reference_edges(reference):
-        e = EdgeCheck(edge, target, float(np.mean(live_mapped >= edge)), float(np.mean(new_mapped >= edge)))
-        check.edges.append(e)
-        noise = NOISE_SIGMAS * math.sqrt(target * (1 - target) / newest.size)
-        if abs(e.new - target) > policy.tolerance * target + noise:
-            check.problems.append(
-                f"edge {edge:g}: the new map alerts on {e.new:.4f} of the newest {newest.size} rows for a target of "
-                f"{target:g}, beyond the tolerance {policy.tolerance:g} (the window mixes regimes: shorten it)"
-            )
-        if abs(e.new - e.live) > policy.max_shift * target + noise:
-            check.problems.append(
-                f"edge {edge:g}: the alert rate would move from {e.live:.4f} to {e.new:.4f} at once, "
-                f"{e.shift:.0%} of the target {target:g}, beyond max_shift {policy.max_shift:g}; "
-                "look at the feed, then refit by hand (`muse calib fit`) if the change is real"
-            )
-    return check
-
-
-def plan_refresh(
-    predictor: str, rows: pl.DataFrame, reference: Reference, live: LiveMaps, policy: RefreshSpec
-) -> RefreshPlan:
-    """Fit and judge every map of a refresh from window ``rows`` (time, tenant, corrected)."""
-    times = rows["time"].cast(pl.Int64).to_numpy() if rows.height else np.zeros(0, dtype=np.int64)
-    scores = rows["corrected"].cast(pl.Float64).to_numpy()
-    start, end = (rows["time"].min(), rows["time"].max()) if rows.height else (None, None)
-    plan = RefreshPlan(
-        predictor,
-        rows.height,
-        start,  # type: ignore[arg-type]
-        end,  # type: ignore[arg-type]
-        check_map(None, times, scores, reference, live.overall, policy),
-    )
-    if policy.by == "tenant" and rows.height:
-        grouped = (
-            rows.with_row_index("i")
-            .group_by(pl.col("tenant").cast(pl.String))
-            .agg(pl.col("i"))
-            .filter(pl.col("tenant").is_not_null())
-            .sort("tenant")
-        )
-        for tenant, index in zip(grouped["tenant"].to_list(), grouped["i"].to_list()):
-            if not is_tenant(tenant):  # what clients sent: such rows count only toward the all-traffic map
-                continue
-            idx = np.asarray(index, dtype=np.int64)
-            plan.tenants.append(check_map(tenant, times[idx], scores[idx], reference, live.of(tenant), policy))
-    return plan
-
-
-def drifted_edges(mapped: np.ndarray, reference: Reference, tolerance: float) -> list[str]:
-    """The edges whose alert rate over live ``mapped`` scores is off target by more than
-    ``tolerance`` of the target (plus the sample's binomial noise), described."""
-    off = []
-    for edge, target in reference_edges(reference):
-        rate = float(np.mean(mapped >= edge))
-        allowed = tolerance * target + NOISE_SIGMAS * math.sqrt(target * (1 - target) / mapped.size)
-        if abs(rate - target) > allowed:
-            off.append(f"edge {edge:g}: {rate:.4f} for a target of {target:g}")
-    return off
 
 
 # -- the registry side: rows from the score log, the live maps, publishing, audit, the lock --
@@ -309,102 +157,9 @@ def calibration_age(live: LiveMaps, now: datetime.datetime) -> datetime.timedelt
     return now - datetime.datetime.fromisoformat(live.calibration.created_at)
 
 
-@contextlib.contextmanager
-def refresh_lock(reg: Registry, wait: float | None = None, stop: threading.Event | None = None) -> Iterator[None]:
-    """The registry's refresh lock (an flock on REGISTRY/locks/refresh.lock: released by the
-    kernel if its holder dies; it needs a local file system, as flock does).  Waits up to
-    ``wait`` seconds (None: until ``stop`` is set, or for ever); TimeoutError naming the
-    holder's pid when it cannot be had, InterruptedError when ``stop`` is set meanwhile."""
-    if not reg.root.is_dir():
-        raise RefreshError(f"--registry {reg.root}: no such directory")
-    directory = reg.root / "locks"
-    directory.mkdir(exist_ok=True)
-    path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if stop is not None and stop.is_set():
-                    raise InterruptedError("stopped while waiting for the registry's refresh lock") from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                    raise TimeoutError(
-                        f"{path}: another refresh (pid {holder}) holds the registry's refresh lock"
-                    ) from None
-                time.sleep(0.05)  # flock has no timed wait
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-class EdgeRecord(msgspec.Struct):
-    edge: float
-    target: float
-    before: float
-    after: float
-
-
-class MapRecord(msgspec.Struct, omit_defaults=True):
-    tenant: str | None
-    rows: int
-    newest_rows: int
-    outcome: str  # "fitted", "kept previous", "uses all-traffic map"
-    edges: list[EdgeRecord] = []
-    problems: list[str] = []
-
-
-class AuditRecord(msgspec.Struct, omit_defaults=True):
-    """One refresh, as REGISTRY/audit/<time>-refresh-<predictor>.json."""
-
-    action: str  # "refresh"
-    outcome: str  # "published" | "refused" | "failed"
-    predictor: str
-    who: str
-    trigger: str  # "manual", "schedule", "drift"
-    at: str
-    policy: dict[str, object]
-    window_start: str | None
-    window_end: str | None
-    rows: int
-    base_generation: int
-    maps: list[MapRecord]
-    generation: int | None = None
-    calibration: str | None = None
-    reasons: list[str] = []
-
-
 def _map_record(check: MapCheck, outcome: str) -> MapRecord:
     edges = [EdgeRecord(e.edge, e.target, e.live, e.new) for e in check.edges]
     return MapRecord(check.tenant, check.rows, check.newest, outcome, edges, list(check.problems))
-
-
-def who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (containers)
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}"
-
-
-def write_audit(reg: Registry, record: AuditRecord) -> pathlib.Path:
-    """Append ``record`` to REGISTRY/audit/ as its own file (written whole: temp, fsync, rename)."""
-    directory = reg.root / "audit"
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = directory / f"{stamp}-{record.action}-{record.predictor}-{secrets.token_hex(3)}.json"
-    tmp = directory / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(record), indent=1) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
-    return path
 
 
 @dataclass

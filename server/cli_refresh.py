@@ -15,7 +15,8 @@ import time
 import msgspec
 
 from muse.core.deploy import DeploymentStore
-from muse.core.refresh import RefreshError, RefreshOutcome, due, refresh, refresh_lock
+from muse.core.locks import refresh_lock
+from muse.core.refresh import RefreshError, RefreshOutcome, due, refresh
 from muse.core.registry import Registry
 from muse.core.spec import DEFAULT_REFRESH_MIN_SAMPLES, RefreshSpec, SpecError, parse_duration
 

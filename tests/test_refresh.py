@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from muse.calib import ModelIdentity, alert_rates, correct_margins, fit_quantile_map, identity_map, make_calibration
 from muse.core.deploy import DeploymentStore, GenerationConflict
-from muse.core.refresh import LiveMaps, RefreshError, due, plan_refresh, refresh, refresh_lock
+from muse.core.locks import refresh_lock
+from muse.core.refresh import RefreshError, due, refresh
+from muse.core.refresh_plan import LiveMaps, plan_refresh
 from muse.core.spec import DeploymentSpec, PredictorSpec, RefreshSpec, RouteSpec, SpecError, decode_spec
 from muse.server.cli import main as cli
 from muse.server.cli_refresh import Refresher
