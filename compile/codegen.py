@@ -393,6 +393,39 @@ def forest_layout(model: treelite.Model) -> tuple[list[tuple], list[float], list
 
 
 _LEAF_NODE = 0  # Treelite's TreeNodeType::kLeafNode
+# A walk takes its tree's full depth in steps, whatever the row's path.  On the fraud-shaped model
+# (bench/kernel.py) a step costs ~0.9 ns at batch 4096 and an if/else node on the paths training
+# rows take ~6.3 ns: the if/else trees would win once the depths summed over trees exceed ~7x the
+# mean path (training rows, weighted by leaf counts).  LightGBM's leaf-wise trees measured ~2x
+# (63 and 255 leaves), where the walk was 2.4-6x faster; only chain-like trees reach the limit.
+WALK_WASTE_LIMIT = 6.0
+
+
+def expected_path_length(model: treelite.Model) -> float:
+    """The sum over trees of the mean depth of the leaves training rows reached, weighted by the
+    rows (or hessians) each leaf held where the model kept them, else unweighted."""
+    total = 0.0
+    for ti in range(int(model.num_tree)):
+        tree = model.get_tree_accessor(ti)
+        left, right = tree.get_field("cleft"), tree.get_field("cright")
+        weight = np.ones(len(left))
+        for field in ("data_count", "sum_hess"):
+            present = tree.get_field(f"{field}_present")
+            if len(present) == len(left) and np.all(present):
+                weight = tree.get_field(field).astype(np.float64)
+                break
+        depth = np.zeros(len(left))
+        reached = np.zeros(len(left), dtype=bool)
+        stack = [0]
+        while stack:
+            n = stack.pop()
+            reached[n] = True
+            if left[n] != -1:
+                depth[left[n]] = depth[right[n]] = depth[n] + 1
+                stack += [int(left[n]), int(right[n])]
+        leaves = reached & (left == -1)
+        total += float(np.average(depth[leaves], weights=weight[leaves])) if weight[leaves].sum() > 0 else 0.0
+    return total
 
 
 def generate_forest(source: SourceModel, workdir: pathlib.Path) -> pathlib.Path:
@@ -412,6 +445,8 @@ def generate_forest(source: SourceModel, workdir: pathlib.Path) -> pathlib.Path:
     if source.float32_base_margin is None and np.any(header.get_field("base_scores") != 0):
         raise Unsupported("a base score")  # LightGBM keeps it in the trees; TL2cgen adds it last
     nodes, values, roots, depths = forest_layout(model)
+    if sum(depths) > WALK_WASTE_LIMIT * expected_path_length(model):
+        raise Unsupported("trees far deeper than the paths rows take")
     # The columns: x, -x or "is a number" of the features splits read, then one of zeros for the leaves.
     pairs = sorted({(f, _greater_form(o, t, np.float32)[0]) for f, o, t, _ in nodes if f >= 0})
     col_of = {p: k for k, p in enumerate(pairs)}

@@ -177,3 +177,17 @@ def test_deep_model_any_batch_size(deep):
     for size in (1, 7, 8, 9, 63, 64, 65, 130):
         parts = np.concatenate([model.predict(X[i : i + size], margin=True) for i in range(0, len(X), size)])
         assert parts.tobytes() == whole.tobytes(), size
+
+
+def test_trees_far_deeper_than_paths_fall_back(deep, tmp_path, monkeypatch):
+    """A walk takes a tree's full depth: where that is far more than the paths training rows took
+    (here a limit below this model's ~2x), the if/else trees are built instead, and still exact."""
+    booster, source, _ = deep
+    depths = codegen.forest_layout(source.model)[3]
+    waste = sum(depths) / codegen.expected_path_length(source.model)
+    assert 1.2 < waste < codegen.WALK_WASTE_LIMIT
+    monkeypatch.setattr(codegen, "WALK_WASTE_LIMIT", 1.2)
+    model = load_artifact(build_artifact(source.path, tmp_path / "registry", name="deep"))
+    assert "-DMUSE_PREDICATED" not in model.manifest.compiler_flags
+    X = awkward_rows(source, 500, seed=7)
+    np.testing.assert_array_equal(model.predict(X, margin=True), booster.predict(X, raw_score=True))
