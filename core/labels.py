@@ -372,3 +372,50 @@ def import_labels(store: LabelStore, path: str | os.PathLike[str]) -> ImportResu
     changed = known.filter(pl.col("label") != pl.col("before")).height
     written = store.append(read.valid)
     return ImportResult(read, written, latest.height, known.height, changed)
+
+
+# -- labels joined to scores: what `muse calib status --labels` reports ---------------------------
+
+
+SERIES = ["predictor", "role", "tenant"]  # the score-log columns a status row is judged by
+
+
+def labelled_events(frame: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    """One row per event of each (predictor, role, tenant) series: its last score ('mapped') and
+    its label (null when unlabelled).  A retried event, logged twice by one predictor, counts
+    once; rows without an event id (older log files) are each an unlabelled event."""
+    ids = pl.col("event_id").cast(pl.Utf8) if "event_id" in frame.columns else pl.lit(None, pl.Utf8)
+    rows = frame.select(*SERIES, ids.alias("event_id"), "mapped", *(["time"] if "time" in frame.columns else []))
+    if "time" in rows.columns:
+        rows = rows.sort("time", maintain_order=True)  # stable: rows logged at one instant keep the log's order
+    known = rows.filter(pl.col("event_id").is_not_null())
+    events = pl.concat(
+        [
+            known.unique(subset=[*SERIES, "event_id"], keep="last", maintain_order=True),
+            rows.filter(pl.col("event_id").is_null()),
+        ]
+    )
+    return events.join(labels.select("event_id", "label"), on="event_id", how="left")
+
+
+def label_metrics(events: pl.DataFrame, edges: list[float]) -> pl.DataFrame:
+    """Per series: events, labelled, fraud, and per edge i the labelled events alerted on
+    (``alerts{i}``: mapped >= edge) and the fraud among them (``caught{i}``)."""
+    labelled = pl.col("label").is_not_null()
+    fraud = pl.col("label") == 1
+    per_edge = []
+    for i, edge in enumerate(edges):
+        alert = pl.col("mapped") >= edge
+        per_edge += [(alert & labelled).sum().alias(f"alerts{i}"), (alert & fraud).sum().alias(f"caught{i}")]
+    return (
+        events.group_by(SERIES)
+        .agg(pl.len().alias("events"), labelled.sum().alias("labelled"), fraud.sum().alias("fraud"), *per_edge)
+        .sort(SERIES)
+    )
+
+
+def shared_ids(events: pl.DataFrame) -> int:
+    """Labelled event ids seen under more than one tenant: labels name events by id alone, so
+    such a label applies to every tenant's event of that id (clients' own ids can collide)."""
+    labelled = events.filter(pl.col("label").is_not_null() & pl.col("event_id").is_not_null())
+    return labelled.group_by("event_id").agg(pl.col("tenant").n_unique().alias("n")).filter(pl.col("n") > 1).height

@@ -28,7 +28,7 @@ from muse.calib.samples import read_frame, read_table
 from muse.core.deploy import DeploymentStore
 from muse.core.file_scoring import predictor_scorer
 from muse.core.fit_target import FitTarget, deployed_predictor, ensemble_target, model_target
-from muse.core.labels import LabelStore
+from muse.core.labels import LabelStore, label_metrics, labelled_events, shared_ids
 from muse.core.registry import Registry, RegistryError
 from muse.core.spec import PredictorSpec, SpecError
 
@@ -594,8 +594,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- muse calib status --labels ------------------------------------------------------------------
 
-SERIES = ["predictor", "role", "tenant"]
-
 
 def _load_labels(reg: Registry, frame: pl.DataFrame) -> pl.DataFrame:
     """The registry's labels (event_id, label), saying when they cannot be joined to anything."""
@@ -608,49 +606,8 @@ def _load_labels(reg: Registry, frame: pl.DataFrame) -> pl.DataFrame:
     return labels
 
 
-def labelled_events(frame: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    """One row per event of each (predictor, role, tenant) series: its last score ('mapped') and
-    its label (null when unlabelled).  A retried event, logged twice by one predictor, counts
-    once; rows without an event id (older log files) are each an unlabelled event."""
-    ids = pl.col("event_id").cast(pl.Utf8) if "event_id" in frame.columns else pl.lit(None, pl.Utf8)
-    rows = frame.select(*SERIES, ids.alias("event_id"), "mapped", *(["time"] if "time" in frame.columns else []))
-    if "time" in rows.columns:
-        rows = rows.sort("time", maintain_order=True)  # stable: rows logged at one instant keep the log's order
-    known = rows.filter(pl.col("event_id").is_not_null())
-    events = pl.concat(
-        [
-            known.unique(subset=[*SERIES, "event_id"], keep="last", maintain_order=True),
-            rows.filter(pl.col("event_id").is_null()),
-        ]
-    )
-    return events.join(labels.select("event_id", "label"), on="event_id", how="left")
-
-
-def label_metrics(events: pl.DataFrame, edges: list[float]) -> pl.DataFrame:
-    """Per series: events, labelled, fraud, and per edge i the labelled events alerted on
-    (``alerts{i}``: mapped >= edge) and the fraud among them (``caught{i}``)."""
-    labelled = pl.col("label").is_not_null()
-    fraud = pl.col("label") == 1
-    per_edge = []
-    for i, edge in enumerate(edges):
-        alert = pl.col("mapped") >= edge
-        per_edge += [(alert & labelled).sum().alias(f"alerts{i}"), (alert & fraud).sum().alias(f"caught{i}")]
-    return (
-        events.group_by(SERIES)
-        .agg(pl.len().alias("events"), labelled.sum().alias("labelled"), fraud.sum().alias("fraud"), *per_edge)
-        .sort(SERIES)
-    )
-
-
 def _ratio(num: int, den: int) -> str:
     return f"{num / den:.3f}" if den else "-"
-
-
-def shared_ids(events: pl.DataFrame) -> int:
-    """Labelled event ids seen under more than one tenant: labels name events by id alone, so
-    such a label applies to every tenant's event of that id (clients' own ids can collide)."""
-    labelled = events.filter(pl.col("label").is_not_null() & pl.col("event_id").is_not_null())
-    return labelled.group_by("event_id").agg(pl.col("tenant").n_unique().alias("n")).filter(pl.col("n") > 1).height
 
 
 def _print_label_metrics(frame: pl.DataFrame, labels: pl.DataFrame, edges: list[float]) -> None:
