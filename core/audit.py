@@ -45,6 +45,7 @@ class AuditRecord(msgspec.Struct, omit_defaults=True):
     rows: int
     base_generation: int
     maps: list[MapRecord]
+    small_tenants: int = 0  # tenants with too few rows for a map of their own, using the all-traffic map
     generation: int | None = None
     calibration: str | None = None
     reasons: list[str] = []

@@ -277,6 +277,7 @@ def refresh(
         plan.rows,
         base,
         [_map_record(plan.overall, "refused")],
+        small_tenants=plan.small_tenants,
         reasons=list(plan.overall.problems),
     )
     if not plan.ok:

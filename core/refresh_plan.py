@@ -71,6 +71,9 @@ class RefreshPlan:
     end: datetime.datetime | None
     overall: MapCheck
     tenants: list[MapCheck] = field(default_factory=list)
+    # Tenants with too few rows for a map and none of their own: counted, not listed (tenant
+    # names are the clients'; an audit record must not grow with them).
+    small_tenants: int = 0
 
     @property
     def ok(self) -> bool:
@@ -147,6 +150,9 @@ def plan_refresh(
         )
         for tenant, index in zip(grouped["tenant"].to_list(), grouped["i"].to_list()):
             if not is_tenant(tenant):  # what clients sent: such rows count only toward the all-traffic map
+                continue
+            if len(index) < policy.min_samples and tenant not in live.tenants:
+                plan.small_tenants += 1
                 continue
             idx = np.asarray(index, dtype=np.int64)
             plan.tenants.append(check_map(tenant, times[idx], scores[idx], reference, live.of(tenant), policy))

@@ -114,6 +114,8 @@ def print_outcome(out: RefreshOutcome) -> None:
         print(f"  {name:<16} {record.rows:>8} {record.newest_rows:>7}  {rates or '-'}  {record.outcome}")
         for problem in record.problems:
             print(f"      {problem}")
+    if plan.small_tenants:
+        print(f"  {plan.small_tenants} more tenants: fewer rows than min_samples, they use the all-traffic map")
     if out.outcome == "published":
         print(f"published calibration {out.calibration} and generation {out.generation}; audit: {out.audit}")
     elif out.outcome == "dry run":

@@ -98,7 +98,11 @@ def test_tenant_maps_are_judged_apart():
     plan = plan_refresh("p", frame, CURVE, LiveMaps(identity_map()), policy(by="tenant", max_shift=100))
     by = {c.tenant: c for c in plan.tenants}
     assert plan.ok and by["acme"].ok and by["acme"].rows == 6_000
-    assert not by["small"].ok and "fewer than min_samples" in by["small"].problems[0]
+    assert "small" not in by and plan.small_tenants == 1  # too few rows, no map of its own: counted
+    live = LiveMaps(identity_map(), {"small": identity_map()})  # with a map of its own: judged, refused
+    plan = plan_refresh("p", frame, CURVE, live, policy(by="tenant", max_shift=100))
+    small = {c.tenant: c for c in plan.tenants}["small"]
+    assert not small.ok and "fewer than min_samples" in small.problems[0] and plan.small_tenants == 0
 
 
 # -- the registry side ---------------------------------------------------------------------
