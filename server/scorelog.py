@@ -91,10 +91,10 @@ SHUTDOWN = "shutdown"  # still unwritten when the server stopped
 DROP_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR, SHUTDOWN)
 FAILURE_REASONS = (DISK_FULL, IO_ERROR, ENCODE_ERROR)
 # Records kept in memory while files cannot be written, in files' worth (``rows_per_file``):
-# ~140 bytes a row of 1-event requests (52 of columns, the rest the request's ids; the client's
-# event ids add theirs), so 400,000 rows take ~55 MB a worker by default -- about a minute of a fully
-# sampled 3,000 req/s worker, hours of a typical one, and within a few buffers of what a worker
-# holds anyway.
+# ~140 bytes a row of 1-event requests (52 of columns, the rest the request's ids), so 400,000
+# rows take ~55 MB a worker by default -- about a minute of a fully sampled 3,000 req/s worker,
+# hours of a typical one, and within a few buffers of what a worker holds anyway.  Clients' own
+# event ids add theirs: up to 256 characters each (~110 MB more at that length).
 PENDING_FILES = 4
 
 
