@@ -394,8 +394,8 @@ def forest_layout(model: treelite.Model) -> tuple[list[tuple], list[float], list
 
 _LEAF_NODE = 0  # Treelite's TreeNodeType::kLeafNode
 # A walk takes its tree's full depth in steps, whatever the row's path.  On the fraud-shaped model
-# (bench/kernel.py) a step costs ~0.9 ns at batch 4096 and an if/else node on the paths training
-# rows take ~6.3 ns: the if/else trees would win once the depths summed over trees exceed ~7x the
+# (bench/kernel.py) a step costs ~1 ns at batch 4096 and an if/else node on the paths training
+# rows take ~6.4 ns: the if/else trees would win once the depths summed over trees exceed ~6x the
 # mean path (training rows, weighted by leaf counts).  LightGBM's leaf-wise trees measured ~2x
 # (63 and 255 leaves), where the walk was 2.4-6x faster; only chain-like trees reach the limit.
 WALK_WASTE_LIMIT = 6.0
