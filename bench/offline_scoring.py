@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 kind = "CSV" if path.suffix == ".csv" else "Parquet"
                 print(f"peak memory, {kind}, {n:,} rows, --chunk-rows {chunk:,} ...", file=sys.stderr, flush=True)
                 memory[(kind, n, chunk)] = peak_rss(registry, path, work / "scores-rss.parquet", chunk)
+        sizes = {"Parquet": inp.stat().st_size / 2**20, "CSV": csv.stat().st_size / 2**20}  # before the files go
     chunks = {k: args.chunk_rows or v for k, v in DEFAULT_CHUNK_ROWS.items()}
     result = {"rows": args.rows, "chunk_rows": chunks, "load_before": load, "runs": runs}
     result["peak_rss_mib"] = [{"input": k, "rows": n, "chunk_rows": c, "mib": m} for (k, n, c), m in memory.items()]
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(
-        f"{args.rows:,} rows x 100 features (Parquet {inp.stat().st_size / 2**20:,.0f} MiB, "
-        f"CSV {csv.stat().st_size / 2**20:,.0f} MiB), fraud 500x63 calibrated, chunks of {chunks['Parquet']:,} rows "
+        f"{args.rows:,} rows x 100 features (Parquet {sizes['Parquet']:,.0f} MiB, "
+        f"CSV {sizes['CSV']:,.0f} MiB), fraud 500x63 calibrated, chunks of {chunks['Parquet']:,} rows "
         f"(Parquet), {chunks['CSV']:,} (CSV); "
         f"Parquet and native: {args.repeats} pairs alternated, CSV: one pair; load average before {load[0]:.2f}"
     )
