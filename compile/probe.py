@@ -30,7 +30,7 @@ from .errors import ArtifactError
 from .manifest import Manifest, Probe
 
 PROBE_SEED = 20240614
-PROBE_ROWS = 80  # more than one 64-row block of the tree-blocked entry point (codegen.BLOCK_ROWS)
+PROBE_ROWS = 80  # more than one 64-row block of either entry point (codegen.BLOCK_ROWS, MUSE_ROW_BLOCK)
 PROBE_TIMEOUT = 60.0  # seconds the child may take to load and score; a hang is a refusal
 # Margins must match the expected output this closely (relative, and absolute near zero): the
 # library is deterministic, so this only allows for the rounding of a different compiler run.
