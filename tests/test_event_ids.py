@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 from helpers import make_registry, read_log
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from muse.calib.names import MAX_EVENT_ID_CHARS
@@ -54,6 +54,7 @@ def ids_of(frame: pl.DataFrame) -> list[tuple[str, str]]:
     return list(zip(frame["request_id"].to_list(), frame["event_id"].to_list()))
 
 
+@settings(max_examples=40, deadline=None)  # each example writes Parquet files: ~0.1 s
 @given(
     st.lists(st.lists(logged_request(), min_size=1, max_size=6), min_size=1, max_size=5),
     st.integers(1, 7),
