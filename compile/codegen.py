@@ -310,16 +310,16 @@ def _below(t: float, dt: type) -> np.floating | None:
     """The largest dt value < t, or None when there is none (t is -inf)."""
     with np.errstate(over="ignore"):  # past float32's range: an infinity, the right answer
         c = dt(t)
-    if c < t:
-        return c
-    return None if c == -np.inf else np.nextafter(c, dt(-np.inf))
+        if c < t:
+            return c
+        return None if c == -np.inf else np.nextafter(c, dt(-np.inf))  # below -max: -inf, rightly
 
 
 def _at_or_below(t: float, dt: type) -> np.floating:
     """The largest dt value <= t."""
     with np.errstate(over="ignore"):
         c = dt(t)
-    return c if c <= t else np.nextafter(c, dt(-np.inf))
+        return c if c <= t else np.nextafter(c, dt(-np.inf))
 
 
 def _greater_form(op: int, threshold: float, dt: type) -> tuple[int, np.floating]:

@@ -90,6 +90,12 @@ def _describe(path, fmt, model, names, objective, float32_inputs) -> SourceModel
         raise ModelFormatError(f"{path}: model has {num_target} targets; MUSE serves single-target binary classifiers")
     if task == _TASK_BINARY and num_class == [1] and postprocessor == "sigmoid":
         output_index, width, margin_kind = 0, 1, "logit"
+        alpha = float(header.get_field("sigmoid_alpha")[0])
+        if abs(alpha - 1.0) > 1e-6:  # stored as float32: 1 exactly when not set
+            raise ModelFormatError(
+                f"{path}: its probability is sigmoid({alpha:g} x margin) (LightGBM's sigmoid parameter); MUSE's "
+                "posterior correction and quantile maps take sigmoid(margin): retrain with sigmoid=1"
+            )
     elif task == _TASK_MULTICLASS and num_class == [2] and postprocessor == "identity_multiclass":
         # scikit-learn forests: averaged leaf class probabilities, column 1 is the positive class.
         output_index, width, margin_kind = 1, 2, "probability"
@@ -157,6 +163,9 @@ def _logf(x: np.float32) -> float:
     return float(np.float32(logf(float(x)) if logf is not None else math.log(float(x))))
 
 
+_LGB_MISSING_ZERO = 1  # LightGBM's MissingType::Zero, in bits 2-3 of a node's decision_type
+
+
 def _read_lightgbm(path: pathlib.Path):
     text = path.read_text(errors="replace")
     if "end of trees" not in text:
@@ -169,7 +178,32 @@ def _read_lightgbm(path: pathlib.Path):
             objective = line.split("=", 1)[1].split()[0]
         elif line.startswith("Tree="):
             break
+    _refuse_zero_as_missing(path, text)
     return treelite.frontend.load_lightgbm_model(path), names, objective, False
+
+
+def _refuse_zero_as_missing(path: pathlib.Path, text: str) -> None:
+    """LightGBM sends zero and missing values of a node with missing type Zero (trained with
+    zero_as_missing=true) to its default child; Treelite's loader compares them with the threshold
+    instead, so where the two differ every generator would score those rows wrong, silently."""
+    tree, fields = -1, {}
+    for line in text.splitlines():
+        if line.startswith("Tree="):
+            tree, fields = int(line.split("=", 1)[1] or -1), {}
+        elif line.startswith(("decision_type=", "threshold=")):
+            key, _, values = line.partition("=")
+            fields[key] = values.split()
+            if len(fields) < 2:
+                continue
+            for node, (dt, th) in enumerate(zip(fields["decision_type"], fields["threshold"])):
+                kind = int(dt)
+                zero_left = float(th) >= 0.0  # where Treelite sends them: 0 <= threshold goes left
+                if kind & 1 == 0 and (kind >> 2) & 3 == _LGB_MISSING_ZERO and bool(kind & 2) != zero_left:
+                    raise ModelFormatError(
+                        f"{path}: tree {tree}, node {node}: trained with zero_as_missing=true, this node sends zeros "
+                        f"and missing values {'left' if kind & 2 else 'right'}, which the compiler would read the "
+                        "other way; MUSE cannot score such models exactly yet: retrain with zero_as_missing=false"
+                    )
 
 
 def _read_xgboost(path: pathlib.Path):

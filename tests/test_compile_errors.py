@@ -179,3 +179,31 @@ def test_cli_compile_reports_errors_and_success(tmp_path, capsys):
     assert "compiled" in out and "beta 0.5" in out
     model = load_artifact(tmp_path / "reg" / "models" / "m" / "1")
     assert model.manifest.beta == 0.5 and model.predict(np.zeros((2, 6))).shape == (2,)
+
+
+def test_lightgbm_zero_as_missing_nodes_treelite_misreads_are_refused(tmp_path):
+    """With zero_as_missing=true LightGBM sends zeros and NaN to a node's default child; Treelite
+    compares them with the threshold.  Where the two disagree, refuse rather than score wrong."""
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 4))
+    X[rng.random(X.shape) < 0.3] = 0.0
+    y = ((X[:, 0] + (X[:, 1] == 0) * 1.5 - (X[:, 2] == 0) + rng.normal(size=3000) * 0.5) > 0).astype(int)
+    params = {"objective": "binary", "num_leaves": 8, "verbose": -1, "zero_as_missing": True, "seed": 0}
+    lgb.train(params, lgb.Dataset(X, y), 20).save_model(str(tmp_path / "zero.txt"))
+    with pytest.raises(
+        ModelFormatError, match=r"trained with zero_as_missing=true, .* retrain with zero_as_missing=false"
+    ):
+        build_artifact(tmp_path / "zero.txt", tmp_path / "out", name="zero")
+
+
+def test_lightgbm_sigmoid_other_than_1_is_refused(tmp_path):
+    """LightGBM's probability is sigmoid(alpha x margin); correction and maps take alpha 1."""
+    import lightgbm as lgb
+
+    X, y = training_data(rows=400, seed=3)
+    params = {"objective": "binary", "sigmoid": 2.5, "num_leaves": 7, "verbose": -1}
+    lgb.train(params, lgb.Dataset(X, y), 5).save_model(str(tmp_path / "alpha.txt"))
+    with pytest.raises(ModelFormatError, match=r"sigmoid\(2.5 x margin\).*retrain with sigmoid=1"):
+        build_artifact(tmp_path / "alpha.txt", tmp_path / "out", name="alpha")
