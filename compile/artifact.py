@@ -85,18 +85,15 @@ def expected_margins(source: SourceModel, rows: np.ndarray) -> np.ndarray:
     if source.float32_base_margin is None:
         pred = treelite.gtil.predict(source.model, X, pred_margin=True)
         return np.asarray(pred, dtype=np.float64).reshape(len(rows), -1)[:, source.output_index]
-    # XGBoost clamps base_score into [1e-6, 1 - 1e-6] and Treelite does not (its logit of 1.0 is
-    # infinite): the trees' sum from GTIL, started from XGBoost's own margin.
-    header = source.model.get_header_accessor()
-    base = header.get_field("base_scores")
-    header.set_field("base_scores", np.zeros_like(base))
-    try:
-        pred = treelite.gtil.predict(source.model, X, pred_margin=True)
-    finally:
-        header.set_field("base_scores", base)
-    return (
-        np.asarray(pred, dtype=np.float64).reshape(len(rows), -1)[:, source.output_index] + source.float32_base_margin
-    )
+    # XGBoost adds its float32 leaves tree by tree to its own (clamped) float32 base margin, as the
+    # compiled code does; GTIL's sum starts from 0 and adds the base last, which on a thousand trees
+    # far from base 0.5 differs by more than the probe allows: the per-tree values, summed here.
+    per_tree = treelite.gtil.predict_per_tree(source.model, X)
+    leaves = np.asarray(per_tree, dtype=np.float32).reshape(len(rows), -1)
+    total = np.full(len(rows), np.float32(source.float32_base_margin), dtype=np.float32)
+    for t in range(leaves.shape[1]):
+        total = total + leaves[:, t]
+    return total.astype(np.float64)
 
 
 def build_artifact(

@@ -392,3 +392,22 @@ def test_xgboost_models_with_a_clamped_base_score_compile_exact(tmp_path, base_s
     model = load_artifact(build_artifact(tmp_path / "m.json", tmp_path / "models", name="m", version="1"))
     want = booster.predict(xgb.DMatrix(X), output_margin=True)
     assert np.array_equal(model.predict(X, margin=True), want.astype(np.float64))
+
+
+def test_xgboost_with_many_trees_and_a_base_score_far_from_half_builds_exact(tmp_path):
+    """The build probe's reference adds the trees in float32 from XGBoost's base margin, as XGBoost
+    does: summed from 0 with the base added last, 1,000 trees at base_score 0.3 fell outside the
+    probe's tolerance and a correct library was refused."""
+    import xgboost as xgb
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 20))
+    X[rng.random(X.shape) < 0.05] = np.nan
+    y = ((np.nan_to_num(X[:, 0]) + np.nan_to_num(X[:, 3]) + rng.normal(size=3000)) > 0).astype(int)
+    params = {"objective": "binary:logistic", "max_depth": 4, "eta": 0.02, "base_score": 0.3, "seed": 1}
+    booster = xgb.train(params, xgb.DMatrix(X, y), 1000)
+    booster.save_model(str(tmp_path / "many.json"))
+    model = load_artifact(build_artifact(tmp_path / "many.json", tmp_path / "out", name="many"))
+    Z = X[:300]
+    want = booster.predict(xgb.DMatrix(Z), output_margin=True)
+    np.testing.assert_array_equal(model.predict(Z, margin=True), want.astype(np.float64))
