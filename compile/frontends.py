@@ -186,7 +186,7 @@ def _refuse_zero_as_missing(path: pathlib.Path, text: str) -> None:
     """LightGBM sends zero and missing values of a node with missing type Zero (trained with
     zero_as_missing=true) to its default child; Treelite's loader compares them with the threshold
     instead, so where the two differ every generator would score those rows wrong, silently."""
-    tree, fields = -1, {}
+    tree, fields = -1, dict[str, list[str]]()
     for line in text.splitlines():
         if line.startswith("Tree="):
             tree, fields = int(line.split("=", 1)[1] or -1), {}
