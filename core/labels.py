@@ -28,21 +28,26 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from muse.calib.names import MAX_EVENT_ID_CHARS
+from muse.calib.names import MAX_EVENT_ID_CHARS, TENANT_RULE, is_tenant
 
 from .registry import Registry
 
 SCHEMA = pl.Schema(
     {
         "event_id": pl.Utf8(),
+        "tenant": pl.Utf8(),  # null: the label is the event's whichever tenant sent it
         "label": pl.Int8(),
         "label_time": pl.Datetime("us", "UTC"),
         "imported_at": pl.Datetime("us", "UTC"),
     }
 )
 REQUIRED = ("event_id", "label")
-OPTIONAL = ("label_time",)
-COLUMNS_RULE = "columns event_id (text or whole numbers), label (0 or 1) and optionally label_time"
+OPTIONAL = ("label_time", "tenant")
+COLUMNS_RULE = (
+    "columns event_id (text or whole numbers), label (0 or 1), and optionally label_time and tenant (whose event "
+    "it is, when tenants' event ids may collide)"
+)
+KEY = ["tenant", "event_id"]  # what a label names: an event id, of one tenant or of any
 
 # One import is read whole into memory: bounded so a wrong file (a feature dump, a log)
 # fails fast with a fix instead of exhausting memory.  Bigger label sets go in several imports.
@@ -119,6 +124,7 @@ class LabelStore:
         when = imported_at or datetime.datetime.now(datetime.timezone.utc)
         frame = rows.with_columns(
             (rows["label_time"] if "label_time" in rows.columns else pl.lit(None)).alias("label_time"),
+            (rows["tenant"] if "tenant" in rows.columns else pl.lit(None)).alias("tenant"),
             pl.lit(when).alias("imported_at"),
         )
         frame = frame.select(pl.col(name).cast(dtype) for name, dtype in SCHEMA.items())
@@ -155,11 +161,15 @@ class LabelStore:
         raise OSError(f"{self.directory}: cannot claim a label file name (too many concurrent imports?)")
 
     def labels(self) -> pl.DataFrame:
-        """One row per labelled event (event_id, label, label_time, imported_at): its last label."""
+        """One row per labelled event (event_id, tenant, label, label_time, imported_at): its last
+        label.  Files imported before labels could name a tenant read as naming none."""
         frames = []
         for _, path in self.files():
             try:
-                frames.append(pl.read_parquet(path).select(pl.col(n).cast(t) for n, t in SCHEMA.items()))
+                frame = pl.read_parquet(path)
+                if "tenant" not in frame.columns:
+                    frame = frame.with_columns(tenant=pl.lit(None, pl.Utf8))
+                frames.append(frame.select(pl.col(n).cast(t) for n, t in SCHEMA.items()))
             except (pl.exceptions.PolarsError, OSError) as exc:
                 raise LabelFileError(
                     f"{path}: cannot read this label file ({_short(exc)}); move it out of {self.directory} "
@@ -168,7 +178,7 @@ class LabelStore:
         if not frames:
             return pl.DataFrame(schema=SCHEMA)
         # files in sequence order and rows in file order: the last occurrence is the last label
-        return pl.concat(frames).unique(subset="event_id", keep="last", maintain_order=True).sort("event_id")
+        return pl.concat(frames).unique(subset=KEY, keep="last", maintain_order=True).sort("event_id", "tenant")
 
 
 def _fsync(path: pathlib.Path, flags: int) -> None:
@@ -302,6 +312,14 @@ def _label_time(path: pathlib.Path, dtype: pl.DataType) -> pl.Expr:
     raise LabelFileError(f"{path}: column 'label_time' is {dtype}; give date-times or text in {TIME_RULE}")
 
 
+def _tenant(path: pathlib.Path, raw: pl.DataFrame) -> pl.Expr:
+    """The tenant column as names, null where empty or not a tenant name (checked once per
+    distinct value: a label file holds few tenants)."""
+    text = pl.col("tenant").cast(pl.Utf8).str.strip_chars()
+    names = [v for v in raw.select(text.unique()).to_series().drop_nulls().to_list() if v and is_tenant(v)]
+    return pl.when(text.is_in(names)).then(text).otherwise(pl.lit(None, pl.Utf8))
+
+
 def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
     """``path`` (Parquet or CSV) read and checked row by row.
 
@@ -313,12 +331,15 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
     kind, raw = _read_raw(path)
     has_time = "label_time" in raw.columns
     no_time = pl.lit(None, SCHEMA["label_time"])
+    tenant = _tenant(path, raw) if "tenant" in raw.columns else pl.lit(None, pl.Utf8)
     checked = raw.select(
         _event_id(path, raw.schema["event_id"]).alias("event_id"),
         _label(path, raw.schema["label"]).alias("label"),
         pl.col("label").cast(pl.Utf8).alias("label_text"),  # the value as given, for messages
         (_label_time(path, raw.schema["label_time"]) if has_time else no_time).alias("label_time"),
         (pl.col("label_time").cast(pl.Utf8) if has_time else pl.lit(None, pl.Utf8)).alias("time_text"),
+        tenant.alias("tenant"),
+        (pl.col("tenant").cast(pl.Utf8) if "tenant" in raw.columns else pl.lit(None, pl.Utf8)).alias("tenant_text"),
     ).with_columns(time_given=pl.col("time_text").str.strip_chars().str.len_bytes().fill_null(0) > 0)
     e = pl.col("event_id")
     reason = (
@@ -334,6 +355,8 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
         .then(pl.lit("label is not 0 or 1 (or true/false)"))
         .when(pl.col("time_given") & pl.col("label_time").is_null())
         .then(pl.lit(f"label_time is not a date-time ({TIME_RULE})"))
+        .when(pl.col("tenant_text").str.strip_chars().str.len_bytes().fill_null(0).gt(0) & pl.col("tenant").is_null())
+        .then(pl.lit(f"tenant is not a tenant name ({TENANT_RULE})"))
     )
     checked = checked.with_columns(reason=reason).with_row_index("index")
     bad = checked.filter(pl.col("reason").is_not_null())
@@ -341,7 +364,7 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
     for row in bad.head(MAX_SHOWN).iter_rows(named=True):
         where = f"line {row['index'] + 2}" if kind == "CSV" else f"row {row['index'] + 1}"
         shown.append((where, _with_value(row)))
-    valid = checked.filter(pl.col("reason").is_null()).select("event_id", "label", "label_time")
+    valid = checked.filter(pl.col("reason").is_null()).select("event_id", "tenant", "label", "label_time")
     return LabelFile(path, kind, raw.height, valid, shown, bad.height)
 
 
@@ -366,9 +389,9 @@ def import_labels(store: LabelStore, path: str | os.PathLike[str]) -> ImportResu
     read = read_label_file(path)
     if read.valid.height == 0:
         return ImportResult(read, None, 0, 0, 0)
-    latest = read.valid.unique(subset="event_id", keep="last", maintain_order=True).select("event_id", "label")
-    before = store.labels().select("event_id", pl.col("label").alias("before"))
-    known = latest.join(before, on="event_id", how="inner")
+    latest = read.valid.unique(subset=KEY, keep="last", maintain_order=True).select(*KEY, "label")
+    before = store.labels().select(*KEY, pl.col("label").alias("before"))
+    known = latest.join(before, on=KEY, how="inner", nulls_equal=True)
     changed = known.filter(pl.col("label") != pl.col("before")).height
     written = store.append(read.valid)
     return ImportResult(read, written, latest.height, known.height, changed)
@@ -395,7 +418,13 @@ def labelled_events(frame: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
             rows.filter(pl.col("event_id").is_null()),
         ]
     )
-    return events.join(labels.select("event_id", "label"), on="event_id", how="left")
+    # a label naming the event's tenant first, else one naming the id alone (`by_id`)
+    own = labels.filter(pl.col("tenant").is_not_null()).select(*KEY, pl.col("label").alias("own"))
+    any_tenant = labels.filter(pl.col("tenant").is_null()).select("event_id", pl.col("label").alias("any"))
+    joined = events.join(own, on=KEY, how="left").join(any_tenant, on="event_id", how="left")
+    return joined.with_columns(
+        label=pl.coalesce("own", "any"), by_id=pl.col("own").is_null() & pl.col("any").is_not_null()
+    ).drop("own", "any")
 
 
 def label_metrics(events: pl.DataFrame, edges: list[float]) -> pl.DataFrame:
@@ -415,7 +444,7 @@ def label_metrics(events: pl.DataFrame, edges: list[float]) -> pl.DataFrame:
 
 
 def shared_ids(events: pl.DataFrame) -> int:
-    """Labelled event ids seen under more than one tenant: labels name events by id alone, so
+    """Event ids labelled by id alone (no tenant in the label) seen under more than one tenant:
     such a label applies to every tenant's event of that id (clients' own ids can collide)."""
-    labelled = events.filter(pl.col("label").is_not_null() & pl.col("event_id").is_not_null())
+    labelled = events.filter(pl.col("by_id") & pl.col("event_id").is_not_null())
     return labelled.group_by("event_id").agg(pl.col("tenant").n_unique().alias("n")).filter(pl.col("n") > 1).height

@@ -596,9 +596,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _load_labels(reg: Registry, frame: pl.DataFrame) -> pl.DataFrame:
-    """The registry's labels (event_id, label), saying when they cannot be joined to anything."""
+    """The registry's labels (event_id, tenant, label), saying when they cannot be joined to anything."""
     store = LabelStore(reg)
-    labels = store.labels().select("event_id", "label")
+    labels = store.labels().select("event_id", "tenant", "label")
     if labels.height == 0:
         print(f"no labels in {store.directory}: import them with `muse labels import FILE --registry {reg.root}`")
     if frame.height and ("event_id" not in frame.columns or frame["event_id"].null_count() == frame.height):
@@ -616,8 +616,8 @@ def _print_label_metrics(frame: pl.DataFrame, labels: pl.DataFrame, edges: list[
     shared = shared_ids(events)
     if shared:
         warn(
-            f"{shared} labelled event ids appear under several tenants; a label names an event by id alone, so it "
-            "counts for each of them: have clients send ids unique across tenants (or let the server make them)"
+            f"{shared} event ids labelled without a tenant appear under several tenants, so each label counts for "
+            "all of them: give label files a tenant column, or have clients send ids unique across tenants"
         )
     print(
         "  labelled events: alert rate among them, recall (alerts among fraud), precision (fraud among alerts); "

@@ -15,17 +15,18 @@ def register(sub) -> None:
     lsub = labels.add_subparsers(dest="labels_command", required=True)
     imp = lsub.add_parser(
         "import",
-        help="store a Parquet or CSV file of labels (event_id, label 0/1, optional label_time)",
+        help="store a Parquet or CSV file of labels (event_id, label 0/1, optional label_time and tenant)",
         description="Store labels under REGISTRY/labels/ as a new, append-only import: the last label of an event "
         "wins (a later import over an earlier one; within a file, a later row). Event ids are the ids the scoring "
         f"requests carried, compared as text (whole numbers are converted), at most {MAX_EVENT_ID_CHARS} characters, "
-        "printable. label is 0 or 1 (or true/false); label_time is ISO 8601 (UTC when it has no offset). Refused "
+        "printable. label is 0 or 1 (or true/false); label_time is ISO 8601 (UTC when it has no offset); tenant, "
+        "when given, limits the label to that tenant's event of the id (tenants' ids may collide). Refused "
         "rows are listed with their line (CSV) or row (Parquet) and the rest are stored. At most "
         f"{MAX_FILE_BYTES >> 20} MiB and {MAX_ROWS:,} rows an import. Exit status: 0 when rows were stored, "
         "1 when every row was refused (nothing is stored), 2 when the file cannot be used.",
     )
     imp.add_argument(
-        "file", type=pathlib.Path, help="a .parquet or .csv file with columns event_id, label[, label_time]"
+        "file", type=pathlib.Path, help="a .parquet or .csv file with columns event_id, label[, label_time, tenant]"
     )
     imp.add_argument("--registry", required=True, help="registry directory (labels go to REGISTRY/labels/)")
     imp.set_defaults(func=cmd_import)

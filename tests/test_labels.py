@@ -364,4 +364,39 @@ def test_status_labels_warns_when_tenants_share_labelled_ids(reg, tmp_path, caps
     assert import_file(reg, write(tmp_path / "l.csv", "event_id,label\n1001,1\na-7,0\n")) == 0
     capsys.readouterr()
     cli(["calib", "status", "--registry", str(reg.root), "--labels"])
-    assert "1 labelled event ids appear under several tenants" in capsys.readouterr().err
+    assert "1 event ids labelled without a tenant appear under several tenants" in capsys.readouterr().err
+    _, lines = status_lines(reg, capsys, "--labels")
+    assert series(lines, "fraud-v1", "active", "globex")[0] == ["1", "1", "0", "1"]  # acme's label, on globex
+
+
+def test_labels_that_name_a_tenant_label_only_its_events(reg, tmp_path, capsys):
+    log = reg.root / "scorelog"
+    log.mkdir()
+    rows = [(1, "acme", "fraud-v1", "active", "1001", 0.9), (2, "globex", "fraud-v1", "active", "1001", 0.1)]
+    rows += [(3, "globex", "fraud-v1", "active", "g-2", 0.7)]
+    log_rows(rows).write_parquet(log / "scores-0000000000001-1-000001.parquet")
+    labels = "event_id,tenant,label\n1001,acme,1\ng-2,,0\n1001," + "x" * 200 + ",1\n"  # names: 128 bytes at most
+    assert import_file(reg, write(tmp_path / "l.csv", labels)) == 0
+    assert "line 4: tenant is not a tenant name" in capsys.readouterr().err
+    stored = LabelStore(reg).labels()
+    assert stored.select("event_id", "tenant", "label").rows() == [("1001", "acme", 1), ("g-2", None, 0)]
+    _, lines = status_lines(reg, capsys, "--labels")
+    assert series(lines, "fraud-v1", "active", "acme")[0] == ["1", "1", "0", "1"]
+    assert series(lines, "fraud-v1", "active", "globex")[0] == ["2", "1", "1", "0"]  # its 1001 is not acme's
+    # a later label for the same id and tenant replaces it; one for another tenant is its own
+    assert import_file(reg, write(tmp_path / "m.csv", "event_id,tenant,label\n1001,acme,0\n1001,globex,1\n")) == 0
+    stored = LabelStore(reg).labels()
+    assert sorted(stored.select("event_id", "tenant", "label").rows(), key=str) == sorted(
+        [("1001", "acme", 0), ("1001", "globex", 1), ("g-2", None, 0)], key=str
+    )
+
+
+def test_label_files_from_before_the_tenant_column_read_as_naming_none(reg):
+    store = LabelStore(reg)
+    store.directory.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = pl.DataFrame({"event_id": ["e1"], "label": [1], "label_time": [None], "imported_at": [now]})
+    old.cast({"label": pl.Int8, "label_time": pl.Datetime("us", "UTC")}).write_parquet(
+        store.directory / "labels-00000001.parquet"
+    )
+    assert store.labels().select("event_id", "tenant", "label").rows() == [("e1", None, 1)]
