@@ -2,8 +2,10 @@
 written durably (a temporary name holding the writer's pid, fsync, rename, the
 directory's fsync), temporary files of writers that are gone, and the size budget.
 
-File names sort by time: ``scores-<unix ms>-<pid>-<seq>.parquet``; a file being
-written is ``.scores-<unix ms>-<pid>-<seq>.parquet.tmp``."""
+File names sort by time: ``scores-<unix ms>-<host>-<pid>-<seq>.parquet``; a file being
+written is ``.scores-<unix ms>-<host>-<pid>-<seq>.parquet.tmp``.  The host is in the name
+because replicas may share the directory (a volume mounted by every pod) and pids repeat
+across hosts and containers: without it, two replicas' files could take one name."""
 
 from __future__ import annotations
 
@@ -12,15 +14,21 @@ import logging
 import os
 import pathlib
 import re
+import socket
 import time
 
 log = logging.getLogger("muse.scorelog")
 
-_TEMP = re.compile(r"^\.scores-\d+-(\d+)-\d+\.parquet\.tmp$")
+# The host part is absent from names written before it was added.
+_TEMP = re.compile(r"^\.scores-\d+-(?:([A-Za-z0-9-]+)-)?(\d+)-\d+\.parquet\.tmp$")
+# Another host's temporary file is judged by age alone (its pid means nothing here): a write
+# takes seconds, so one this old was left by a writer that died.
+FOREIGN_ORPHAN_SECONDS = 3600.0
+HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()).strip("-")[:40] or "host"
 
 
 def file_name(seq: int) -> str:
-    return f"scores-{int(time.time() * 1000):013d}-{os.getpid()}-{seq:06d}.parquet"
+    return f"scores-{int(time.time() * 1000):013d}-{HOST}-{os.getpid()}-{seq:06d}.parquet"
 
 
 def write_durably(directory: pathlib.Path, name: str, data: memoryview) -> pathlib.Path:
@@ -99,7 +107,7 @@ def writer_gone(pid: int, mtime: float) -> bool:
 
 def remove_orphans(directory: pathlib.Path) -> list[pathlib.Path]:
     """Remove temporary files whose writer is gone (a process killed mid-write; several
-    workers share the directory, so only those)."""
+    workers, and maybe several hosts, share the directory, so only those)."""
     removed, failures = [], []
     try:
         names = os.listdir(directory)
@@ -110,8 +118,11 @@ def remove_orphans(directory: pathlib.Path) -> list[pathlib.Path]:
         if not match:
             continue
         f = directory / name
+        host, pid = match[1], int(match[2])
         try:
-            if writer_gone(int(match[1]), f.stat().st_mtime):
+            mtime = f.stat().st_mtime
+            gone = writer_gone(pid, mtime) if host in (None, HOST) else time.time() - mtime > FOREIGN_ORPHAN_SECONDS
+            if gone:
                 f.unlink()
                 removed.append(f)
         except FileNotFoundError:  # another worker removed it first

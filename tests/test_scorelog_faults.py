@@ -359,3 +359,23 @@ def test_server_on_a_full_disk_serves_on_and_reports_at_sigterm(reg, tiny_disk):
     assert output.count("score log: cannot write to") == 1  # one warning, for the one episode
     assert "deployment watcher" not in output and "Traceback" not in output
     assert not temporary_files(directory)
+
+
+def test_replicas_sharing_the_directory_never_share_a_name_nor_remove_each_others_files(tmp_path):
+    """Pids repeat across hosts (containers start at 1): names carry the host, and another host's
+    temporary file goes only once it is older than any write."""
+    from muse.server import scorelog_files as disk
+
+    assert f"-{disk.HOST}-{os.getpid()}-000007.parquet" in disk.file_name(7)
+
+    def temp(host: str, age: float) -> pathlib.Path:
+        f = tmp_path / f".scores-{int(time.time() * 1000):013d}-{host}-{os.getpid()}-000001.parquet.tmp"
+        f.write_bytes(b"PAR1 half a file")
+        os.utime(f, (time.time() - age, time.time() - age))
+        return f
+
+    writing = temp("pod-7f9c-2", age=5)  # our pid on another host: no sign of its writer's death
+    left = temp("pod-1a2b-9", age=2 * disk.FOREIGN_ORPHAN_SECONDS)
+    ours = temp(disk.HOST, age=10 * 365 * 86400)  # our host and pid, but from before this process
+    ScoreLog(tmp_path)
+    assert writing.exists() and not left.exists() and not ours.exists()
