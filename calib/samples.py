@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,50 @@ def scan_parquet_files(files: list[pathlib.Path], where: pathlib.Path) -> pl.Laz
     if not files:
         raise SampleError(f"{where}: no Parquet files")
     return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal")
+
+
+READ_TRIES = 3  # the server deletes its oldest files to keep its budget, maybe while they are read
+
+
+def score_log_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """A score log's complete files (they are renamed into place whole), or ``path`` itself."""
+    if path.is_file():
+        return [path]
+    return sorted(path.glob("scores-*.parquet")) if path.is_dir() else []
+
+
+def query_score_log(path: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame | None:
+    """``query`` over every file of the score log at ``path``, collected; None when it has none.
+    Listed again when a file vanishes while read (the size budget); SampleError naming the first
+    file that cannot be read otherwise."""
+    for attempt in range(READ_TRIES):
+        files = score_log_files(path)
+        if not files:
+            return None
+        try:
+            frame: pl.DataFrame = query(scan_parquet_files(files, path)).collect()
+            return frame
+        except FileNotFoundError:
+            if attempt + 1 == READ_TRIES:
+                raise _unreadable(path, files, "files vanish as they are read") from None
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise _unreadable(path, files, str(exc)) from None
+    raise AssertionError("unreachable")
+
+
+def _unreadable(path: pathlib.Path, files: list[pathlib.Path], problem: str) -> SampleError:
+    """The error for a score log that cannot be read, naming the first file that is no Parquet."""
+    for f in files:
+        try:
+            pl.read_parquet_schema(f)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            path, problem = f, str(exc)
+            break
+    first = problem.strip().splitlines()[0][:300] if problem.strip() else "unknown error"
+    return SampleError(
+        f"{path}: cannot read the score log ({first}); move the unreadable file out of the directory "
+        "(only `muse serve`'s own files belong there)"
+    )
 
 
 def read_frame(source: ScoreSource, column: str = "score") -> pl.DataFrame:

@@ -43,10 +43,10 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from muse.calib import Calibration, identity_map
+from muse.calib import Calibration, SampleError, identity_map
 from muse.calib.artifact import carried_over, make_calibration
 from muse.calib.names import is_tenant
-from muse.calib.samples import scan_parquet_files
+from muse.calib.samples import query_score_log
 
 from .audit import AuditRecord, EdgeRecord, MapRecord, who, write_audit
 from .deploy import DeploymentStore, GenerationConflict
@@ -56,7 +56,6 @@ from .registry import Registry, RegistryError
 from .spec import DeploymentSpec, PredictorSpec, RefreshSpec, SpecError, parse_duration
 
 PUBLISH_TRIES = 3
-READ_TRIES = 3  # the server deletes its oldest files to keep its budget, maybe while they are read
 EMPTY = pl.Schema(
     {"time": pl.Datetime("us", "UTC"), "tenant": pl.String(), "corrected": pl.Float64(), "mapped": pl.Float64()}
 )
@@ -69,28 +68,13 @@ class RefreshError(ValueError):
 # -- the registry side: rows from the score log, the live maps, publishing, audit, the lock --
 
 
-def _log_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(directory.glob("*.parquet")) if directory.is_dir() else []
-
-
 def _scan(directory: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
-    """``query(LazyFrame)`` over the score log, retried when the server deletes a file meanwhile."""
-    for attempt in range(READ_TRIES):
-        files = _log_files(directory)
-        if not files:
-            return pl.DataFrame(schema=EMPTY)
-        try:
-            frame: pl.DataFrame = query(scan_parquet_files(files, directory)).collect()
-            return frame
-        except FileNotFoundError:  # deleted since listed: list again
-            if attempt == READ_TRIES - 1:
-                raise RefreshError(f"{directory}: score-log files keep vanishing while read; try again") from None
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise RefreshError(
-                f"{directory}: cannot read the score log ({str(exc).splitlines()[0][:300]}); move the unreadable "
-                "file out of the directory"
-            ) from None
-    raise AssertionError("unreachable")
+    """``query`` over the score log (empty when it has no files yet)."""
+    try:
+        frame = query_score_log(directory, query)
+    except SampleError as exc:
+        raise RefreshError(str(exc)) from None
+    return pl.DataFrame(schema=EMPTY) if frame is None else frame
 
 
 def window_rows(

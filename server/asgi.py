@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from .errors import Headers, HTTPError
-from .schemas import MAX_REQUEST_ID
+from .schemas import usable_request_id
 
 JSON = b"application/json"
 Response = tuple[int, bytes, bytes, Headers | None]  # status, body, content type, extra headers
@@ -104,9 +104,8 @@ class Request:
         overwhelming odds: event ids generated from it rely on that); the same for every line
         about this request."""
         if self._id is None:
-            given = self.headers.get(b"x-request-id", b"")
-            ok = 0 < len(given) <= MAX_REQUEST_ID and all(32 < c < 127 for c in given)
-            self._id = given.decode("ascii") if ok else os.urandom(8).hex()
+            given = self.headers.get(b"x-request-id", b"").decode("latin-1")  # any bytes decode; the rule checks
+            self._id = given if usable_request_id(given) else os.urandom(8).hex()
         return self._id
 
     async def body(self) -> bytes:

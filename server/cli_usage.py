@@ -33,7 +33,7 @@ import polars as pl
 from prometheus_client.parser import text_string_to_metric_families
 
 from muse.calib.names import is_tenant
-from muse.calib.samples import scan_parquet_files
+from muse.calib.samples import query_score_log
 from muse.core.spec import parse_duration
 
 from .metrics import MAX_TENANT_LABELS, OTHER
@@ -44,7 +44,6 @@ SAMPLE_NOTE = (
 )
 SCRAPE_TIMEOUT = 10.0  # seconds
 MAX_SCRAPE_BYTES = 64 << 20  # /metrics of a server with its 1,000 tenant labels is a few MiB
-READ_TRIES = 3  # the server deletes the oldest files to keep its budget, maybe while they are listed
 
 
 def register(sub) -> None:
@@ -140,53 +139,25 @@ class Logged:
     last: datetime.datetime | None = None
 
 
-def score_log_files(path: pathlib.Path) -> list[pathlib.Path]:
-    if path.is_file():
-        return [path]
-    return sorted(path.glob("scores-*.parquet"))  # complete files only: they are renamed into place
-
-
 def read_logged(path: pathlib.Path, since: datetime.datetime | None, by_intent: bool) -> Logged:
     """Active rows per tenant (and intent) in the score log at ``path``, at or after ``since``."""
     keys = ["tenant", "intent"] if by_intent else ["tenant"]
-    for attempt in range(READ_TRIES):
-        files = score_log_files(path)
-        if not files:
-            return Logged({})
-        query = scan_parquet_files(files, path).filter(pl.col("role") == "active")
+
+    def query(scan: pl.LazyFrame) -> pl.LazyFrame:
+        rows = scan.filter(pl.col("role") == "active")
         if since is not None:
-            query = query.filter(pl.col("time") >= since)
-        query = query.group_by(keys).agg(
+            rows = rows.filter(pl.col("time") >= since)
+        return rows.group_by(keys).agg(
             pl.len().alias("rows"), pl.col("time").min().alias("first"), pl.col("time").max().alias("last")
         )
-        try:
-            frame = query.collect()
-            break
-        except FileNotFoundError:
-            if attempt + 1 < READ_TRIES:
-                continue  # a file deleted for the size budget after it was listed: list again
-            raise _unreadable(path, files, "files vanish as they are read") from None
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise _unreadable(path, files, str(exc)) from None
+
+    frame = query_score_log(path, query)
+    if frame is None:
+        return Logged({})
     rows = {tuple("" if v is None else str(v) for v in r[:-3]): int(r[-3]) for r in frame.iter_rows()}
     firsts = [t for t in frame["first"].to_list() if t is not None]
     lasts = [t for t in frame["last"].to_list() if t is not None]
     return Logged(rows, min(firsts, default=None), max(lasts, default=None))
-
-
-def _unreadable(path: pathlib.Path, files: list[pathlib.Path], problem: str) -> ValueError:
-    """The error for a score log that cannot be read, naming the first file that is no Parquet."""
-    for f in files:
-        try:
-            pl.read_parquet_schema(f)
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            path, problem = f, str(exc)
-            break
-    first = problem.strip().splitlines()[0] if problem.strip() else "unknown error"
-    return ValueError(
-        f"{path}: cannot read the score log ({first}); pass --scores with a `muse serve` score log directory, "
-        "and move away files that are not its own"
-    )
 
 
 def metrics_url(url: str) -> str:

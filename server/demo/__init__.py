@@ -24,7 +24,7 @@ import polars as pl
 
 from muse.calib import AlertRateCurve, ReferenceFile
 from muse.calib.reference import encode_reference
-from muse.calib.samples import scan_parquet_files
+from muse.calib.samples import query_score_log
 from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
 from muse.server import testing
@@ -399,10 +399,8 @@ def wait_for_logged(scorelog: pathlib.Path, role: str, expected: int, timeout: f
     """Until the log holds at least ``expected`` rows of ``role`` (it is flushed every second)."""
 
     def enough() -> int:
-        files = sorted(scorelog.glob("*.parquet"))
-        if not files:
-            return 0
-        n: int = scan_parquet_files(files, scorelog).filter(pl.col("role") == role).select(pl.len()).collect().item()
+        frame = query_score_log(scorelog, lambda scan: scan.filter(pl.col("role") == role).select(pl.len()))
+        n = 0 if frame is None else int(frame.item())
         return n if n >= max(expected, 1) else 0
 
     return int(testing.wait_until(enough, timeout, f"{expected:,} {role} scores in {scorelog}", interval=0.2))
