@@ -22,8 +22,26 @@ from .reference import Reference
 ScoreSource = pl.DataFrame | pl.Series | np.ndarray | str | os.PathLike[str]
 
 
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """A location on object storage (s3://bucket/prefix...), read by Polars itself with the
+    credentials and endpoint of the standard AWS_* environment."""
+    return isinstance(path, str) and "://" in path
+
+
+def scan_url(url: str) -> pl.LazyFrame:
+    """Every Parquet file under ``url`` (a score log uploaded by replicas: scorelog/replica=ID/...),
+    or the one file ``url`` names, as one frame; a column a file lacks is null in its rows."""
+    pattern = url if url.endswith(".parquet") else f"{url.rstrip('/')}/**/*.parquet"
+    return pl.scan_parquet(pattern, hive_partitioning=False, missing_columns="insert")
+
+
 def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
-    """A Parquet file, a directory of Parquet files (a score log) or a CSV file."""
+    """A Parquet file, a directory of Parquet files (a score log) or a CSV file, local or at a URL."""
+    if is_url(path):
+        frame = query_score_log(str(path), lambda f: f)
+        if frame is None:
+            raise SampleError(f"{path}: no Parquet files")
+        return frame
     path = pathlib.Path(path)
     if not path.exists():
         raise SampleError(f"{path}: no such file")
@@ -60,16 +78,31 @@ def score_log_files(path: pathlib.Path) -> list[pathlib.Path]:
     return sorted(path.glob("scores-*.parquet")) if path.is_dir() else []
 
 
-def query_score_log(path: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame | None:
-    """``query`` over every file of the score log at ``path``, collected; None when it has none.
-    Listed again when a file vanishes while read (the size budget); SampleError naming the first
-    file that cannot be read otherwise."""
+def query_score_log(path: pathlib.Path | str, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame | None:
+    """``query`` over every file of the score log at ``path`` (a directory, a file or a URL),
+    collected; None when it has none.  Listed again when a file vanishes while read (the size
+    budget); SampleError naming the first file that cannot be read otherwise."""
+    if isinstance(path, str):
+        if not is_url(path):
+            path = pathlib.Path(path)
+        else:
+            try:
+                frame: pl.DataFrame = query(scan_url(path)).collect()
+                return frame
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                if "expanded paths were empty" in str(exc) or "no such file" in str(exc).lower():
+                    return None
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "unknown error"
+                raise SampleError(
+                    f"{path}: cannot read the score log ({first}); credentials and endpoint come from "
+                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL"
+                ) from None
     for attempt in range(READ_TRIES):
         files = score_log_files(path)
         if not files:
             return None
         try:
-            frame: pl.DataFrame = query(scan_parquet_files(files, path)).collect()
+            frame = query(scan_parquet_files(files, path)).collect()
             return frame
         except FileNotFoundError:
             if attempt + 1 == READ_TRIES:

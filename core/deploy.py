@@ -20,6 +20,7 @@ import msgspec
 from muse.calib.names import DEFAULT_TENANT
 
 from .registry import Registry
+from .remote import PublishConflict
 from .snapshot import ModelPool, build_snapshot
 from .spec import DeploymentSpec, RouteSpec, SpecError, decode_spec, encode_spec
 
@@ -77,9 +78,15 @@ class DeploymentStore:
         Publishers take turns on an flock of deployments/.publish.lock, and a generation's file
         and the move of `current` happen under it, so `current` never goes back to an older
         generation; a file left by a publisher that died before moving `current` is skipped
-        (numbers only grow), never a reason to refuse."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        (numbers only grow), never a reason to refuse.  A registry on object storage publishes
+        with conditional writes instead (core/remote.py Mirror.publish)."""
         raw = encode_spec(spec)
+        if self.registry.mirror is not None:
+            try:
+                return self.registry.mirror.publish(raw, after)
+            except PublishConflict as exc:
+                raise GenerationConflict(str(exc)) from None
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.dir / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -68,7 +68,7 @@ class RefreshError(ValueError):
 # -- the registry side: rows from the score log, the live maps, publishing, audit, the lock --
 
 
-def _scan(directory: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
+def _scan(directory: pathlib.Path | str, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
     """``query`` over the score log (empty when it has no files yet)."""
     try:
         frame = query_score_log(directory, query)
@@ -78,7 +78,7 @@ def _scan(directory: pathlib.Path, query: Callable[[pl.LazyFrame], pl.LazyFrame]
 
 
 def window_rows(
-    directory: pathlib.Path,
+    directory: pathlib.Path | str,
     predictor: PredictorSpec,
     policy: RefreshSpec,
     now: datetime.datetime,
@@ -231,7 +231,7 @@ def refresh(
     name: str,
     policy: RefreshSpec,
     *,
-    scores: pathlib.Path | None = None,
+    scores: pathlib.Path | str | None = None,
     now: datetime.datetime | None = None,
     trigger: str = "manual",
     dry_run: bool = False,
@@ -245,7 +245,7 @@ def refresh(
     predictor = _find(store.read(base), name, base)
     reference = reg.load_reference(predictor.intent)
     live = live_maps(reg, predictor)
-    rows = window_rows(scores or reg.root / "scorelog", predictor, policy, now, same_models(store, predictor))
+    rows = window_rows(scores or reg.score_log, predictor, policy, now, same_models(store, predictor))
     plan = plan_refresh(name, rows, reference.reference, live, policy)
     result = RefreshOutcome(plan, "dry run" if dry_run else "refused")
     record = AuditRecord(
@@ -321,7 +321,7 @@ def due(
     predictor: PredictorSpec,
     generation: int,
     now: datetime.datetime,
-    scores: pathlib.Path | None = None,
+    scores: pathlib.Path | str | None = None,
 ) -> str | None:
     """Why ``policy`` should run now ("schedule" or "drift: ..."), or None."""
     live = live_maps(reg, predictor)
@@ -329,7 +329,7 @@ def due(
     if age is None or age >= parse_duration("every", policy.every):
         return "schedule"
     # the live map's rows of the policy's window (not the generation's whole life: recent drift shows)
-    rows = window_rows(scores or reg.root / "scorelog", predictor, policy, now, [generation], column="mapped")
+    rows = window_rows(scores or reg.score_log, predictor, policy, now, [generation], column="mapped")
     if rows.height < policy.min_samples:
         return None
     reference = reg.load_reference(predictor.intent).reference

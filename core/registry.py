@@ -11,6 +11,9 @@
       keys.toml                       hashed API keys (muse keys)
       labels/labels-SEQUENCE.parquet  imported labels, one file per import, the last wins (muse.core.labels)
 
+The same layout on object storage (s3://bucket/prefix) is used through a local mirror: see
+core/remote.py.
+
 Versions are directory names; "latest" means the highest numeric version.
 Nothing is ever rewritten in place: a new version is a new directory.  A
 calibration version is written whole (Registry.publish_calibration): staged in
@@ -33,6 +36,8 @@ from muse.calib import Calibration, ReferenceFile, load_reference, read_calibrat
 from muse.calib.artifact import write_calibration
 from muse.calib.names import check_name, tenant_file_stem, tenant_from_file_stem
 from muse.compile import CompiledModel, load_artifact
+
+from .remote import Mirror
 
 
 class RegistryError(LookupError):
@@ -83,6 +88,8 @@ def _split_ref(kind: str, ref: str) -> tuple[str, str | None]:
 class Registry:
     def __init__(self, root: str | pathlib.Path):
         self.root = pathlib.Path(root)
+        # a registry at a URL is used through its local mirror (core/remote.py), which knows the URL
+        self.mirror = Mirror.of(self.root)
 
     # -- paths -------------------------------------------------------------
     @property
@@ -100,6 +107,12 @@ class Registry:
     @property
     def deployments_dir(self) -> pathlib.Path:
         return self.root / "deployments"
+
+    @property
+    def score_log(self) -> pathlib.Path | str:
+        """Where servers log scores by default: REGISTRY/scorelog, or on object storage the URL
+        their files are uploaded under (scorelog/replica=ID/, server/replica.py)."""
+        return f"{self.mirror.url}/scorelog" if self.mirror is not None else self.root / "scorelog"
 
     # -- models ------------------------------------------------------------
     def model_dir(self, name: str, version: str | None = None) -> pathlib.Path:

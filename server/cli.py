@@ -8,7 +8,9 @@ import pathlib
 import sys
 
 from muse.compile import ArtifactError, ModelFormatError
+from muse.core.objectstore import is_url
 from muse.core.registry import RegistryError
+from muse.core.remote import Mirror
 
 
 class CliError(Exception):
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a model file into a native artifact in the registry")
     p.add_argument("model_file", type=pathlib.Path)
     p.add_argument(
-        "--registry", required=True, help="registry directory (artifacts go to REGISTRY/models/NAME/VERSION)"
+        "--registry",
+        required=True,
+        help="registry directory or s3://BUCKET/PREFIX (artifacts go to REGISTRY/models/NAME/VERSION)",
     )
     p.add_argument("--name", required=True)
     p.add_argument("--version", help="default: one more than the highest numeric version present")
@@ -84,12 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
+def _mirror(args: argparse.Namespace) -> Mirror | None:
+    """For --registry at a URL: its local mirror, brought up to date, which the command then
+    uses as its registry (core/remote.py); None for a local registry."""
+    location = getattr(args, "registry", None)
+    if not location or not is_url(location):
+        return None
+    mirror = Mirror.open(location)
+    mirror.pull()
+    args.registry = str(mirror.root)
+    return mirror
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "muse"
     try:
         args = build_parser().parse_args(argv)
         command = f"muse {args.command}"
+        mirror = _mirror(args)
         code = args.func(args)
+        if mirror is not None and args.command != "serve":  # a server publishes as it goes
+            mirror.push()  # what the command wrote: a compiled model, a calibration, keys, labels...
     except (CliError, ModelFormatError, ArtifactError, RegistryError, FileExistsError, ValueError, OSError) as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2

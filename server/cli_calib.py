@@ -540,7 +540,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit status 1 when any judged series has drifted, so schedulers can alert on it."""
     reg = Registry(args.registry)
-    source = args.scores or str(reg.root / "scorelog")
+    source = args.scores or str(reg.score_log)
     frame = read_table(source)
     if args.since_minutes is not None and "time" in frame.columns:
         # a Datetime column (the score log's schema); polars types Series.max() as any Python scalar

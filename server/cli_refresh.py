@@ -16,6 +16,7 @@ import msgspec
 
 from muse.core.deploy import DeploymentStore
 from muse.core.locks import refresh_lock
+from muse.core.objectstore import is_url
 from muse.core.refresh import RefreshError, RefreshOutcome, due, refresh
 from muse.core.registry import Registry
 from muse.core.spec import DEFAULT_REFRESH_MIN_SAMPLES, RefreshSpec, SpecError, parse_duration
@@ -124,9 +125,9 @@ def print_outcome(out: RefreshOutcome) -> None:
         print(f"refused: nothing published; audit: {out.audit}")
 
 
-def _scores_dir(flag: str | None) -> pathlib.Path | None:
-    if flag is None:
-        return None
+def _scores_dir(flag: str | None) -> pathlib.Path | str | None:
+    if flag is None or is_url(flag):
+        return flag
     if not pathlib.Path(flag).is_dir():
         raise ValueError(f"--scores {flag}: no such directory (the score log: REGISTRY/scorelog by default)")
     return pathlib.Path(flag)
@@ -149,7 +150,7 @@ class Refresher:
     on one registry take turns under its lock, each judging due-ness there, so a refresh one of
     them published is not due for the other."""
 
-    def __init__(self, reg: Registry, scores: pathlib.Path | None, stop: threading.Event | None = None):
+    def __init__(self, reg: Registry, scores: pathlib.Path | str | None, stop: threading.Event | None = None):
         self.reg, self.scores, self.stop = reg, scores, stop or threading.Event()
         self.store = DeploymentStore(reg)
         self._failed_at: dict[str, float] = {}  # predictor -> monotonic time of its last refused or failed attempt

@@ -18,6 +18,7 @@ from muse.core.registry import Registry
 from muse.core.spec import SpecError, encode_spec
 
 from .logs import FORMATS
+from .replica import ReplicaSync, replica_id
 from .settings import DEFAULTS, Settings, to_environment
 
 log = logging.getLogger("muse.serve")
@@ -28,9 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     registry = pathlib.Path(args.registry).resolve()
     if not registry.is_dir():
         raise SpecError(f"{registry}: no such registry directory; create one with `muse compile --registry {registry}`")
+    mirror = Registry(registry).mirror  # the registry is on object storage (core/remote.py)
+    replica = replica_id(args.replica_id) if mirror is not None else None
     score_log = None
     if args.score_log_sample > 0:
-        score_log = str(pathlib.Path(args.score_log or registry / "scorelog").resolve())
+        # a replica's own spool: its files are uploaded under scorelog/replica=ID/ and deleted here
+        default = registry / "scorelog" / f"replica={replica}" if replica else registry / "scorelog"
+        score_log = str(pathlib.Path(args.score_log or default).resolve())
     try:
         settings = msgspec.convert(
             dict(
@@ -63,9 +68,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # (metrics.py) and supervisor.py choose their value class again.
     metrics_dir = tempfile.mkdtemp(prefix="muse-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    sync = None
+    if mirror is not None and replica is not None:
+        sync = ReplicaSync(mirror, settings.poll_interval, pathlib.Path(score_log) if score_log else None, replica)
+        sync.start()
     try:
         _serve(args, settings, registry)
     finally:
+        if sync is not None:
+            sync.stop()  # the workers have exited: their last score-log files go up now
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -280,7 +291,16 @@ def register(sub) -> None:
     p.add_argument("--backlog", type=int, default=2048, help="connections waiting to be accepted")
     p.add_argument("--access-log", action="store_true", help="a log line per request (tenant, key id, status, time)")
     p.add_argument("--log-format", choices=FORMATS, default="json", help="json: one object a line")
-    p.add_argument("--score-log", help="score log directory (default: REGISTRY/scorelog)")
+    p.add_argument(
+        "--score-log",
+        help="score log directory (default: REGISTRY/scorelog; for a registry on object storage a spool "
+        "in its mirror, uploaded to REGISTRY/scorelog/replica=ID/)",
+    )
+    p.add_argument(
+        "--replica-id",
+        help="this replica's name in the uploaded score log (registry on object storage only; default: "
+        "$MUSE_REPLICA_ID, else the host name)",
+    )
     p.add_argument(
         "--score-log-sample",
         type=float,

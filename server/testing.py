@@ -172,10 +172,17 @@ class LocalServer:
     """`muse serve --registry REGISTRY` on a free loopback port, in its own process; live when
     constructed.  Its output goes to REGISTRY/server-PORT.log (shown when it fails to start)."""
 
-    def __init__(self, registry: pathlib.Path, *extra: str, workers: int = 1, env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        registry: pathlib.Path | str,
+        *extra: str,
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
+        log_dir: pathlib.Path | None = None,
+    ):
         self.port = free_port()
-        self.registry = pathlib.Path(registry)
-        self.log_path = self.registry / f"server-{self.port}.log"
+        self.registry = registry
+        self.log_path = (log_dir or pathlib.Path(registry)) / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 -- open for the server's lifetime
         self.proc = subprocess.Popen(
             [
@@ -294,3 +301,59 @@ class ASGIClient:
 
         await self.app(scope, receive, send)
         return start["status"], b"".join(chunks), dict(start.get("headers", []))
+
+
+# -- an S3-compatible server on loopback -------------------------------------------------------
+
+
+class S3Server:
+    """moto's S3 server (``moto[server]``, a dev dependency) on a free loopback port, in its own
+    process; live when constructed.  ``env`` is what a client needs to reach it (the standard
+    AWS_* variables); ``bucket(name)`` makes a bucket and returns its s3:// URL."""
+
+    def __init__(self, log_path: pathlib.Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+        self._log = open(log_path, "wb")  # noqa: SIM115 -- open for the server's lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto's server exited with status {self.proc.returncode}: see {log_path}")
+            try:
+                return request(self.port, "GET", "/", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(up, 60, f"moto's S3 server on port {self.port}", 0.05)
+
+    def bucket(self, name: str) -> str:
+        status, body, _ = request(self.port, "PUT", f"/{name}")
+        if status != 200:
+            raise RuntimeError(f"creating bucket {name} answered {status}: {body!r}")
+        return f"s3://{name}"
+
+    def __enter__(self) -> S3Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

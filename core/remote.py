@@ -1,0 +1,340 @@
+"""A registry on object storage, used through a local mirror.
+
+Every command and every server works on a local directory in the registry's layout
+(core/registry.py).  For a registry at a URL that directory is a mirror in the host's cache
+(``$MUSE_CACHE_DIR``, else ``~/.cache/muse``, then ``registries/<hash of the URL>``), which
+records its URL in ``.muse-remote.json``; ``Registry(mirror)`` finds it there, so code that
+writes the registry needs to know of the store only where a write must be atomic across hosts:
+
+- **pull** lists the registry and downloads what is new or changed, each file checked against
+  the sha256 it was written with and renamed into place; files are immutable, so a library is
+  downloaded once per host.  `deployments/current` moves last and only forward, so a server
+  polling the mirror never sees a generation before its artifacts.
+- **push** uploads what a command wrote into the mirror: new files with create-if-absent (a
+  version directory's manifest.json or calibration.json first: the one that claims the
+  version, so two hosts that wrote the same version number mix nothing), changed ones
+  (keys.toml) with If-Match on the ETag pulled.
+- **publish** claims generation N by creating `deployments/N.toml` only if absent, then moves
+  `current` with If-Match on the ETag read before: two publishers never share a number, and
+  `current` never moves back (the loser re-reads, see publish).
+- **follow** (servers) reads `current` and `keys.toml` with If-None-Match every poll and pulls
+  when either changed.
+
+Score logs are not mirrored (server/scorelog_upload.py uploads them; readers scan the URL)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import secrets
+import threading
+from collections.abc import Callable
+
+from .objectstore import Blob, ObjectChanged, ObjectExists, ObjectMissing, ObjectStore, StoreError, sha256
+
+log = logging.getLogger("muse.remote")
+
+MARKER = ".muse-remote.json"
+INDEX = ".muse-remote-index.json"  # key -> [etag, sha256] of what the mirror holds from the store
+CURRENT = "deployments/current"
+KEYS = "keys.toml"
+# What a mirror holds: the registry but its score log, locks and anything hidden.
+MIRRORED_DIRS = ("models", "references", "calibrations", "deployments", "labels", "audit")
+KEYS_EVERY = 4  # follow(): keys.toml is read every 4th poll, `current` every poll
+CLAIM_FILES = ("manifest.json", "calibration.json")  # uploaded first: whoever creates it owns the version
+
+
+class PublishConflict(StoreError):
+    """Generation ``after`` is no longer current: a deployment derived from it must not be published."""
+
+
+def cache_root() -> pathlib.Path:
+    base = os.environ.get("MUSE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "muse")
+    return pathlib.Path(base) / "registries"
+
+
+def _mirrored(key: str) -> bool:
+    parts = key.split("/")
+    if any(p.startswith(".") or not p for p in parts):
+        return False
+    return key == KEYS or (len(parts) > 1 and parts[0] in MIRRORED_DIRS)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _generation(data: bytes, where: str) -> int:
+    text = data.decode(errors="replace").strip()
+    if not text.isdigit():
+        raise StoreError(f"{where}: expected a generation number, found {text[:40]!r}")
+    return int(text)
+
+
+@dataclasses.dataclass
+class Mirror:
+    store: ObjectStore
+    root: pathlib.Path
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, url: str, cache: pathlib.Path | None = None) -> Mirror:
+        """The mirror of the registry at ``url`` in this host's cache (made if new)."""
+        store = ObjectStore(url)
+        root = (cache or cache_root()) / hashlib.sha256(store.url.encode()).hexdigest()[:20]
+        root.mkdir(parents=True, exist_ok=True)
+        marker = root / MARKER
+        if not marker.exists():
+            _write_atomic(marker, json.dumps({"url": store.url}).encode())
+        return cls(store, root)
+
+    @classmethod
+    def of(cls, root: pathlib.Path) -> Mirror | None:
+        """The mirror whose local directory is ``root``; None for a plain local registry."""
+        try:
+            url = json.loads((root / MARKER).read_bytes())["url"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(
+                f"{root / MARKER}: unreadable; delete the folder {root} and run the command again"
+            ) from None
+        return cls(ObjectStore(url), root)
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    # -- the index: what the mirror holds from the store ------------------------------------
+    def _index(self) -> dict[str, list[str | None]]:
+        try:
+            index = json.loads((self.root / INDEX).read_bytes())
+            return index if isinstance(index, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}  # a lost index costs downloads, never correctness: pull compares ETags
+
+    def _save_index(self, index: dict[str, list[str | None]]) -> None:
+        _write_atomic(self.root / INDEX, json.dumps(index, sort_keys=True).encode())
+
+    # -- pull ---------------------------------------------------------------------------------
+    def pull(self) -> int:
+        """Bring the mirror up to the store; returns the number of files downloaded."""
+        with self._lock:
+            index = self._index()
+            listed = [o for o in self.store.list() if _mirrored(o.key) or o.key == CURRENT]
+            fetched = 0
+            current: Blob | None = None
+            for obj in listed:
+                if obj.key == CURRENT:
+                    continue
+                local = self.root / obj.key
+                held = index.get(obj.key)
+                if held and held[0] == obj.etag and local.exists():
+                    continue
+                blob = self._download(obj.key)
+                index[obj.key] = [blob.etag, sha256(blob.data)]
+                fetched += 1
+            if any(o.key == CURRENT for o in listed):
+                current = self._download(CURRENT)
+            self._save_index(index)
+            if current is not None:
+                self._advance_current(_generation(current.data, self.store.where(CURRENT)))
+            return fetched
+
+    def _download(self, key: str) -> Blob:
+        blob = self.store.get(key)
+        assert blob is not None
+        if blob.sha256 is not None and sha256(blob.data) != blob.sha256:
+            raise StoreError(
+                f"{self.store.where(key)}: content does not match its sha256 (a corrupt or partial object); "
+                "upload it again"
+            )
+        if key != CURRENT:
+            _write_atomic(self.root / key, blob.data)
+        return blob
+
+    def _advance_current(self, generation: int) -> None:
+        """Move the mirror's `current` to ``generation`` unless it is already there or beyond
+        (generations only grow; a rollback is a new, higher one)."""
+        path = self.root / CURRENT
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if int(path.read_text().strip()) >= generation:
+                return
+        if not (self.root / f"deployments/{generation}.toml").exists():
+            raise StoreError(f"{self.store.where(CURRENT)} names generation {generation}, which the store lacks")
+        _write_atomic(path, f"{generation}\n".encode())
+
+    # -- push ---------------------------------------------------------------------------------
+    def push(self) -> int:
+        """Upload what was written into the mirror since the last pull; returns the files sent.
+        Raises StoreError naming the first conflict (the rest of that version is not sent)."""
+        with self._lock:
+            index = self._index()
+            pending: list[str] = []
+            for key in self._local_keys():
+                held = index.get(key)
+                if held is None or held[1] != sha256((self.root / key).read_bytes()):
+                    pending.append(key)
+            # claim files first, then the rest of their version
+            pending.sort(key=lambda k: (os.path.dirname(k), k.rsplit("/", 1)[-1] not in CLAIM_FILES, k))
+            sent, refused = 0, set[str]()
+            try:
+                for key in pending:
+                    folder = os.path.dirname(key)
+                    if folder in refused:
+                        continue
+                    data = (self.root / key).read_bytes()
+                    held = index.get(key)
+                    try:
+                        etag = self.store.put(key, data, if_match=held[0]) if held else self._create(key, data)
+                    except (ObjectExists, ObjectChanged) as exc:
+                        refused.add(folder)
+                        raise StoreError(
+                            f"{exc}: another host wrote it meanwhile; this command's copy is in {self.root / key}; "
+                            "run the command again (it will read the store's version first)"
+                        ) from None
+                    index[key] = [etag, sha256(data)]
+                    sent += 1
+            finally:
+                self._save_index(index)
+            return sent
+
+    def _local_keys(self) -> list[str]:
+        """The mirrored files in the local directory (symbolic links followed: a test registry
+        links its models), as keys."""
+        keys = []
+        for top in MIRRORED_DIRS:
+            for folder, dirs, files in os.walk(self.root / top, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                base = pathlib.Path(folder).relative_to(self.root).as_posix()
+                keys += [k for k in (f"{base}/{f}" for f in files) if _mirrored(k) and k != CURRENT]
+        if (self.root / KEYS).is_file():
+            keys.append(KEYS)
+        return sorted(keys)
+
+    def _create(self, key: str, data: bytes) -> str | None:
+        """Create ``key``; an identical object already there counts as done (an earlier push
+        that lost its index entry)."""
+        try:
+            return self.store.put(key, data, create=True)
+        except ObjectExists:
+            blob = self.store.get(key)
+            assert blob is not None
+            if blob.data != data:
+                raise
+            return blob.etag
+
+    # -- generations --------------------------------------------------------------------------
+    def current(self) -> tuple[int | None, str | None]:
+        """The store's current generation and the ETag it was read at."""
+        try:
+            blob = self.store.get(CURRENT)
+        except ObjectMissing:
+            return None, None
+        assert blob is not None
+        return _generation(blob.data, self.store.where(CURRENT)), blob.etag
+
+    def publish(self, raw: bytes, after: int | None = None) -> int:
+        """Store ``raw`` as the next generation and make it current; with ``after``, only while
+        generation ``after`` is current (PublishConflict otherwise).
+
+        Claiming N.toml is create-if-absent: of two publishers one gets N, the other re-reads
+        and claims a higher number.  Moving `current` is If-Match on the ETag read before the
+        claim; if it moved meanwhile to a lower generation (a slower publisher), we move it
+        again; to a higher one, our generation was overtaken: with ``after`` that is a
+        conflict, without, we claim a number above it (the last publisher wins, as locally).
+        A claimed file whose publisher lost or died stays, never current (numbers only grow)."""
+        while True:
+            generation, etag = self.current()
+            self._check_after(generation, after)
+            taken = [_generation_of(o.key) for o in self.store.list("deployments/")]
+            claim = max([*(t for t in taken if t is not None), generation or 0]) + 1
+            try:
+                self.store.put(f"deployments/{claim}.toml", raw, create=True)
+            except ObjectExists:
+                continue  # another publisher took this number: read again
+            if self._move_current(claim, etag, after):
+                _write_atomic(self.root / f"deployments/{claim}.toml", raw)
+                self._advance_current(claim)
+                return claim
+
+    def _check_after(self, generation: int | None, after: int | None, claim: int | None = None) -> None:
+        if after is not None and generation != after:
+            stored = f" (generation {claim} is stored but was never current)" if claim else ""
+            raise PublishConflict(
+                f"generation {generation} was published after generation {after}, from which this deployment "
+                f"was derived{stored}"
+            )
+
+    def _move_current(self, claim: int, etag: str | None, after: int | None) -> bool:
+        """Point `current` at ``claim``; False when a higher generation got there first."""
+        while True:
+            try:
+                if etag is None:
+                    self.store.put(CURRENT, f"{claim}\n".encode(), create=True)
+                else:
+                    self.store.put(CURRENT, f"{claim}\n".encode(), if_match=etag)
+                return True
+            except (ObjectChanged, ObjectExists):
+                generation, etag = self.current()
+                self._check_after(generation, after, claim)
+                if generation is not None and generation > claim:
+                    return False
+
+    # -- servers: follow the store ------------------------------------------------------------
+    def follow(
+        self,
+        stop: threading.Event,
+        interval: float,
+        on_error: Callable[[Exception], None],
+        on_ok: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Until ``stop``: every ``interval`` read `current` (and every KEYS_EVERY polls keys.toml)
+        with If-None-Match and pull when one changed.  Errors go to ``on_error`` and the mirror
+        stays as it was; the next poll that works calls ``on_ok``."""
+        etags: dict[str, str | None] = {CURRENT: None, KEYS: None}
+        polls = 0
+        while True:
+            try:
+                changed = False
+                # keys every KEYS_EVERY polls: a revoked key stops working within a second
+                keys = [CURRENT, KEYS] if polls % KEYS_EVERY == 0 else [CURRENT]
+                polls += 1
+                for key in keys:
+                    etag = etags[key]
+                    try:
+                        blob = self.store.get(key, if_none_match=etag)
+                    except ObjectMissing:
+                        blob = None
+                    if blob is not None:
+                        etags[key] = blob.etag
+                        changed = True
+                if changed:
+                    self.pull()
+                on_ok()
+            except Exception as exc:  # the store is down or refused: serve on what the mirror holds
+                etags = dict.fromkeys(etags)  # so the next poll that works pulls, whatever changed meanwhile
+                on_error(exc)
+            if stop.wait(interval):
+                return
+
+
+def _generation_of(key: str) -> int | None:
+    """N for deployments/N.toml, else None."""
+    stem = key.removeprefix("deployments/").removesuffix(".toml")
+    return int(stem) if key.endswith(".toml") and stem.isdigit() else None

@@ -1,0 +1,133 @@
+"""What a server does beside serving when its registry is on object storage (core/remote.py):
+it follows the store into its local mirror, which the workers poll as they would a local
+registry, and uploads its score log.
+
+Both run as threads of the supervising process, once a replica however many workers it has.
+
+- Following: `current` read with If-None-Match every poll (0.25 s), keys.toml every fourth;
+  a change pulls the new files, then moves the mirror's `current`.  While the store cannot be
+  reached the replica serves what its mirror holds and says so once, then once when it is back.
+- Uploading: every complete score-log file (the workers rename them into place whole) goes to
+  ``scorelog/replica=ID/NAME`` and is deleted here only once the store has it; the last pass
+  runs after the workers have stopped and flushed (SIGTERM), so nothing is lost on a stop.
+  While the store is down files wait on disk under the score log's size budget."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import threading
+
+from muse.core.objectstore import ObjectExists, StoreError, sha256
+from muse.core.remote import Mirror
+
+from .scorelog_files import HOST
+
+log = logging.getLogger("muse.replica")
+
+UPLOAD_EVERY = 5.0  # seconds between uploads of the score log's finished files
+_REPLICA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def replica_id(given: str | None = None) -> str:
+    """``given``, else $MUSE_REPLICA_ID, else the host name (a pod's name on Kubernetes)."""
+    value = given or os.environ.get("MUSE_REPLICA_ID") or HOST
+    if not _REPLICA_RE.match(value):
+        raise ValueError(
+            f"replica id {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(--replica-id or MUSE_REPLICA_ID)"
+        )
+    return value
+
+
+def upload_score_log(mirror: Mirror, directory: pathlib.Path, replica: str) -> int:
+    """Upload ``directory``'s finished score-log files, deleting each once stored; returns how many."""
+    sent = 0
+    for path in sorted(directory.glob("scores-*.parquet")):
+        key = f"scorelog/replica={replica}/{path.name}"
+        data = path.read_bytes()
+        try:
+            mirror.store.put(key, data, create=True)
+        except ObjectExists:  # stored by a pass that stopped before deleting the file
+            blob = mirror.store.get(key)
+            if blob is None or blob.sha256 != sha256(data):
+                raise StoreError(f"{mirror.store.where(key)} holds another file of this name; {path} kept") from None
+        path.unlink()
+        sent += 1
+    return sent
+
+
+class _Outage:
+    """Logs a failing background job once when it starts failing and once when it recovers."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            log.warning("%s failed, retrying: %s", self.what, exc, extra={"event": "store_unavailable"})
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.info("%s works again", self.what, extra={"event": "store_back"})
+
+
+class ReplicaSync:
+    def __init__(self, mirror: Mirror, poll_interval: float, score_log: pathlib.Path | None, replica: str):
+        self.mirror = mirror
+        self.poll_interval = poll_interval
+        self.score_log = score_log
+        self.replica = replica
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        follow = _Outage(f"following {self.mirror.url}")
+
+        def on_error(exc: Exception) -> None:
+            follow.failed(exc)
+
+        self._threads.append(
+            threading.Thread(
+                target=self.mirror.follow,
+                args=(self._stop, self.poll_interval, on_error),
+                kwargs={"on_ok": follow.ok},
+                name="muse-follow",
+                daemon=True,
+            )
+        )
+        if self.score_log is not None:
+            self._threads.append(threading.Thread(target=self._uploads, name="muse-upload", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def _uploads(self) -> None:
+        outage = _Outage(f"uploading the score log to {self.mirror.url}/scorelog/replica={self.replica}")
+        while not self._stop.wait(UPLOAD_EVERY):
+            try:
+                upload_score_log(self.mirror, self.score_log, self.replica)  # type: ignore[arg-type]
+                outage.ok()
+            except (StoreError, OSError) as exc:
+                outage.failed(exc)
+
+    def stop(self) -> None:
+        """Stop following; upload what the stopped workers left (call after they exit)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+        if self.score_log is not None and self.score_log.is_dir():
+            try:
+                sent = upload_score_log(self.mirror, self.score_log, self.replica)
+                log.info("uploaded %d score-log files on stop", sent, extra={"event": "scorelog_uploaded"})
+            except (StoreError, OSError) as exc:
+                log.error(
+                    "could not upload the score log on stop (%s); its files stay in %s and go at the next start",
+                    exc,
+                    self.score_log,
+                    extra={"event": "scorelog_upload_failed"},
+                )
