@@ -258,7 +258,11 @@ class Mirror:
         claim; if it moved meanwhile to a lower generation (a slower publisher), we move it
         again; to a higher one, our generation was overtaken: with ``after`` that is a
         conflict, without, we claim a number above it (the last publisher wins, as locally).
-        A claimed file whose publisher lost or died stays, never current (numbers only grow)."""
+        A claimed file whose publisher lost or died stays, never current (numbers only grow).
+
+        What the mirror holds that the store lacks goes up first: a generation may name the
+        calibration this command just fitted (a refresh), and replicas must find it there."""
+        self.push()
         while True:
             generation, etag = self.current()
             self._check_after(generation, after)

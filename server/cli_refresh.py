@@ -165,13 +165,23 @@ class Refresher:
         """The refreshes done (published or refused); a predictor whose attempt failed or was
         refused is tried again after RETRY_REFUSED_SECONDS (or its `every`, if shorter)."""
         done: list[RefreshOutcome] = []
+        if self.reg.mirror is not None:  # a registry on object storage: start from what it holds now
+            self.reg.mirror.pull()
+        try:
+            self._run_policies(done)
+        finally:
+            if self.reg.mirror is not None:
+                self.reg.mirror.push()  # audit records (publishing pushed the rest)
+        return done
+
+    def _run_policies(self, done: list[RefreshOutcome]) -> None:
         with refresh_lock(self.reg, stop=self.stop):
             generation = self.store.current_generation()
             if generation is None:
                 if not self._idle_said:
                     log.info("nothing is deployed in %s yet: nothing to refresh", self.reg.root)
                     self._idle_said = True
-                return done
+                return
             for policy in self.store.read(generation).refresh:
                 if self.stop.is_set():
                     break
@@ -203,7 +213,6 @@ class Refresher:
                     log.warning(
                         "refresh of %s refused: %s (audit %s)", policy.predictor, "; ".join(problems), out.audit
                     )
-        return done
 
     def _run(self, policy: RefreshSpec) -> RefreshOutcome | None:
         """Refresh ``policy``'s predictor if due, judged against the current generation."""

@@ -45,7 +45,8 @@ def replica_id(given: str | None = None) -> str:
 def upload_score_log(mirror: Mirror, directory: pathlib.Path, replica: str) -> int:
     """Upload ``directory``'s finished score-log files, deleting each once stored; returns how many."""
     sent = 0
-    for path in sorted(directory.glob("scores-*.parquet")):
+    # this host's files only: a directory shared with other pods holds theirs, which they upload
+    for path in sorted(directory.glob(f"scores-*-{HOST}-*.parquet")):
         key = f"scorelog/replica={replica}/{path.name}"
         data = path.read_bytes()
         try:

@@ -233,3 +233,16 @@ def test_scores_read_from_a_url_name_the_location(url):
     assert query_score_log(f"{url}/scorelog", lambda f: f) is None
     with pytest.raises(SampleError, match="s3://no-such-bucket-x/scorelog: cannot read the score log"):
         query_score_log("s3://no-such-bucket-x/scorelog", lambda f: f)
+
+
+def test_a_generation_is_published_after_what_it_names(url, tmp_path):
+    """A refresh fits a calibration and publishes a generation naming it in one command: the
+    calibration reaches the store before the generation that replicas would load."""
+    reg = host(tmp_path, "host-b", url)
+    cal = reg.load_calibration("lightgbm/1")
+    reg.publish_calibration([carried_over(cal, name="lightgbm", version="2")])
+    switched = msgspec.structs.replace(SPEC, predictors=[msgspec.structs.replace(A, calibration="lightgbm/2"), B])
+    generation = DeploymentStore(reg).apply(switched)
+    other = host(tmp_path, "host-c", url)
+    assert DeploymentStore(other).current_generation() == generation
+    assert other.load_calibration("lightgbm/2").version == "2"
