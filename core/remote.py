@@ -34,13 +34,18 @@ import pathlib
 import secrets
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .objectstore import Blob, ObjectChanged, ObjectExists, ObjectMissing, ObjectStore, StoreError, sha256
 
 log = logging.getLogger("muse.remote")
 
 MARKER = ".muse-remote.json"
-INDEX = ".muse-remote-index.json"  # key -> [etag, sha256] of what the mirror holds from the store
+# key -> [etag, sha256, size, mtime_ns] of each file the mirror holds as the store has it: a
+# file whose size and mtime are unchanged is not hashed again to find what a command wrote
+INDEX = ".muse-remote-index.json"
+Entry = list[Any]
+MAX_OBJECT_BYTES = 2 << 30  # a larger object in a registry is a mistake, not a model: refused before download
 CURRENT = "deployments/current"
 KEYS = "keys.toml"
 # What a mirror holds: the registry but its score log, locks and anything hidden.
@@ -121,14 +126,14 @@ class Mirror:
         return self.store.url
 
     # -- the index: what the mirror holds from the store ------------------------------------
-    def _index(self) -> dict[str, list[str | None]]:
+    def _index(self) -> dict[str, Entry]:
         try:
             index = json.loads((self.root / INDEX).read_bytes())
             return index if isinstance(index, dict) else {}
         except (FileNotFoundError, ValueError):
             return {}  # a lost index costs downloads, never correctness: pull compares ETags
 
-    def _save_index(self, index: dict[str, list[str | None]]) -> None:
+    def _save_index(self, index: dict[str, Entry]) -> None:
         _write_atomic(self.root / INDEX, json.dumps(index, sort_keys=True).encode())
 
     # -- pull ---------------------------------------------------------------------------------
@@ -142,12 +147,16 @@ class Mirror:
             for obj in listed:
                 if obj.key == CURRENT:
                     continue
-                local = self.root / obj.key
                 held = index.get(obj.key)
-                if held and held[0] == obj.etag and local.exists():
+                if held and held[0] == obj.etag and (self.root / obj.key).exists():
                     continue
+                if obj.size > MAX_OBJECT_BYTES:
+                    raise StoreError(
+                        f"{self.store.where(obj.key)}: {obj.size:,} bytes, over the {MAX_OBJECT_BYTES:,} a registry "
+                        "file may have; remove it from the registry"
+                    )
                 blob = self._download(obj.key)
-                index[obj.key] = [blob.etag, sha256(blob.data)]
+                index[obj.key] = self._entry(obj.key, blob.etag, blob.data)
                 fetched += 1
             if any(o.key == CURRENT for o in listed):
                 current = self._download(CURRENT)
@@ -187,8 +196,7 @@ class Mirror:
             index = self._index()
             pending: list[str] = []
             for key in self._local_keys():
-                held = index.get(key)
-                if held is None or held[1] != sha256((self.root / key).read_bytes()):
+                if not self._unchanged(key, index.get(key)):
                     pending.append(key)
             # claim files first, then the rest of their version
             pending.sort(key=lambda k: (os.path.dirname(k), k.rsplit("/", 1)[-1] not in CLAIM_FILES, k))
@@ -208,11 +216,25 @@ class Mirror:
                             f"{exc}: another host wrote it meanwhile; this command's copy is in {self.root / key}; "
                             "run the command again (it will read the store's version first)"
                         ) from None
-                    index[key] = [etag, sha256(data)]
+                    index[key] = self._entry(key, etag, data)
                     sent += 1
             finally:
                 self._save_index(index)
             return sent
+
+    def _entry(self, key: str, etag: str | None, data: bytes) -> Entry:
+        st = (self.root / key).stat()
+        return [etag, sha256(data), st.st_size, st.st_mtime_ns]
+
+    def _unchanged(self, key: str, held: Entry | None) -> bool:
+        """Whether the mirror's file ``key`` is still what the store holds (``held``, its index entry)."""
+        if held is None:
+            return False
+        path = self.root / key
+        st = path.stat()
+        if len(held) == 4 and held[2:] == [st.st_size, st.st_mtime_ns]:
+            return True
+        return bool(held[1] == sha256(path.read_bytes()))
 
     def _local_keys(self) -> list[str]:
         """The mirrored files in the local directory (symbolic links followed: a test registry
