@@ -8,7 +8,15 @@ fields are checked against KServe's CRDs (below) and the Kubernetes types they e
 kustomize binary (or kubectl's built-in) is on PATH.  The Deployment is held to what the
 server does: its probe paths are the server's public health endpoints and answer as the
 probes expect, its arguments parse with `muse serve`'s own parser, its port is the one the
-image and the Service use, and everything the server writes is on a writable volume."""
+image and the Service use, and everything the server writes is on a writable volume.
+
+The overlay deploy/k8s/object-store (an s3:// registry, no volume) is built twice: by kustomize
+where it is on PATH, and always by this file from the base and the overlay's patch files
+(the strategic-merge subset they use; the two are compared where kustomize runs).  Both are
+validated strictly and held to the server: the registry is a URL the object-store client
+accepts, the mirror's cache is a writable volume, the replica id is the pod's name and one the
+server accepts, the score log is each pod's own emptyDir, and the grace period covers the
+score log's last upload."""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import functools
 import importlib.resources
 import json
 import pathlib
+import random
 import re
 import shlex
 import shutil
@@ -31,6 +40,8 @@ import referencing
 import yaml
 from packaging.version import Version
 
+from muse.core import objectstore, remote
+from muse.server import replica
 from muse.server.app import ROUTES, MuseApp
 from muse.server.cli import build_parser
 from muse.server.settings import Settings
@@ -38,7 +49,9 @@ from muse.server.testing import ASGIClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
+K8S = DEPLOY / "k8s"  # its kustomization names BASE: `kubectl apply -k deploy/k8s` applies the base
+BASE = K8S / "base"
+OVERLAY = K8S / "object-store"
 CONTAINERFILE = ROOT / "Containerfile"
 # The oldest Kubernetes release the manifests are written for, and the newest whose schemas
 # kubernetes-validate bundles.
@@ -124,11 +137,12 @@ def documents(path: pathlib.Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
-MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+# The resources: the base's and KServe's (the overlay's files are patches, checked below).
+MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml" and OVERLAY not in p.parents)
 
 
 def resources() -> dict[str, dict[str, Any]]:
-    """kind -> the one resource of that kind in deploy/k8s and deploy/kserve."""
+    """kind -> the one resource of that kind in deploy/k8s/base and deploy/kserve."""
     found: dict[str, dict[str, Any]] = {}
     for path in MANIFESTS:
         for doc in documents(path):
@@ -253,10 +267,22 @@ def test_the_validation_refuses_an_unknown_field_and_a_wrong_type():
 
 
 def test_the_kustomization_lists_every_manifest_of_its_folder():
-    (kustomization,) = documents(K8S / "kustomization.yaml")
+    (kustomization,) = documents(BASE / "kustomization.yaml")
     assert sorted(kustomization["resources"]) == sorted(
-        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+        p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"
     )
+    # deploy/k8s is the base (the base has a folder of its own: kustomize refuses an overlay
+    # inside the folder of its base)
+    (top,) = documents(K8S / "kustomization.yaml")
+    assert top["resources"] == ["base"] and set(top) == {"apiVersion", "kind", "resources"}
+
+
+def test_every_yaml_file_under_deploy_is_checked():
+    """A resource, a kustomization, or a patch the overlay applies: nothing escapes the tests."""
+    patches = {path for path, _ in overlay_patches()}
+    kustomizations = set(DEPLOY.rglob("kustomization.yaml"))
+    assert kustomizations == {K8S / "kustomization.yaml", BASE / "kustomization.yaml", OVERLAY / "kustomization.yaml"}
+    assert set(DEPLOY.rglob("*.yaml")) == set(MANIFESTS) | kustomizations | patches
 
 
 # -- kustomize ----------------------------------------------------------------------------------
@@ -264,6 +290,7 @@ def test_the_kustomization_lists_every_manifest_of_its_folder():
 
 def test_the_base_renders_with_kustomize_and_validates():
     rendered = render(K8S)
+    assert rendered == render(BASE)
     assert sorted(d["kind"] for d in rendered) == BASE_KINDS
     for doc in rendered:
         for version in KUBERNETES_VERSIONS:
@@ -274,7 +301,7 @@ def test_the_base_renders_with_kustomize_and_validates():
 
 def test_an_overlay_fills_the_secret_and_adds_flags_as_deploy_readme_says(tmp_path):
     """The overlay deploy/README.md shows: the Secret keeps the name the Deployment refers to."""
-    shutil.copytree(K8S, tmp_path / "base")
+    shutil.copytree(K8S, tmp_path / "base")  # deploy/k8s, as the overlay names it
     overlay = tmp_path / "production"
     overlay.mkdir()
     (overlay / "object-store.env").write_text("AWS_ACCESS_KEY_ID=AKIAEXAMPLE\nAWS_SECRET_ACCESS_KEY=example\n")
@@ -433,6 +460,338 @@ def test_the_object_store_credentials_come_from_the_secret_which_ships_empty():
         assert sorted(env) == sorted(names)
         for name, ref in env.items():
             assert ref == {"name": secret["metadata"]["name"], "key": name, "optional": True}
+
+
+# -- the object-store overlay (deploy/k8s/object-store) -----------------------------------------
+
+OVERLAY_KINDS = sorted(k for k in BASE_KINDS if k != "PersistentVolumeClaim")
+# Kubernetes' patch merge keys of the lists the overlay's patches touch; any other list in a
+# patch replaces the base's, as in a strategic merge.
+MERGE_KEYS = {"containers": "name", "volumes": "name", "volumeMounts": "mountPath", "env": "name"}
+DIRECTIVE = "$patch"
+# k8s.io/apimachinery/pkg/util/rand: the characters of generated names (no vowels, no 0, 1, 3).
+NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def overlay_kustomization() -> dict[str, Any]:
+    (kustomization,) = documents(OVERLAY / "kustomization.yaml")
+    return kustomization
+
+
+def overlay_patches() -> list[tuple[pathlib.Path, dict[str, Any]]]:
+    """The overlay's patch files, in its order, each one document."""
+    out = []
+    for entry in overlay_kustomization()["patches"]:
+        assert set(entry) == {"path"}, f"{entry}: a patch file, so that the static build below applies it"
+        path = OVERLAY / entry["path"]
+        (patch,) = documents(path)
+        out.append((path, patch))
+    return out
+
+
+def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``patch`` merged into ``base`` as kustomize merges a strategic-merge patch, for what the
+    overlay uses: maps merge, the lists of MERGE_KEYS merge by key (an item with `$patch: delete`
+    removes its namesake, new items go first, in the patch's order, as kustomize puts them),
+    null removes a field, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if key == DIRECTIVE:
+            continue
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = strategic_merge(out[key], value)
+        elif isinstance(value, list) and key in MERGE_KEYS:
+            out[key] = _merge_list(out.get(key, []), value, MERGE_KEYS[key])
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _merge_list(base: list[dict[str, Any]], patch: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    items, added = copy.deepcopy(base), []
+    for item in patch:
+        at = next((i for i, b in enumerate(items) if b[key] == item[key]), None)
+        if item.get(DIRECTIVE) == "delete":
+            assert at is not None, f"{key} {item[key]!r}: the base has none to delete"
+            del items[at]
+        elif at is None:
+            added.append(strategic_merge({}, item))
+        else:
+            items[at] = strategic_merge(items[at], item)
+    return added + items
+
+
+def without_directives(value: Any) -> Any:
+    """A patch as the resource fragment it adds: `$patch` keys and deleted items dropped."""
+    if isinstance(value, dict):
+        return {k: without_directives(v) for k, v in value.items() if k != DIRECTIVE}
+    if isinstance(value, list):
+        return [without_directives(v) for v in value if not (isinstance(v, dict) and v.get(DIRECTIVE) == "delete")]
+    return value
+
+
+def base_resources() -> list[dict[str, Any]]:
+    (kustomization,) = documents(BASE / "kustomization.yaml")
+    return [doc for name in kustomization["resources"] for doc in documents(BASE / name)]
+
+
+def overlay_static() -> list[dict[str, Any]]:
+    """The overlay as kustomize builds it, without kustomize: the base's resources, its image
+    tag, and the overlay's patches."""
+    kustomization = overlay_kustomization()
+    assert set(kustomization) == {"apiVersion", "kind", "resources", "patches"}, "more than this function applies"
+    assert kustomization["resources"] == ["../base"]
+    docs = base_resources()
+    (base_kustomization,) = documents(BASE / "kustomization.yaml")
+    for image in base_kustomization["images"]:
+        for doc in docs:
+            for container in doc["spec"]["template"]["spec"]["containers"] if doc["kind"] == "Deployment" else ():
+                if container["image"] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    for path, patch in overlay_patches():
+        found = [
+            i
+            for i, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
+        ]
+        assert len(found) == 1, f"{path}: patches no resource of the base"
+        (i,) = found
+        assert docs[i]["apiVersion"] == patch["apiVersion"], path
+        if patch.get(DIRECTIVE) == "delete":
+            del docs[i]
+        else:
+            docs[i] = strategic_merge(docs[i], patch)
+    return docs
+
+
+@pytest.fixture(params=["kustomize", "static"])
+def overlay(request) -> dict[str, dict[str, Any]]:
+    """kind -> resource of the overlay, built by kustomize (skipped without it) or by this file."""
+    docs = render(OVERLAY) if request.param == "kustomize" else overlay_static()
+    assert sorted(d["kind"] for d in docs) == OVERLAY_KINDS
+    return {d["kind"]: d for d in docs}
+
+
+def serve_args(found: dict[str, dict[str, Any]]) -> Any:
+    return build_parser().parse_args(
+        ["serve", *expanded_args(container_of(found["Deployment"]), found["ConfigMap"]["data"])]
+    )
+
+
+def mount_for(path: str, container: dict[str, Any]) -> dict[str, Any] | None:
+    """The volume mount ``path`` is on (the deepest), or None: the read-only root."""
+    mounts = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
+    return max(mounts, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def quantity(text: str) -> int:
+    """Bytes of a Kubernetes quantity in the binary units these manifests use."""
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", text).groups()  # type: ignore[union-attr]
+    return int(number) << {None: 0, "Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40}[unit]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_overlay_builds_and_every_resource_validates(overlay, version):
+    for doc in overlay.values():
+        kube_validate(doc, version)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_overlays_patches_validate_as_far_as_a_patch_can(version):
+    """What each patch adds, validated strictly on its own: the ConfigMap whole, the PVC's
+    deletion as a PersistentVolumeClaim, the Deployment's pod template as a PodSpec (a patch
+    lacks the selector and the image a whole Deployment needs)."""
+    kinds = []
+    for path, patch in overlay_patches():
+        kinds.append(patch["kind"])
+        fragment = without_directives(patch)
+        if patch["kind"] == "Deployment":
+            assert set(fragment["spec"]) == {"template"}, path
+            schema_of("podspec-v1", version).validate(fragment["spec"]["template"]["spec"])
+        else:
+            kube_validate(fragment, version)
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PersistentVolumeClaim"]
+
+
+def test_the_static_build_is_what_kustomize_builds():
+    """So the static build stands for kustomize's where kustomize is missing."""
+    rendered = render(OVERLAY)
+    static = overlay_static()
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(rendered, key=key) == sorted(static, key=key)
+
+
+def test_the_overlay_serves_an_s3_registry_the_object_store_client_accepts(overlay):
+    args = serve_args(overlay)
+    registry = overlay["ConfigMap"]["data"]["MUSE_REGISTRY"]
+    assert args.registry == registry and objectstore.is_url(registry)
+    scheme, bucket, prefix = objectstore.parse_url(registry)
+    assert (scheme, bucket, prefix) == ("s3", "muse-registry", "prod")
+    assert args.replica_id is None  # MUSE_REPLICA_ID decides (below)
+    # the placeholder is documented as the thing to change
+    assert registry in (OVERLAY / "settings.yaml").read_text() and "CHANGE" in (OVERLAY / "settings.yaml").read_text()
+    assert "s3://muse-registry/prod" in (DEPLOY / "README.md").read_text()
+
+
+def test_the_overlay_has_no_registry_volume(overlay):
+    pod = overlay["Deployment"]["spec"]["template"]["spec"]
+    assert "PersistentVolumeClaim" not in overlay
+    assert not [v for v in pod["volumes"] if set(v) - {"name", "emptyDir"}], "only emptyDirs"
+    assert mount_for("/registry", container_of(overlay["Deployment"])) is None
+    assert "registry" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_the_mirror_is_in_a_mounted_writable_cache(overlay, monkeypatch):
+    """MUSE_CACHE_DIR is where the server keeps its mirror (core/remote.py cache_root); with it,
+    everything the server writes is on a writable volume of the pod's own."""
+    deployment = overlay["Deployment"]
+    pod, container = deployment["spec"]["template"]["spec"], container_of(deployment)
+    env = {e["name"]: e for e in container["env"]}
+    cache = env["MUSE_CACHE_DIR"]["value"]
+    monkeypatch.setenv("MUSE_CACHE_DIR", cache)
+    mirrors = remote.cache_root()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = mount_for(str(mirrors), container)
+    assert mount is not None and mount["mountPath"] == cache, f"{mirrors} is on the read-only root"
+    assert not mount.get("readOnly", False)
+    assert volumes[mount["name"]]["emptyDir"] == {
+        "sizeLimit": "2Gi"
+    }  # the registry's size (object-store/deployment.yaml)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    image_env = dict(
+        kv.split("=", 1) for op, rest in stages(CONTAINERFILE)["runtime"] if op == "ENV" for kv in shlex.split(rest)
+    )
+    for path in (str(mirrors), serve_args(overlay).score_log, "/tmp", image_env["NUMBA_CACHE_DIR"]):
+        mount = mount_for(path, container)
+        assert mount is not None and not mount.get("readOnly", False), f"{path} is not writable"
+        assert "emptyDir" in volumes[mount["name"]], path
+
+
+def test_the_score_log_is_each_pods_own_empty_dir(overlay):
+    """Every replica uploads and deletes every file of its score-log directory: never shared."""
+    deployment, settings = overlay["Deployment"], overlay["ConfigMap"]["data"]
+    pod, container = deployment["spec"]["template"]["spec"], container_of(deployment)
+    score_log = serve_args(overlay).score_log
+    mount = mount_for(score_log, container)
+    assert mount is not None and mount["mountPath"] == score_log
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert set(volume) == {"name", "emptyDir"}
+    assert mount_for(score_log, container) != mount_for(str(remote.cache_root()), container)
+    assert int(settings["MUSE_SCORE_LOG_MAX_MB"]) << 20 < quantity(volume["emptyDir"]["sizeLimit"])
+
+
+def pod_name(deployment: str, rng: random.Random) -> str:
+    """A name Kubernetes gives a pod of ``deployment``: its ReplicaSet is DEPLOYMENT-HASH (the
+    pod template's hash, up to 10 characters), whose pods are generated from `RS-` cut to 58
+    characters plus 5 random ones (apiserver names.SimpleNameGenerator)."""
+    template_hash = "".join(rng.choice(NAME_CHARS) for _ in range(rng.randint(1, 10)))
+    return f"{deployment}-{template_hash}-"[:58] + "".join(rng.choice(NAME_CHARS) for _ in range(5))
+
+
+def test_the_replica_id_is_the_pod_name_which_the_server_accepts(overlay, monkeypatch):
+    container = container_of(overlay["Deployment"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MUSE_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    given = serve_args(overlay).replica_id  # None: no --replica-id, so the variable decides
+    rng = random.Random(18)
+    # this Deployment's pods, and those of the longest and of dotted names a Deployment may have
+    for deployment in [overlay["Deployment"]["metadata"]["name"], "a" * 253, "scoring.muse-v2." + "b" * 200]:
+        for _ in range(200):
+            name = pod_name(deployment, rng)
+            monkeypatch.setenv("MUSE_REPLICA_ID", name)
+            assert replica.replica_id(given) == name
+    monkeypatch.setenv("MUSE_REPLICA_ID", "a" * 64)  # uncut, a long name would be refused
+    with pytest.raises(ValueError):
+        replica.replica_id(given)
+
+
+def test_the_overlays_grace_period_covers_the_score_logs_last_upload(overlay):
+    """After the base's preStop, body timeout and flush, the last upload runs once the workers
+    have exited: a PUT per file left (a worker's last flush, and at most one written since the
+    previous pass, uploads being more frequent than flushes), with time for the client's
+    retries of one failing PUT."""
+    deployment, settings = overlay["Deployment"], overlay["ConfigMap"]["data"]
+    pod = deployment["spec"]["template"]["spec"]
+    (pre_stop,) = [int(x) for x in container_of(deployment)["lifecycle"]["preStop"]["exec"]["command"][1:]]
+    assert float(settings["MUSE_SCORE_LOG_FLUSH_SECONDS"]) >= replica.UPLOAD_EVERY  # one file a worker at most
+    files_left = 2 * int(settings["MUSE_WORKERS"])
+    per_put = 1.0  # a score-log file within the store's region
+    retries = objectstore._RETRY["retry_timeout"].total_seconds()
+    flush_margin = 5
+    last_upload = files_left * per_put + retries
+    needed = pre_stop + float(settings["MUSE_BODY_TIMEOUT"]) + flush_margin + last_upload
+    assert pod["terminationGracePeriodSeconds"] >= needed
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        > resources()["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    )
+
+
+def test_the_overlay_keeps_the_bases_security_probes_and_serving(overlay):
+    base = resources()["Deployment"]
+    deployment = overlay["Deployment"]
+    pod, base_pod = deployment["spec"]["template"]["spec"], base["spec"]["template"]["spec"]
+    container, base_container = container_of(deployment), container_of(base)
+    assert pod["securityContext"] == base_pod["securityContext"] and pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    same = [
+        "securityContext",
+        "startupProbe",
+        "readinessProbe",
+        "livenessProbe",
+        "lifecycle",
+        "ports",
+        "args",
+        "envFrom",
+    ]
+    for field in same:
+        assert container[field] == base_container[field], field
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"]["cpu"] == base_container["resources"]["requests"]["cpu"]
+    assert container["resources"]["limits"]["memory"] == base_container["resources"]["limits"]["memory"]
+    credentials = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert credentials == [e for e in base_container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert deployment["spec"]["selector"] == base["spec"]["selector"]
+
+
+@pytest.mark.parametrize("which", ["base", "overlay"])
+def test_ephemeral_storage_covers_every_empty_dir(which):
+    """The kubelet evicts a pod whose emptyDirs (and logs) exceed the sum of its containers'
+    ephemeral-storage limits, before any sizeLimit is reached if the limit is the smaller."""
+    deployment = (
+        resources()["Deployment"] if which == "base" else {d["kind"]: d for d in overlay_static()}["Deployment"]
+    )
+    pod, container = deployment["spec"]["template"]["spec"], container_of(deployment)
+    empty_dirs = sum(quantity(v["emptyDir"]["sizeLimit"]) for v in pod["volumes"] if "emptyDir" in v)
+    limit = quantity(container["resources"]["limits"]["ephemeral-storage"])
+    assert empty_dirs <= limit
+    assert quantity(container["resources"]["requests"]["ephemeral-storage"]) <= limit
+
+
+def test_an_overlay_of_the_object_store_overlay_as_deploy_readme_says(tmp_path):
+    """deploy/README.md's production overlay: its bucket, its credentials, the Secret's name kept."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "production-s3"
+    overlay.mkdir()
+    (overlay / "object-store.env").write_text(
+        "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\nAWS_SECRET_ACCESS_KEY=example\nAWS_REGION=eu-west-1\n"
+    )
+    text = (DEPLOY / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(# production-s3/kustomization\.yaml.*?)```", text, re.S)
+    (overlay / "kustomization.yaml").write_text(block.replace("../deploy/k8s/object-store", "../k8s/object-store"))
+    rendered = render(overlay)
+    kinds = {d["kind"]: d for d in rendered}
+    assert sorted(kinds) == OVERLAY_KINDS
+    assert set(kinds["Secret"]["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    assert kinds["Secret"]["metadata"]["name"] == "muse-object-store"
+    args = serve_args(kinds)
+    assert objectstore.parse_url(args.registry) == ("s3", "acme-scoring", "muse")
+    assert container_of(kinds["Deployment"])["image"] == "registry.example.internal/muse:0.1.0"
+    assert {d["metadata"].get("namespace") for d in rendered} == {"scoring"}
+    for doc in rendered:
+        kube_validate(doc, KUBERNETES_VERSIONS[-1])
 
 
 # -- KServe -------------------------------------------------------------------------------------
