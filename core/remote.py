@@ -141,12 +141,15 @@ class Mirror:
         """Bring the mirror up to the store; returns the number of files downloaded."""
         with self._lock:
             index = self._index()
-            listed = [o for o in self.store.list() if _mirrored(o.key) or o.key == CURRENT]
+            # `current` before the listing: the generation it names was stored before it moved,
+            # so the listing holds that generation's file
+            try:
+                current: Blob | None = self._download(CURRENT)
+            except ObjectMissing:
+                current = None
+            listed = [o for o in self.store.list() if _mirrored(o.key) and o.key != CURRENT]
             fetched = 0
-            current: Blob | None = None
             for obj in listed:
-                if obj.key == CURRENT:
-                    continue
                 held = index.get(obj.key)
                 if held and held[0] == obj.etag and (self.root / obj.key).exists():
                     continue
@@ -158,8 +161,6 @@ class Mirror:
                 blob = self._download(obj.key)
                 index[obj.key] = self._entry(obj.key, blob.etag, blob.data)
                 fetched += 1
-            if any(o.key == CURRENT for o in listed):
-                current = self._download(CURRENT)
             self._save_index(index)
             if current is not None:
                 self._advance_current(_generation(current.data, self.store.where(CURRENT)))
