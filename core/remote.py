@@ -192,7 +192,8 @@ class Mirror:
     # -- push ---------------------------------------------------------------------------------
     def push(self) -> int:
         """Upload what was written into the mirror since the last pull; returns the files sent.
-        Raises StoreError naming the first conflict (the rest of that version is not sent)."""
+        Raises StoreError naming the first conflict; nothing after it is sent (the claim file
+        comes first, so nothing of a version another host claimed is mixed into it)."""
         with self._lock:
             index = self._index()
             pending: list[str] = []
@@ -201,18 +202,14 @@ class Mirror:
                     pending.append(key)
             # claim files first, then the rest of their version
             pending.sort(key=lambda k: (os.path.dirname(k), k.rsplit("/", 1)[-1] not in CLAIM_FILES, k))
-            sent, refused = 0, set[str]()
+            sent = 0
             try:
                 for key in pending:
-                    folder = os.path.dirname(key)
-                    if folder in refused:
-                        continue
                     data = (self.root / key).read_bytes()
                     held = index.get(key)
                     try:
                         etag = self.store.put(key, data, if_match=held[0]) if held else self._create(key, data)
-                    except (ObjectExists, ObjectChanged) as exc:
-                        refused.add(folder)
+                    except (ObjectExists, ObjectChanged) as exc:  # nothing after it is sent
                         raise StoreError(
                             f"{exc}: another host wrote it meanwhile; this command's copy is in {self.root / key}; "
                             "run the command again (it will read the store's version first)"
