@@ -10,7 +10,7 @@ MYPY_TREE := build/mypy
 # Tests run in a fresh random order each time; `make test SEED=<n>` replays the order of a run.
 SEED ?= $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo demo-cluster bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/muse demo --workdir demo-out
 
+# Three replicas behind HAProxy on a registry in moto's S3 server, updated under load (server/demo/cluster.py).
+demo-cluster: $(STAMP)
+	$(BIN)/muse demo-cluster --workdir demo-cluster-out
+
 bench: $(STAMP)
 	$(BIN)/python -m muse.bench.kernel
 	$(BIN)/python -m muse.bench.calib_kernels
@@ -48,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python -m muse.bench.calibration_study
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out $(patsubst %.pyx,%.c,$(filter %.pyx,$(NATIVE))) $(addsuffix /*.so,$(PACKAGES))
+	rm -rf $(VENV) build *.egg-info demo-out demo-cluster-out $(patsubst %.pyx,%.c,$(filter %.pyx,$(NATIVE))) $(addsuffix /*.so,$(PACKAGES))

@@ -89,6 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trees", type=int, default=200, help=argparse.SUPPRESS)  # boosting rounds; fewer for tests
     p.set_defaults(func=cmd_demo)
 
+    from . import cluster  # here, not at the top: it imports this module's pieces
+
+    cluster.register(sub)
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.workdir, args.rows, args.trees)
