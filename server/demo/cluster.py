@@ -134,6 +134,7 @@ class Replica:
         self.env = {**os.environ, **env, "MUSE_CACHE_DIR": str(self.cache), "PYTHONUNBUFFERED": "1"}
         self.flags = flags
         self.proc: subprocess.Popen[bytes] | None = None
+        self._ended = True  # its session is signalled once per start
 
     def start(self) -> Replica:
         command = [sys.executable, "-m", "muse.server.cli", "serve", "--registry", self.url]
@@ -142,11 +143,18 @@ class Replica:
             self.proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
+        self._ended = False
         return self
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is None:
+            return False
+        if self.proc.poll() is None:
+            return True
+        if not self._ended:
+            self._end_session()  # the main process died alone: its workers go too
+        return False
 
     def wait_live(self, timeout: float = 90) -> None:
         """Until it answers /v2/health/live (ready or not: nothing may be deployed yet)."""
@@ -163,27 +171,28 @@ class Replica:
 
     def kill(self) -> None:
         """SIGKILL to every process of the replica: nothing flushed, nothing uploaded."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None and not self._ended:
+            self._end_session()
             self.proc.wait()
 
     def stop(self) -> None:
         """SIGTERM (the workers flush their score log, the replica uploads it), SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            self._reap()
+        if self.proc is None or self._ended:
             return
-        self.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(30)
-        self._reap()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        self._end_session()
+        self.proc.wait()
 
-    def _reap(self) -> None:
-        """Whatever of its session is left (a worker whose main process died)."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+    def _end_session(self) -> None:
+        """SIGKILL to its session: the main process if still there, and any worker it left
+        behind.  Once per start, so that the group's number, once free, is never signalled."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._ended = True
 
 
 def stop_all(replicas: Sequence[Replica]) -> None:
