@@ -8,7 +8,11 @@ and counted, and it fails only its own request."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -221,6 +225,25 @@ def request_fields(req: Request, status: int) -> dict[str, Any]:
     return fields
 
 
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
+
+def _stop_with_the_supervisor() -> None:
+    """Have Linux send this worker SIGTERM when the `muse serve` process that started it dies
+    (SIGKILL, a crash): an orphaned worker would go on answering on the port, unsupervised and
+    no longer following deployments if the registry is on object storage.  Granian starts
+    workers from its main thread, whose exit is what the kernel watches."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # best effort: the supervisor's own exit path stops workers as before
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app() -> MuseApp:
     """Factory for Granian workers: the settings `muse serve` parsed."""
+    _stop_with_the_supervisor()
     return MuseApp(from_environment())

@@ -3,12 +3,15 @@ connections past the connection cap, a trickled body, an idle keep-alive connect
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 
 import pytest
@@ -260,3 +263,30 @@ def test_a_server_whose_library_was_corrupted_after_deploy_stays_up(tmp_path, mo
         refused = wait_until(lambda: log_events(server, "generation_refused"), 30, "the refusal logged")
         assert "killed by SIGSEGV while loading" in refused[0]["message"]
         assert server.get("/v2/health/ready")[0] == 503 and server.proc.poll() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_stop_when_the_serve_process_is_killed(tmp_path):
+    """SIGKILL of `muse serve` (an OOM kill, kill -9) takes its workers with it: an orphan
+    would keep answering on the port, unsupervised."""
+    server = LocalServer(tmp_path, "--no-auth", workers=2)
+    workers = [
+        int(p) for p in pathlib.Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    ]
+    assert len(workers) == 2
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait()
+
+    def exited(pid: int) -> bool:
+        try:
+            return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    try:
+        wait_until(lambda: all(exited(p) for p in workers), 30, "the workers to exit")
+    finally:
+        for p in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        server.stop()
