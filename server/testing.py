@@ -168,6 +168,16 @@ def scrape(port: int, key: str | None = None) -> dict[str, float]:
     return samples
 
 
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class LocalServer:
     """`muse serve --registry REGISTRY` on a free loopback port, in its own process; live when
     constructed.  Its output goes to REGISTRY/server-PORT.log (shown when it fails to start)."""
@@ -245,12 +255,7 @@ class LocalServer:
 
     def stop(self) -> None:
         """SIGTERM (the server finishes and flushes), SIGKILL after 15 s."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 15)
         self._log.close()
 
 
@@ -350,10 +355,5 @@ class S3Server:
         self.stop()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 15)
         self._log.close()

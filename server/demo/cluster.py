@@ -290,12 +290,7 @@ class HAProxy:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        testing.stop_process(self.proc, 10)
 
 
 @dataclasses.dataclass
