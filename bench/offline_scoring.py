@@ -2,12 +2,16 @@
 leaves, 100 features, LightGBM, calibrated), rows/s at 1 and 2 threads.
 
 Parquet runs alternate 1 and 2 threads in one process (the host's load moves between runs),
-and the speed-up is the median of each pair's ratio.  Beside each, the native calls alone on
-the same rows held in memory (the same chunks and slices, no reading or writing): what the
-threads could give if the file cost nothing, and a gauge of how busy the host was.  One pair
-on the same rows as CSV.  Then the peak memory (VmHWM) of the `muse score` command, a
-process a run, on the file and on one three times as long, at two chunk sizes: the peak
-must not grow with the file.  Scores of every run are checked equal.
+and the speed-up is the median of each pair's ratio; each run's CPU seconds over its wall
+seconds say how many cores it used (at 1 thread: one, Polars' threads included).  Beside
+each, the native calls alone on the same rows held in memory (the same chunks, a thread
+scoring whole chunks as `muse score`'s do, no reading or writing): what the threads could
+give if the file cost nothing, and a gauge of how busy the host was.  One pair on the same
+rows as CSV, and one on them rounded to float32 (scored as float32).  Then the file's own
+work -- reading, converting, writing -- in CPU seconds at 1 thread with a scorer of zeros,
+and the peak memory (VmHWM) of the `muse score` command, a process a run, on the file and on
+one three times as long, at two chunk sizes: the peak must not grow with the file.  Scores
+of every float64 run are checked equal.
 
     python -m muse.bench.offline_scoring [--rows 1000000] [--repeats 5] [--workdir DIR]
 """
@@ -65,15 +69,12 @@ def features_file(workdir: pathlib.Path, rows: int, names: list[str]) -> tuple[p
     return path, X
 
 
-def native_only(score, X: np.ndarray, threads: int, chunk_rows: int) -> float:
-    """rows/s of the native calls alone: X in memory, cut as score_file cuts it."""
-    from muse.core.file_scoring import _slices
-
+def native_only(score, X: np.ndarray, threads: int, spans: list[tuple[int, int]]) -> float:
+    """rows/s of the native calls alone: X in memory (C order: a chunk's rows are a view), in
+    score_file's chunks, each thread scoring whole chunks."""
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(X), chunk_rows):
-            chunk = np.ascontiguousarray(X[start : start + chunk_rows])
-            list(pool.map(lambda ab: score(chunk[ab[0] : ab[1]]), _slices(len(chunk), threads)))
+        list(pool.map(lambda span: score(X[span[0] : span[0] + span[1]]), spans))
     return len(X) / (time.perf_counter() - started)
 
 
@@ -107,7 +108,7 @@ def imports_rss() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from muse.core.file_scoring import DEFAULT_CHUNK_ROWS, model_scorer, plan_input, score_file
+    from muse.core.file_scoring import DEFAULT_CHUNK_ROWS, model_scorer, parquet_spans, plan_input, score_file
     from muse.core.registry import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,38 +128,57 @@ def main(argv: list[str] | None = None) -> None:
         csv = work / f"features-{args.rows}.csv"
         if not csv.exists():
             pl.scan_parquet(inp).sink_csv(csv)
+        f32 = work / f"features-{args.rows}-float32.parquet"
+        if not f32.exists():
+            pl.scan_parquet(inp).with_columns(pl.exclude("id").cast(pl.Float32)).sink_parquet(f32)
         load = os.getloadavg()
-        runs: dict[str, dict[int, list[float]]] = {k: {1: [], 2: []} for k in ("parquet", "native", "csv")}
+        kinds = ("parquet", "native", "csv", "float32")
+        runs: dict[str, dict[int, list[float]]] = {k: {1: [], 2: []} for k in kinds}
+        cores: dict[str, dict[int, list[float]]] = {k: {1: [], 2: []} for k in kinds}
         outputs = {}
 
         def run(kind: str, path: pathlib.Path, threads: int) -> None:
             out = work / f"scores-{kind}-{threads}.parquet"
             plan = plan_input(path, scorer.feature_names)
+            cpu = time.process_time()
             summary = score_file(scorer, plan, out, threads=threads, chunk_rows=args.chunk_rows)
             runs[kind][threads].append(summary.rows_per_second)
+            cores[kind][threads].append((time.process_time() - cpu) / summary.seconds)
             outputs[(kind, threads)] = out
-            print(f"{kind}, {threads} thread(s): {summary.rows_per_second:,.0f} rows/s", file=sys.stderr, flush=True)
+            print(
+                f"{kind}, {threads} thread(s): {summary.rows_per_second:,.0f} rows/s, "
+                f"{cores[kind][threads][-1]:.2f} cores",
+                file=sys.stderr,
+                flush=True,
+            )
 
+        chunk = args.chunk_rows or DEFAULT_CHUNK_ROWS["Parquet"]
+        spans = {t: parquet_spans(plan_input(inp, scorer.feature_names), chunk, t) for t in (1, 2)}
         for _ in range(args.repeats):
             for threads in (1, 2):
                 run("parquet", inp, threads)
-                chunk = args.chunk_rows or DEFAULT_CHUNK_ROWS["Parquet"]
-                runs["native"][threads].append(native_only(scorer.score, X, threads, chunk))
+                cpu, wall = time.process_time(), time.perf_counter()
+                runs["native"][threads].append(native_only(scorer.score, X, threads, spans[threads]))
+                cores["native"][threads].append((time.process_time() - cpu) / (time.perf_counter() - wall))
                 print(f"native, {threads} thread(s): {runs['native'][threads][-1]:,.0f} rows/s", file=sys.stderr)
         for threads in (1, 2):
             run("csv", csv, threads)
+        for threads in (1, 2):
+            run("float32", f32, threads)
         # The file's own work -- reading, the row-major matrix, writing -- in CPU seconds, with a
-        # scorer that returns zeros: at 2 threads on 2 cores it takes time from the scoring.
+        # scorer that returns zeros, at 1 thread: a thread does it between its native calls.
         noop = dataclasses.replace(scorer, score=lambda Z: Scores(np.zeros((3, len(Z)))))
         pipeline = {}
-        for kind, path in (("parquet", inp), ("csv", csv)):
+        for kind, path in (("parquet", inp), ("csv", csv), ("float32", f32)):
             cpu = time.process_time()
-            score_file(noop, plan_input(path, scorer.feature_names), work / "noop.parquet", threads=2)
-            pipeline[kind] = time.process_time() - cpu
+            summary = score_file(noop, plan_input(path, scorer.feature_names), work / "noop.parquet", threads=1)
+            pipeline[kind] = (time.process_time() - cpu, summary.seconds)
         first = pl.read_parquet(outputs[("parquet", 1)])
         for key, out in outputs.items():
-            if not pl.read_parquet(out).equals(first):
+            if key[0] != "float32" and not pl.read_parquet(out).equals(first):
                 raise SystemExit(f"{key}: scores differ from Parquet's with 1 thread")
+        if not pl.read_parquet(outputs[("float32", 1)]).equals(pl.read_parquet(outputs[("float32", 2)])):
+            raise SystemExit("float32: scores differ between 1 and 2 threads")
         memory = {}
         baseline = imports_rss()
         if not args.no_memory:
@@ -178,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 memory[(kind, n, chunk)] = peak_rss(registry, path, work / "scores-rss.parquet", chunk)
         sizes = {"Parquet": inp.stat().st_size / 2**20, "CSV": csv.stat().st_size / 2**20}  # before the files go
     chunks = {k: args.chunk_rows or v for k, v in DEFAULT_CHUNK_ROWS.items()}
-    result = {"rows": args.rows, "chunk_rows": chunks, "load_before": load, "runs": runs}
+    result = {"rows": args.rows, "chunk_rows": chunks, "load_before": load, "runs": runs, "cores": cores}
     result["peak_rss_mib"] = [{"input": k, "rows": n, "chunk_rows": c, "mib": m} for (k, n, c), m in memory.items()]
     result["imports_rss_mib"] = baseline
     result["pipeline_cpu_seconds"] = pipeline
@@ -188,13 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         f"{args.rows:,} rows x 100 features (Parquet {sizes['Parquet']:,.0f} MiB, "
-        f"CSV {sizes['CSV']:,.0f} MiB), fraud 500x63 calibrated, chunks of {chunks['Parquet']:,} rows "
-        f"(Parquet), {chunks['CSV']:,} (CSV); "
-        f"Parquet and native: {args.repeats} pairs alternated, CSV: one pair; load average before {load[0]:.2f}"
+        f"CSV {sizes['CSV']:,.0f} MiB), fraud 500x63 calibrated, chunks of up to {chunks['Parquet']:,} rows "
+        f"(Parquet: {len(spans[1])} / {len(spans[2])} chunks of whole row groups at 1 / 2 threads), "
+        f"{chunks['CSV']:,} (CSV); "
+        f"Parquet and native: {args.repeats} pairs alternated, CSV and float32: one pair; "
+        f"load average before {load[0]:.2f}"
     )
     table = []
     labels = {
         "parquet": "muse score, Parquet file",
+        "float32": "muse score, Parquet file as float32",
         "csv": "muse score, CSV file",
         "native": "native calls only, rows in memory",
     }
@@ -208,25 +231,28 @@ def main(argv: list[str] | None = None) -> None:
                 f"{statistics.median(two):,.0f}",
                 f"{statistics.median(ratios):.2f}x",
                 ", ".join(f"{x:.2f}" for x in ratios),
+                f"{statistics.median(cores[kind][1]):.2f} / {statistics.median(cores[kind][2]):.2f}",
             ]
         )
-    print_table(["what", "1 thread rows/s", "2 threads rows/s", "speed-up (median)", "each pair"], table)
+    headers = ["what", "1 thread rows/s", "2 threads rows/s", "speed-up (median)", "each pair", "cores used (1 / 2)"]
+    print_table(headers, table)
     scoring = args.rows / statistics.median(runs["native"][1])  # seconds of one core
-    for kind, label in (("parquet", "Parquet"), ("csv", "CSV")):
-        ceiling = 2 * scoring / (scoring + pipeline[kind])
+    for kind, label in (("parquet", "Parquet"), ("float32", "Parquet as float32"), ("csv", "CSV")):
+        cpu, wall = pipeline[kind]
         print(
-            f"{label}: reading, converting and writing take {pipeline[kind]:.2f} CPU s (scoring {scoring:.1f} s); "
-            f"at 2 threads on 2 cores that leaves a speed-up of about "
-            f"2 x {scoring:.1f} / {scoring + pipeline[kind]:.1f} = {ceiling:.2f}x"
+            f"{label}: reading, converting and writing take {cpu:.2f} CPU s ({wall:.2f} s) at 1 thread with a "
+            f"scorer of zeros, beside {scoring:.1f} s of scoring"
+            + (" (CSV: parsed on Polars' threads, beside the scoring threads)" if kind == "csv" else "")
         )
     if memory:
         print()
         rows = []
         for (kind, n, chunk), mib in memory.items():
-            bound = 3 * chunk * 100 * 8 / 2**20
+            bound = 2 * 2 * chunk * 100 * 8 / 2**20
             rows.append([kind, f"{n:,}", f"{chunk:,}", f"{bound:,.0f}", f"{mib:,.0f}", f"{mib - baseline:,.0f}"])
         print(f"muse score --threads 2, a process a run; a process that only imports its modules: {baseline:,.0f} MiB")
-        headers = ["input", "rows", "--chunk-rows", "3 x chunk x 100 x 8 B, MiB", "peak RSS, MiB", "above imports, MiB"]
+        headers = ["input", "rows", "--chunk-rows", "2 threads x 2 x chunk x 100 x 8 B, MiB", "peak RSS, MiB"]
+        headers.append("above imports, MiB")
         print_table(headers, rows)
 
 

@@ -1,5 +1,5 @@
 """`muse score`: score a Parquet or CSV file offline, through the compiled code and the
-calibration the server uses, on every core (muse.core.file_scoring)."""
+calibration the server uses, a thread a core (muse.core.file_scoring)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ def register(sub) -> None:
             "Features are matched by the model's feature names when the input has all of them (other\n"
             "columns are ignored), else by position (then the input must have exactly as many columns\n"
             "as features, besides the id column).  Missing values: null, empty or NaN.\n\n"
-            "The input is read in chunks of --chunk-rows, each cut across --threads threads, and the\n"
-            "output written chunk by chunk, so memory does not grow with the file: for Parquet about\n"
-            "3 x chunk rows x features x 8 bytes plus Polars' buffers (~1 GiB at the default with 100\n"
-            "features; ~0.5 GiB at --chunk-rows 65536, reading a few percent slower); for CSV what\n"
-            "Polars' streaming reader reads ahead (~0.8 GiB at the default)."
+            "Each of --threads threads reads, converts and scores a chunk of --chunk-rows rows at a\n"
+            "time (Parquet: whole row groups), so the command uses --threads cores (CSV: Polars\n"
+            "parses it on threads of its own besides).  The output is written chunk by chunk, in the\n"
+            "input's order, so memory does not grow with the file: for Parquet about 2 x threads x\n"
+            "chunk rows x features x 8 bytes plus Polars' buffers (~1.2 GiB at the default with 100\n"
+            "features and 2 threads; ~0.55 GiB at --chunk-rows 65536, slower when that cuts row\n"
+            "groups); for CSV what Polars' streaming reader reads ahead (~1 GiB at the default)."
         ),
     )
     p.add_argument("--registry", required=True, help="registry directory")
@@ -54,14 +56,17 @@ def register(sub) -> None:
     p.add_argument("--input", required=True, metavar="FILE", help="features: a .parquet or .csv file")
     p.add_argument("--output", required=True, metavar="FILE", help="scores: a .parquet file (replaced if present)")
     p.add_argument(
-        "--threads", type=int, default=default_threads(), help="scoring threads (default: every core, %(default)s)"
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="threads, each reading and scoring whole chunks: the cores used (default: every core, %(default)s)",
     )
     p.add_argument(
         "--chunk-rows",
         type=int,
         metavar="N",
-        help=f"rows read and scored at a time (default: {DEFAULT_CHUNK_ROWS['Parquet']:,} for Parquet, "
-        f"{DEFAULT_CHUNK_ROWS['CSV']:,} for CSV)",
+        help=f"rows a thread reads and scores at a time (default: {DEFAULT_CHUNK_ROWS['Parquet']:,} for Parquet, "
+        f"fewer past 4 threads; {DEFAULT_CHUNK_ROWS['CSV']:,} for CSV)",
     )
     p.add_argument("--id-column", metavar="NAME", help="column copied to the output (default: `id`, when present)")
     p.set_defaults(func=cmd_score)

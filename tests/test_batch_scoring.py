@@ -15,7 +15,7 @@ from helpers import calibrated_registry, make_registry, rows
 
 from muse.calib import MapTable, identity_map
 from muse.compile import native_map_table
-from muse.core.file_scoring import chunk_sizes, model_scorer, plan_input, score_file
+from muse.core.file_scoring import balanced_chunk_rows, chunk_spans, model_scorer, plan_input, score_file
 from muse.core.snapshot import ModelPool, build_snapshot
 from muse.core.spec import DeploymentSpec, PredictorSpec, RefreshSpec, RouteSpec
 from muse.server.cli import main as cli
@@ -108,7 +108,8 @@ def test_model_and_tenant_map_equal_compiled_score_across_chunks(reg, model, X, 
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and f"scored 1,000 rows of {tmp_path / 'in.parquet'}" in line
     assert (
-        f"{threads} threads, {len(list(chunk_sizes(N, 37)))} chunks" in line
+        f"{threads} threads, {len(chunk_spans([300, 300, 300, 100], balanced_chunk_rows(N, 37, threads)))} chunks"
+        in line
         and "tenant acme's map" in line
         and "features by name" in line
     )
@@ -202,13 +203,37 @@ def test_library_call_reports_progress_and_summary(reg, model, X, tmp_path):
     summary = score_file(
         scorer, plan, tmp_path / "out.parquet", threads=2, chunk_rows=300, progress=lambda d, s: seen.append(d)
     )
-    assert seen == [37, 111, 259, 555, 855, 1000] and (summary.rows, summary.chunks, summary.threads) == (N, 6, 2)
+    assert seen == [250, 500, 750, 1000] and (summary.rows, summary.chunks, summary.threads) == (N, 4, 2)
 
 
-def test_parquet_chunks_start_small():
-    assert list(chunk_sizes(1000, 300)) == [37, 74, 148, 296, 300, 145]
-    assert list(chunk_sizes(10, 300)) == [10] and list(chunk_sizes(0, 300)) == []
-    assert list(chunk_sizes(5, 1)) == [1] * 5 and list(chunk_sizes(20, 8)) == [1, 2, 4, 8, 5]
+def test_parquet_chunks_are_whole_row_groups():
+    assert chunk_spans([125, 125, 125, 125], 300) == [(0, 250), (250, 250)]
+    assert chunk_spans([1000], 300) == [(0, 250), (250, 250), (500, 250), (750, 250)]  # cut in equal parts
+    assert chunk_spans([10, 500, 20, 20], 100) == [(0, 10), *[(10 + 100 * k, 100) for k in range(5)], (510, 40)]
+    assert chunk_spans([0, 5, 0], 5) == [(0, 5)] and chunk_spans([], 5) == []
+    assert chunk_spans([3], 1) == [(0, 1), (1, 1), (2, 1)]
+
+
+def test_chunks_come_in_whole_rounds_of_threads():
+    assert balanced_chunk_rows(1_000_000, 262_144, 2) == 250_000  # 4 chunks: 2 rounds of 2
+    assert balanced_chunk_rows(1_000_000, 262_144, 1) == 250_000  # 4 chunks, not 3 and a remainder
+    assert balanced_chunk_rows(20_000, 262_144, 4) == 5_000  # a small file: a chunk a thread
+    assert balanced_chunk_rows(3, 100, 8) == 1 and balanced_chunk_rows(0, 100, 2) == 1
+    assert balanced_chunk_rows(1_100_000, 262_144, 2) == 183_334  # 3 rounds of 2, not 4 and 1 alone
+
+
+def test_row_groups_are_read_from_the_footers(model, X, tmp_path):
+    from muse.core.file_scoring import _row_groups
+
+    frame = features_frame(model, X)
+    frame.write_parquet(tmp_path / "in.parquet", row_group_size=300)
+    assert _row_groups(tmp_path / "in.parquet") == [300, 300, 300, 100]
+    (tmp_path / "dir").mkdir()
+    frame[:450].write_parquet(tmp_path / "dir" / "b.parquet", row_group_size=200)
+    frame[450:].write_parquet(tmp_path / "dir" / "a.parquet", row_group_size=500)
+    assert _row_groups(tmp_path / "dir") == [500, 50, 200, 200, 50]  # a.parquet first, as Polars reads them
+    (tmp_path / "in.csv").write_text("not parquet")
+    assert _row_groups(tmp_path / "in.csv") is None
 
 
 def test_progress_line_on_a_terminal(reg, model, X, tmp_path, capsys, monkeypatch):
@@ -299,33 +324,117 @@ def test_no_deployment_is_an_error_naming_the_fix(tmp_path, model_dir, capsys):
     assert "deployments/current: no deployment is current; apply one with `muse deploy apply`" in err
 
 
-def test_reading_stays_at_most_two_chunks_ahead_of_writing(reg, model, X, tmp_path, monkeypatch):
-    """Memory does not grow with the file: a chunk is read only once the chunk two before it is
-    scored, however slow the scoring.  (That Polars reads no further ahead on its own is
-    measured by bench/offline_scoring.py: peak memory on 1M and 3M rows.)"""
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kind):
+    """Memory does not grow with the file: a chunk is read only while fewer than AHEAD x threads
+    are read and not yet written, however slow one chunk is.  (That Polars reads no further
+    ahead on its own is measured by bench/offline_scoring.py: peak memory on 1M and 3M rows.)"""
+    import threading
     import time
 
     from muse.core import file_scoring
 
-    features_frame(model, X).write_parquet(tmp_path / "in.parquet")
+    inp = tmp_path / f"in.{kind}"
+    features_frame(model, X).write_parquet(inp) if kind == "parquet" else features_frame(model, X).write_csv(inp)
     scorer = model_scorer(reg, "lightgbm")
-    slow = dataclasses.replace(scorer, score=lambda Z: (time.sleep(0.01), scorer.score(Z))[1])
-    read, written, ahead = [0], [0], []
-    batches = file_scoring._batches
+    calls = [0]
 
-    def counting(*args):
-        for batch in batches(*args):
-            read[0] += 1
-            ahead.append(read[0] - written[0])
-            yield batch
+    def slow(Z):
+        calls[0] += 1
+        if calls[0] == 1:
+            time.sleep(0.3)  # the first chunk: every other worker runs ahead of the writer
+        return scorer.score(Z)
 
-    monkeypatch.setattr(file_scoring, "_batches", counting)
+    lock, read, written, ahead = threading.Lock(), [0], [0], []
+    room = file_scoring._Run.room
+
+    def counting(self):
+        got = room(self)
+        if got:
+            with lock:
+                read[0] += 1
+                ahead.append(read[0] - written[0])
+        return got
+
+    def progress(done, seconds):
+        with lock:
+            written[0] += 1
+
+    monkeypatch.setattr(file_scoring._Run, "room", counting)
+    plan = plan_input(inp, scorer.feature_names)
+    threads = 3
+    summary = score_file(
+        dataclasses.replace(scorer, score=slow),
+        plan,
+        tmp_path / "out.parquet",
+        threads=threads,
+        chunk_rows=20,
+        progress=progress,
+    )
+    assert summary.chunks == N // 20 and max(ahead) == file_scoring.AHEAD * threads  # reached, never passed
+    assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X))
+
+
+def test_threads_take_whole_chunks_in_any_order_and_the_output_keeps_the_input_order(reg, model, X, tmp_path):
+    """Each thread reads, converts and scores whole chunks; chunks finish out of order (here the
+    even ones are slow) and are written in order: the same bytes for 1 thread and for 3."""
+    import time
+
+    frame = features_frame(model, X)
+    frame.write_parquet(tmp_path / "in.parquet", row_group_size=130)
+    scorer = model_scorer(reg, "lightgbm", calibration="lightgbm")
     plan = plan_input(tmp_path / "in.parquet", scorer.feature_names)
-    progress = lambda done, seconds: written.__setitem__(0, written[0] + 1)  # noqa: E731
-    score_file(slow, plan, tmp_path / "out.parquet", threads=2, chunk_rows=20, progress=progress)
-    assert (
-        read[0] == len(list(chunk_sizes(N, 20))) and max(ahead) <= file_scoring.AHEAD + 1
-    )  # +1: read as the chunk before is counted
+
+    def uneven(Z):
+        time.sleep(0.02 if len(Z) % 2 == 0 else 0)
+        return scorer.score(Z)
+
+    outputs = []
+    for threads, chunk in [(1, 1000), (1, 37), (3, 37), (3, 130), (3, 300)]:
+        out = tmp_path / f"out-{threads}-{chunk}.parquet"
+        slow = dataclasses.replace(scorer, score=uneven)
+        summary = score_file(slow, plan, out, threads=threads, chunk_rows=chunk)
+        assert summary.chunks == len(chunk_spans([130] * 7 + [90], balanced_chunk_rows(N, chunk, threads)))
+        outputs.append(pl.read_parquet(out))
+    for other in outputs[1:]:
+        assert other.equals(outputs[0])
+    assert_scores(outputs[0], expected(model, X, reg.load_calibration("lightgbm")), frame["id"])
+
+
+def test_float32_features_are_scored_as_float32_with_the_same_scores(reg, model, X, tmp_path):
+    """Features whose every value is a float32 go to the native call as float32 (half the copy):
+    the scores are those of the same values as float64."""
+    X32 = X.astype(np.float32)
+    small = pl.col(names(model)[1]).fill_nan(None).mul(10).round(0).cast(pl.Int16)  # nulls kept: missing
+    frame = features_frame(model, X32).with_columns(small)
+    frame.write_parquet(tmp_path / "in.parquet")
+    scorer = model_scorer(reg, "lightgbm")
+    plan = plan_input(tmp_path / "in.parquet", scorer.feature_names)
+    assert plan.dtype == pl.Float32
+    seen = []
+    recording = dataclasses.replace(scorer, score=lambda Z: (seen.append(Z.dtype), scorer.score(Z))[1])
+    score_file(recording, plan, tmp_path / "out.parquet", threads=2, chunk_rows=300)
+    assert set(seen) == {np.dtype(np.float32)}
+    as64 = frame.select(pl.col(names(model)).cast(pl.Float64)).to_numpy()
+    assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, as64), frame["id"])
+    frame.with_columns(pl.col(names(model)[2]).cast(pl.Int32)).write_parquet(tmp_path / "in64.parquet")
+    assert plan_input(tmp_path / "in64.parquet", scorer.feature_names).dtype == pl.Float64  # an int32 may not be
+
+
+def test_unreadable_row_groups_only_cost_time(reg, model, X, tmp_path, monkeypatch):
+    from muse.core import file_scoring
+
+    features_frame(model, X).write_parquet(tmp_path / "in.parquet", row_group_size=100)
+
+    def unreadable(path):
+        raise ValueError("no footer")
+
+    monkeypatch.setattr(file_scoring, "_footer_row_groups", unreadable)
+    scorer = model_scorer(reg, "lightgbm")
+    plan = plan_input(tmp_path / "in.parquet", scorer.feature_names)
+    assert file_scoring.parquet_spans(plan, 300, 2) == [(0, 250), (250, 250), (500, 250), (750, 250)]
+    summary = score_file(scorer, plan, tmp_path / "out.parquet", threads=2, chunk_rows=300)
+    assert summary.chunks == 4
     assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X))
 
 
