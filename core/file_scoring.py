@@ -10,9 +10,9 @@ compiled model and calibration the server uses, on --threads cores, in bounded m
       every row is written
 
 A thread reads, converts and scores its chunk in turn, so the file's work is split across
-the threads as the scoring is, and --threads N uses N cores: at 1 thread, 1.05 (measured,
+the threads as the scoring is, and --threads N uses N cores: at 1 thread, 1.07 (measured,
 Polars' decoding, the sink and its allocator's thread included).  Per 1M rows x 100 float64
-features (bench/offline_scoring.py, 500 trees x 63 leaves): scoring ~6.3 CPU s, reading
+features (bench/offline_scoring.py, 500 trees x 63 leaves): scoring ~6.4 CPU s, reading
 ~1.4, the matrix ~0.3, writing ~0.2.  CSV: Polars' streaming reader, one thread, hands its
 batches to the N threads; it parses on Polars' own threads (a CSV file cannot be cut without
 reading it through), so a CSV run uses more than N cores.
@@ -24,11 +24,11 @@ Memory does not grow with the file.  At most AHEAD x threads chunks are in fligh
 not yet written), and only the one a thread works on holds features: Parquet about 2 x
 threads x chunk_rows x features x 8 bytes (the chunk as Polars read it and as the matrix it
 becomes; 4 bytes a value as float32) plus Polars' decoding buffers.  Measured peak RSS of
-`muse score` on 100 features with 2 threads: ~0.55 GiB at --chunk-rows 65,536 and ~1.2 GiB
-at the default 262,144, the same on 1M and 3M rows.  The default chunk shrinks past 4
+`muse score` on 100 features with 2 threads: ~0.6 GiB at --chunk-rows 65,536 and ~1 GiB at
+the default 262,144, the same on 1M and 3M rows.  The default chunk shrinks past 4
 threads (default_chunk_rows), so the bound grows more slowly than the threads.  CSV:
 Polars' read-ahead, which is its own and bounded, and AHEAD x threads batches (measured at
-2 threads: ~1 GiB, also the same on 1M and 3M rows)."""
+2 threads: ~0.9 GiB, also the same on 1M and 3M rows)."""
 
 from __future__ import annotations
 

@@ -39,9 +39,9 @@ def register(sub) -> None:
             "time (Parquet: whole row groups), so the command uses --threads cores (CSV: Polars\n"
             "parses it on threads of its own besides).  The output is written chunk by chunk, in the\n"
             "input's order, so memory does not grow with the file: for Parquet about 2 x threads x\n"
-            "chunk rows x features x 8 bytes plus Polars' buffers (~1.2 GiB at the default with 100\n"
-            "features and 2 threads; ~0.55 GiB at --chunk-rows 65536, slower when that cuts row\n"
-            "groups); for CSV what Polars' streaming reader reads ahead (~1 GiB at the default)."
+            "chunk rows x features x 8 bytes plus Polars' buffers (~1 GiB at the default with 100\n"
+            "features and 2 threads; ~0.6 GiB at --chunk-rows 65536, slower when that cuts row\n"
+            "groups); for CSV what Polars' streaming reader reads ahead (~0.9 GiB at the default)."
         ),
     )
     p.add_argument("--registry", required=True, help="registry directory")
