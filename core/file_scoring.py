@@ -33,12 +33,12 @@ Polars' read-ahead, which is its own and bounded, and AHEAD x threads batches (m
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import math
 import os
 import pathlib
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -641,114 +641,22 @@ def chunk_spans(row_groups: list[int], chunk_rows: int) -> list[tuple[int, int]]
 
 def _row_groups(path: pathlib.Path) -> list[int] | None:
     """The rows of each row group of a Parquet file (a directory: of its files, in name order,
-    as Polars reads them), from the files' footers; None when a footer cannot be read (the
+    as Polars reads them), from the files' footers, read by pyarrow when it is installed
+    (Polars does not expose row groups); None without it or when a footer cannot be read (the
     chunks are then cut without regard to row groups: slower, not wrong)."""
+    try:
+        parquet = importlib.import_module("pyarrow.parquet")
+    except ImportError:
+        return None
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     groups: list[int] = []
     try:
         for file in files:
-            groups += _footer_row_groups(file)
-    except Exception:  # a footer this reader does not know (encrypted, damaged): Polars says what
+            meta = parquet.read_metadata(file)
+            groups += [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    except Exception:  # a footer pyarrow cannot read (encrypted, damaged): Polars says what at the read
         return None
     return groups
-
-
-def _footer_row_groups(path: pathlib.Path) -> list[int]:
-    """RowGroup.num_rows of each row group in FileMetaData, the Parquet footer: Thrift's compact
-    protocol, read only as far as those numbers (parquet.thrift: FileMetaData field 4 is the
-    list of row groups, RowGroup field 3 its rows)."""
-    with path.open("rb") as f:
-        f.seek(-8, os.SEEK_END)
-        size, magic = struct.unpack("<I4s", f.read(8))
-        if magic != b"PAR1":
-            raise ValueError(f"{path}: not a plain Parquet footer")
-        f.seek(-8 - size, os.SEEK_END)
-        reader = _Thrift(f.read(size))
-    groups: list[int] = []
-
-    def row_group(field: int, kind: int) -> None:
-        if field == 3 and kind == _Thrift.I64:
-            groups.append(reader.zigzag())
-        else:
-            reader.skip(kind)
-
-    def file_metadata(field: int, kind: int) -> None:
-        if field == 4 and kind == _Thrift.LIST:
-            count, _ = reader.list_header()
-            for _ in range(count):
-                before = len(groups)
-                reader.struct(row_group)
-                if len(groups) != before + 1:
-                    raise ValueError(f"{path}: a row group without its rows")
-        else:
-            reader.skip(kind)
-
-    reader.struct(file_metadata)
-    return groups
-
-
-class _Thrift:
-    """A reader of Thrift's compact protocol: enough to walk a Parquet footer."""
-
-    I64, LIST, STRUCT = 6, 9, 12
-
-    def __init__(self, data: bytes):
-        self.data, self.at = data, 0
-
-    def byte(self) -> int:
-        self.at += 1
-        return self.data[self.at - 1]
-
-    def varint(self) -> int:
-        value = shift = 0
-        while True:
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return value
-
-    def zigzag(self) -> int:
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def list_header(self) -> tuple[int, int]:
-        b = self.byte()
-        return (self.varint() if b >> 4 == 15 else b >> 4), b & 15
-
-    def struct(self, field: Callable[[int, int], None]) -> None:
-        """Call field(id, type) for each field; it reads or skips the value."""
-        last = 0
-        while (b := self.byte()) != 0:
-            last = last + (b >> 4) if b >> 4 else self.zigzag()
-            field(last, b & 15)
-
-    def skip(self, kind: int) -> None:
-        if kind in (1, 2):  # booleans: the value is the type
-            return
-        if kind == 3:
-            self.at += 1
-        elif kind in (4, 5, 6):
-            self.varint()
-        elif kind == 7:
-            self.at += 8
-        elif kind == 8:
-            size = self.varint()  # before the +=, which would add to where the size began
-            self.at += size
-        elif kind in (9, 10):
-            count, element = self.list_header()
-            for _ in range(count):
-                self.skip(3 if element in (1, 2) else element)  # a boolean in a list is a byte
-        elif kind == 11:
-            count = self.varint()
-            types = self.byte() if count else 0
-            for _ in range(count):
-                self.skip(types >> 4)
-                self.skip(types & 15)
-        elif kind == self.STRUCT:
-            self.struct(lambda _, kind: self.skip(kind))
-        else:
-            raise ValueError(f"Thrift type {kind}")
 
 
 def default_threads() -> int:
