@@ -6,11 +6,14 @@ and an aggressor tenant on the same model, in the same run:
 - under (a) a 1-event JSON flood at the server's peak rate, (b) 1,000-event JSON
   requests, (c) binary OIP requests of 8,000 rows from 12 connections;
 
-each without quotas and with the deployment's default quotas (QUOTAS below).  Load comes
+each without quotas and with the deployment's default quotas (QUOTAS below), and, with
+``--edge``, with the aggressor's requests all refused (429) by HAProxy on another port before
+they reach the server: the floor of any admission design on this machine, where the load
+generators, the edge and the server share the same cores.  Load comes
 from bench/loadgen.c (open loop, latency from each request's intended send time); the
 aggressor's answers are counted by status from its trace.
 
-    python -m muse.bench.isolation [--seconds 6] [--workers 2] [--victim-rate 100]
+    python -m muse.bench.isolation [--seconds 6] [--workers 2] [--victim-rate 100] [--edge]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from muse.core.registry import Registry
 from muse.core.spec import QuotaSpec
 from muse.server import testing
 from muse.server.auth import add_key, keys_path
+from muse.server.demo.cluster import find_haproxy
 
 # The policy measured as "quotas on": every tenant at most 5,000 rows/s (bursts of 10,000)
 # and 4,096 rows in flight -- about a third of the server's 1-event capacity each.
@@ -67,6 +71,47 @@ def binary_request(port: int, key: str, rows: int) -> bytes:
         header + data,
         {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
     )
+
+
+EDGE_CONFIG = """\
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout client 30s
+    timeout connect 5s
+    timeout server 30s
+frontend edge
+    bind 127.0.0.1:{port}
+    http-request return status 429 content-type application/json string "{{}}"
+"""
+
+
+class Edge:
+    """HAProxy answering 429 to every request, as an edge rate limit refusing a tenant over its
+    quota would, before the request reaches the server."""
+
+    def __init__(self, work: pathlib.Path):
+        binary = find_haproxy()
+        if binary is None:
+            raise SystemExit("--edge needs HAProxy (Debian's haproxy package)")
+        self.port = testing.free_port()
+        config = work / "edge.cfg"
+        config.write_text(EDGE_CONFIG.format(port=self.port))
+        self.proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"HAProxy exited with status {self.proc.returncode}")
+            try:
+                return testing.request(self.port, "GET", "/", timeout=2)[0] == 429
+            except OSError:
+                return False
+
+        testing.wait_until(up, 30, "HAProxy's edge")
+
+    def stop(self) -> None:
+        testing.stop_process(self.proc, 10)
 
 
 class Bench:
@@ -103,8 +148,9 @@ class Bench:
         results = sweep(self.loadgen, self.files["flood"], self.server.port, 2.0, 64, PEAK_RATES)
         return max(r["achieved_rps"] for r in results)
 
-    def victim_under(self, aggressor: tuple[str, float, int] | None) -> dict:
-        """The victim's load, alone or beside ``aggressor`` (request file, rate, connections)."""
+    def victim_under(self, aggressor: tuple[str, float, int] | None, aggressor_port: int | None = None) -> dict:
+        """The victim's load, alone or beside ``aggressor`` (request file, rate, connections),
+        sent to the server or to ``aggressor_port``."""
         seconds = self.args.seconds
         out: dict = {}
         threads = []
@@ -113,7 +159,8 @@ class Bench:
             trace = self.work / f"trace-{name}.txt"
 
             def attack() -> None:
-                argv = [str(self.loadgen), "127.0.0.1", str(self.server.port), str(rate), str(seconds + 1)]
+                port = aggressor_port or self.server.port
+                argv = [str(self.loadgen), "127.0.0.1", str(port), str(rate), str(seconds + 1)]
                 argv += [str(connections), str(self.files[name]), str(trace)]
                 out["aggressor"] = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
                 statuses = np.loadtxt(trace, dtype=np.int64, ndmin=2)[:, 1]
@@ -135,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--victim-rate", type=float, default=100.0, help="the victim's 1-event requests/s")
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    parser.add_argument(
+        "--edge", action="store_true", help="also: the aggressor's requests all refused by HAProxy, off the server"
+    )
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +205,16 @@ def main(argv: list[str] | None = None) -> None:
                 for name, aggressor in aggressors.items():
                     print(f"quotas {label}: {name} ...", file=sys.stderr, flush=True)
                     rows.append(row(name, label, bench.victim_under(aggressor)))
+            if args.edge:
+                edge = Edge(pathlib.Path(tmp))
+                try:
+                    print("edge: victim alone ...", file=sys.stderr, flush=True)
+                    rows.append(row("victim alone", "edge", bench.victim_under(None)))
+                    for name, aggressor in aggressors.items():
+                        print(f"edge: {name} ...", file=sys.stderr, flush=True)
+                        rows.append(row(name, "edge", bench.victim_under(aggressor, edge.port)))
+                finally:
+                    edge.stop()
         finally:
             bench.server.stop()
     args.results.mkdir(parents=True, exist_ok=True)
