@@ -35,9 +35,22 @@ SHA256 = "sha256"  # user metadata every object we write carries: the mirror che
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,221}[a-z0-9]$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._\-=]{1,255}$")
 _RETRY: Any = {"max_retries": 3, "retry_timeout": datetime.timedelta(seconds=20)}
-_ENV_HINT = (
-    "credentials and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL"
-)
+_HINTS = {
+    "s3": "credentials and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and "
+    "AWS_ENDPOINT_URL",
+    "gs": "credentials come from GOOGLE_SERVICE_ACCOUNT (a key file) or the machine's service account",
+    "az": "credentials come from AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or a managed identity)",
+}
+
+
+def _hint(scheme: str) -> str:
+    return _HINTS.get(scheme, _HINTS["s3"])
+
+
+def _first_line(exc: BaseException) -> str:
+    """obstore's messages carry a multi-line debug dump: the first line says what happened."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class StoreError(OSError):
@@ -107,10 +120,13 @@ class ObjectStore:
         if endpoint.startswith("http://"):
             client["allow_http"] = True
         self._store: _Store
-        if scheme == "s3":
-            self._store = S3Store(bucket, prefix=prefix or None, client_options=client, retry_config=_RETRY)
-        else:  # Google Cloud Storage, Azure: obstore reads their standard environment likewise
-            self._store = from_url(self.url, client_options=client, retry_config=_RETRY)
+        try:
+            if scheme == "s3":
+                self._store = S3Store(bucket, prefix=prefix or None, client_options=client, retry_config=_RETRY)
+            else:  # Google Cloud Storage, Azure: obstore reads their standard environment likewise
+                self._store = from_url(self.url, client_options=client, retry_config=_RETRY)
+        except (BaseError, ValueError) as exc:  # e.g. a missing account name, a malformed setting
+            raise StoreError(f"{self.url}: cannot use the store ({_first_line(exc)}); {_hint(scheme)}") from None
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
@@ -119,7 +135,9 @@ class ObjectStore:
         return f"{self.url}/{key}"
 
     def _failed(self, what: str, key: str, exc: BaseException) -> StoreError:
-        return StoreError(f"{self.where(key)}: {what} failed ({type(exc).__name__}: {str(exc)[:300]}); {_ENV_HINT}")
+        return StoreError(
+            f"{self.where(key)}: {what} failed ({type(exc).__name__}: {_first_line(exc)}); {_hint(self.url[:2])}"
+        )
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         try:
@@ -129,6 +147,16 @@ class ObjectStore:
             return found
         except (BaseError, FileNotFoundError) as exc:  # e.g. no such bucket
             raise self._failed("listing", prefix, exc) from None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and ETag; None when absent."""
+        try:
+            meta = obstore.head(self._store, key)
+        except FileNotFoundError:
+            return None
+        except BaseError as exc:
+            raise self._failed("reading", key, exc) from None
+        return ObjectInfo(meta["path"], meta["size"], meta["e_tag"])
 
     def get(self, key: str, if_none_match: str | None = None) -> Blob | None:
         """The object; None when ``if_none_match`` is its ETag (unchanged); ObjectMissing if absent."""

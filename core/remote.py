@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,14 +34,16 @@ import os
 import pathlib
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from .objectstore import Blob, ObjectChanged, ObjectExists, ObjectMissing, ObjectStore, StoreError, sha256
+from .objectstore import Blob, ObjectChanged, ObjectExists, ObjectInfo, ObjectMissing, ObjectStore, StoreError, sha256
 
 log = logging.getLogger("muse.remote")
 
 MARKER = ".muse-remote.json"
+LOCK = ".muse-remote.lock"
+CONFLICTS = ".conflicts"  # a version another host claimed first: this host's copy, moved aside
 # key -> [etag, sha256, size, mtime_ns] of each file the mirror holds as the store has it: a
 # file whose size and mtime are unchanged is not hashed again to find what a command wrote
 INDEX = ".muse-remote-index.json"
@@ -51,6 +54,7 @@ KEYS = "keys.toml"
 # What a mirror holds: the registry but its score log, locks and anything hidden.
 MIRRORED_DIRS = ("models", "references", "calibrations", "deployments", "labels", "audit")
 KEYS_EVERY = 4  # follow(): keys.toml is read every 4th poll, `current` every poll
+FOLLOW_BACKOFF_MAX = 30.0  # seconds between polls at most, while they fail
 CLAIM_FILES = ("manifest.json", "calibration.json")  # uploaded first: whoever creates it owns the version
 
 
@@ -86,7 +90,7 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
 
 def _generation(data: bytes, where: str) -> int:
     text = data.decode(errors="replace").strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
         raise StoreError(f"{where}: expected a generation number, found {text[:40]!r}")
     return int(text)
 
@@ -96,6 +100,20 @@ class Mirror:
     store: ObjectStore
     root: pathlib.Path
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This mirror to ourselves: a replica's follow thread, its workers publishing through
+        the admin API and commands on the same host share it.  A thread lock, and a POSIX record
+        lock (lockf) between processes: unlike an flock, a child forked meanwhile (Granian forks
+        its workers) does not inherit it, so it cannot be held for ever by a worker."""
+        with self._lock:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     @classmethod
     def open(cls, url: str, cache: pathlib.Path | None = None) -> Mirror:
@@ -139,7 +157,7 @@ class Mirror:
     # -- pull ---------------------------------------------------------------------------------
     def pull(self) -> int:
         """Bring the mirror up to the store; returns the number of files downloaded."""
-        with self._lock:
+        with self._locked():
             index = self._index()
             # `current` before the listing: the generation it names was stored before it moved,
             # so the listing holds that generation's file
@@ -147,24 +165,37 @@ class Mirror:
                 current: Blob | None = self._download(CURRENT)
             except ObjectMissing:
                 current = None
-            listed = [o for o in self.store.list() if _mirrored(o.key) and o.key != CURRENT]
+            # the mirrored folders only: scorelog/ grows with every replica's uploads
+            listed = [
+                o for d in MIRRORED_DIRS for o in self.store.list(f"{d}/") if _mirrored(o.key) and o.key != CURRENT
+            ]
+            keys = self.store.head(KEYS)
+            if keys is not None:
+                listed.append(keys)
             fetched = 0
-            for obj in listed:
-                held = index.get(obj.key)
-                if held and held[0] == obj.etag and (self.root / obj.key).exists():
-                    continue
-                if obj.size > MAX_OBJECT_BYTES:
-                    raise StoreError(
-                        f"{self.store.where(obj.key)}: {obj.size:,} bytes, over the {MAX_OBJECT_BYTES:,} a registry "
-                        "file may have; remove it from the registry"
-                    )
-                blob = self._download(obj.key)
-                index[obj.key] = self._entry(obj.key, blob.etag, blob.data)
-                fetched += 1
-            self._save_index(index)
+            try:
+                fetched = self._fetch(listed, index)
+            finally:
+                self._save_index(index)  # what was fetched before a failure is not fetched again
             if current is not None:
                 self._advance_current(_generation(current.data, self.store.where(CURRENT)))
             return fetched
+
+    def _fetch(self, listed: list[ObjectInfo], index: dict[str, Entry]) -> int:
+        fetched = 0
+        for obj in listed:
+            held = index.get(obj.key)
+            if held and held[0] == obj.etag and (self.root / obj.key).exists():
+                continue
+            if obj.size > MAX_OBJECT_BYTES:
+                raise StoreError(
+                    f"{self.store.where(obj.key)}: {obj.size:,} bytes, over the {MAX_OBJECT_BYTES:,} a registry "
+                    "file may have; remove it from the registry"
+                )
+            blob = self._download(obj.key)
+            index[obj.key] = self._entry(obj.key, blob.etag, blob.data)
+            fetched += 1
+        return fetched
 
     def _download(self, key: str) -> Blob:
         blob = self.store.get(key)
@@ -175,7 +206,13 @@ class Mirror:
                 "upload it again"
             )
         if key != CURRENT:
-            _write_atomic(self.root / key, blob.data)
+            try:
+                _write_atomic(self.root / key, blob.data)
+            except OSError as exc:  # e.g. a name too long for this filesystem, or a file where a folder is
+                raise StoreError(
+                    f"{self.store.where(key)}: cannot be mirrored in {self.root} ({exc.strerror or exc}); "
+                    "remove or rename the object"
+                ) from None
         return blob
 
     def _advance_current(self, generation: int) -> None:
@@ -194,7 +231,7 @@ class Mirror:
         """Upload what was written into the mirror since the last pull; returns the files sent.
         Raises StoreError naming the first conflict; nothing after it is sent (the claim file
         comes first, so nothing of a version another host claimed is mixed into it)."""
-        with self._lock:
+        with self._locked():
             index = self._index()
             pending: list[str] = []
             for key in self._local_keys():
@@ -210,15 +247,25 @@ class Mirror:
                     try:
                         etag = self.store.put(key, data, if_match=held[0]) if held else self._create(key, data)
                     except (ObjectExists, ObjectChanged) as exc:  # nothing after it is sent
-                        raise StoreError(
-                            f"{exc}: another host wrote it meanwhile; this command's copy is in {self.root / key}; "
-                            "run the command again (it will read the store's version first)"
-                        ) from None
+                        raise StoreError(f"{exc}: another host wrote it meanwhile; {self._set_aside(key)}") from None
                     index[key] = self._entry(key, etag, data)
                     sent += 1
             finally:
                 self._save_index(index)
             return sent
+
+    def _set_aside(self, key: str) -> str:
+        """Move this host's copy of what another host claimed first out of the mirror (a
+        version's whole folder), so the next pull takes the store's and nothing of the two
+        mixes; says where it went.  keys.toml stays: the next pull replaces it."""
+        if key == KEYS:
+            return "this command's change to keys.toml was not stored: run the command again"
+        parts = key.split("/")
+        unit = "/".join(parts[:3]) if parts[0] in ("models", "calibrations") and len(parts) > 3 else key
+        aside = self.root / CONFLICTS / f"{unit}.{secrets.token_hex(4)}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / unit, aside)
+        return f"this command's copy was moved to {aside}; run the command again (it will read the store's first)"
 
     def _entry(self, key: str, etag: str | None, data: bytes) -> Entry:
         st = (self.root / key).stat()
@@ -278,7 +325,7 @@ class Mirror:
         claim; if it moved meanwhile to a lower generation (a slower publisher), we move it
         again; to a higher one, our generation was overtaken: with ``after`` that is a
         conflict, without, we claim a number above it (the last publisher wins, as locally).
-        A claimed file whose publisher lost or died stays, never current (numbers only grow).
+        A lost claim is deleted; one whose publisher died stays, never current (numbers only grow).
 
         What the mirror holds that the store lacks goes up first: a generation may name the
         calibration this command just fitted (a refresh), and replicas must find it there."""
@@ -292,14 +339,21 @@ class Mirror:
                 self.store.put(f"deployments/{claim}.toml", raw, create=True)
             except ObjectExists:
                 continue  # another publisher took this number: read again
-            if self._move_current(claim, etag, after):
+            moved = False
+            try:
+                moved = self._move_current(claim, etag, after)
+            finally:
+                if not moved:  # withdrawn, so that no rollback takes it for a generation that was served
+                    with contextlib.suppress(StoreError):
+                        self.store.delete(f"deployments/{claim}.toml")
+            if moved:
                 _write_atomic(self.root / f"deployments/{claim}.toml", raw)
                 self._advance_current(claim)
                 return claim
 
     def _check_after(self, generation: int | None, after: int | None, claim: int | None = None) -> None:
         if after is not None and generation != after:
-            stored = f" (generation {claim} is stored but was never current)" if claim else ""
+            stored = f" (its claim of generation {claim} is withdrawn)" if claim else ""
             raise PublishConflict(
                 f"generation {generation} was published after generation {after}, from which this deployment "
                 f"was derived{stored}"
@@ -332,7 +386,7 @@ class Mirror:
         with If-None-Match and pull when one changed.  Errors go to ``on_error`` and the mirror
         stays as it was; the next poll that works calls ``on_ok``."""
         etags: dict[str, str | None] = {CURRENT: None, KEYS: None}
-        polls = 0
+        polls = failures = 0
         while True:
             try:
                 changed = False
@@ -351,10 +405,13 @@ class Mirror:
                 if changed:
                     self.pull()
                 on_ok()
+                failures = 0
             except Exception as exc:  # the store is down or refused: serve on what the mirror holds
                 etags = dict.fromkeys(etags)  # so the next poll that works pulls, whatever changed meanwhile
+                failures += 1
                 on_error(exc)
-            if stop.wait(interval):
+            # after failures, back off (up to 30 s): a broken object is not downloaded 4 times a second
+            if stop.wait(min(FOLLOW_BACKOFF_MAX, interval * 2 ** min(failures, 8))):
                 return
 
 

@@ -8,9 +8,9 @@ import pathlib
 import sys
 
 from muse.compile import ArtifactError, ModelFormatError
-from muse.core.objectstore import is_url
+from muse.core.objectstore import StoreError, is_url
 from muse.core.registry import RegistryError
-from muse.core.remote import Mirror
+from muse.core.remote import CURRENT, Mirror
 
 
 class CliError(Exception):
@@ -95,7 +95,13 @@ def _mirror(args: argparse.Namespace) -> Mirror | None:
     if not location or not is_url(location):
         return None
     mirror = Mirror.open(location)
-    mirror.pull()
+    try:
+        mirror.pull()
+    except StoreError as exc:
+        # a replica restarted during an outage serves what its mirror holds, and follows once it can
+        if args.command != "serve" or not (mirror.root / CURRENT).exists():
+            raise
+        print(f"muse serve: warning: {exc}; serving the mirror's generation until the store answers", file=sys.stderr)
     args.registry = str(mirror.root)
     return mirror
 

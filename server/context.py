@@ -13,6 +13,7 @@ import numpy as np
 from muse.calib.names import TENANT_RULE, tenant_problem
 from muse.compile import Scores
 from muse.core.deploy import GenerationConflict
+from muse.core.objectstore import StoreError
 from muse.core.registry import Registry
 from muse.core.snapshot import RouteError, Snapshot
 from muse.core.spec import SpecError
@@ -175,3 +176,5 @@ class Context:
             raise HTTPError(409, f"{exc}; retry against the current generation", "$") from None
         except SpecError as exc:
             raise HTTPError(422, str(exc), "$") from None
+        except StoreError as exc:  # a registry on object storage that cannot be reached or refused
+            raise HTTPError(503, f"{exc}; nothing was published", "$") from None

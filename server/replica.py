@@ -45,18 +45,28 @@ def replica_id(given: str | None = None) -> str:
 def upload_score_log(mirror: Mirror, directory: pathlib.Path, replica: str) -> int:
     """Upload ``directory``'s finished score-log files, deleting each once stored; returns how many."""
     sent = 0
+    failed: list[str] = []
     # this host's files only: a directory shared with other pods holds theirs, which they upload
     for path in sorted(directory.glob(f"scores-*-{HOST}-*.parquet")):
         key = f"scorelog/replica={replica}/{path.name}"
-        data = path.read_bytes()
         try:
-            mirror.store.put(key, data, create=True)
-        except ObjectExists:  # stored by a pass that stopped before deleting the file
-            blob = mirror.store.get(key)
-            if blob is None or blob.sha256 != sha256(data):
-                raise StoreError(f"{mirror.store.where(key)} holds another file of this name; {path} kept") from None
-        path.unlink()
+            data = path.read_bytes()
+        except FileNotFoundError:  # the size budget deleted it meanwhile
+            continue
+        try:
+            try:
+                mirror.store.put(key, data, create=True)
+            except ObjectExists:  # stored by a pass that stopped before deleting the file
+                blob = mirror.store.get(key)
+                if blob is None or blob.sha256 != sha256(data):
+                    raise StoreError(f"{mirror.store.where(key)} holds another file of this name") from None
+        except StoreError as exc:  # this file waits; the others go on
+            failed.append(f"{path.name}: {exc}")
+            continue
+        path.unlink(missing_ok=True)
         sent += 1
+    if failed:
+        raise StoreError(f"{len(failed)} score-log files kept in {directory} for the next pass; the first: {failed[0]}")
     return sent
 
 
@@ -113,19 +123,21 @@ class ReplicaSync:
             try:
                 upload_score_log(self.mirror, self.score_log, self.replica)  # type: ignore[arg-type]
                 outage.ok()
-            except (StoreError, OSError) as exc:
+            except Exception as exc:  # the thread must outlive any one failure
                 outage.failed(exc)
 
     def stop(self) -> None:
         """Stop following; upload what the stopped workers left (call after they exit)."""
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
+        # the follow thread may be mid-pull: not waited for (it is a daemon); the uploader briefly,
+        # so that its pass and the last one do not upload the same files at once
+        for t in self._threads[1:]:
+            t.join(timeout=10)
         if self.score_log is not None and self.score_log.is_dir():
             try:
                 sent = upload_score_log(self.mirror, self.score_log, self.replica)
                 log.info("uploaded %d score-log files on stop", sent, extra={"event": "scorelog_uploaded"})
-            except (StoreError, OSError) as exc:
+            except Exception as exc:
                 log.error(
                     "could not upload the score log on stop (%s); its files stay in %s and go at the next start",
                     exc,

@@ -119,7 +119,10 @@ def test_two_hosts_publishing_at_once_never_share_a_generation(url, tmp_path):
     assert sorted(taken) == sorted(set(taken)) and len(taken) == 15
     generation, _ = Mirror.of(hosts[0].registry.root).current()  # type: ignore[union-attr]
     assert generation == max(taken)
-    # a deployment derived from a generation that is no longer current is refused
+    # the claims that lost a race were withdrawn: every stored generation was current once
+    keys = [o.key for o in ObjectStore(url).list("deployments/") if o.key.endswith(".toml")]
+    assert {int(k.removeprefix("deployments/").removesuffix(".toml")) for k in keys} == set(taken)
+    # a deployment derived from a generation that is no longer current is refused, its claim withdrawn
     with pytest.raises(GenerationConflict, match=f"generation {generation} was published after generation 1"):
         hosts[1].publish(SPEC, after=1)
     assert hosts[2].publish(SPEC, after=generation) == generation + 1
@@ -139,18 +142,24 @@ def test_the_mirror_refuses_an_object_whose_checksum_does_not_match(url, tmp_pat
 
 def test_a_version_two_hosts_wrote_belongs_to_the_one_that_claimed_it_first(url, tmp_path):
     first, second = (host(tmp_path, name, url) for name in ("host-b", "host-c"))
-    for reg, created in ((first, "first"), (second, "second")):
+    for reg, created, tenants in ((first, "first", []), (second, "second", ["acme"])):
         cal = msgspec.structs.replace(reg.load_calibration("lightgbm/1"), created_at=created)
-        reg.publish_calibration([carried_over(cal, name="lightgbm", version="9")])
+        maps = [msgspec.structs.replace(cal, tenant=t) for t in [None, *tenants]]
+        reg.publish_calibration([carried_over(m, name="lightgbm", version="9") for m in maps])
     assert reg.mirror is not None and first.mirror is not None
     first.mirror.push()
-    with pytest.raises(StoreError, match="another host wrote it meanwhile"):
+    with pytest.raises(StoreError, match="another host wrote it meanwhile; this command's copy was moved to"):
         reg.mirror.push()
-    theirs = host(tmp_path, "host-d", url).load_calibration("lightgbm/9")
-    assert theirs.created_at == "first"
-    # the loser's mirror takes the store's version at its next pull
+    assert list((reg.root / ".conflicts" / "calibrations" / "lightgbm").glob("9.*/tenants/*.json"))  # kept aside
+    theirs = host(tmp_path, "host-d", url)
+    assert (
+        theirs.load_calibration("lightgbm/9").created_at == "first" and theirs.calibration_tenants("lightgbm/9") == []
+    )
+    # the loser's mirror takes the store's version at its next pull, and sends nothing of its own into it
     reg.mirror.pull()
-    assert reg.load_calibration("lightgbm/9").created_at == "first"
+    reg.mirror.push()
+    assert reg.load_calibration("lightgbm/9").created_at == "first" and reg.calibration_tenants("lightgbm/9") == []
+    assert not ObjectStore(url).list("calibrations/lightgbm/9/tenants/")
 
 
 def add_key(url: str, capsys) -> str:
@@ -215,6 +224,14 @@ def test_a_server_keeps_serving_while_the_store_is_down(store_env, tmp_path, mod
             assert status == 200, body
         finally:
             server.stop()
+        # a replica restarted while the store is still down serves its mirror's generation
+        again = LocalServer(url, "--no-auth", env={**store_env, **own.env}, log_dir=tmp_path)
+        try:
+            again.wait_ready(generation=first)
+            assert score(again, "", 2)[0] == 200
+            assert "serving the mirror's generation until the store answers" in again.output(whole=True)
+        finally:
+            again.stop()
 
 
 def test_registry_urls_are_checked():
