@@ -33,7 +33,8 @@ import polars as pl
 from prometheus_client.parser import text_string_to_metric_families
 
 from muse.calib.names import is_tenant
-from muse.calib.samples import query_score_log
+from muse.calib.samples import is_url, query_score_log
+from muse.core.registry import Registry
 from muse.core.spec import parse_duration
 
 from .metrics import MAX_TENANT_LABELS, OTHER
@@ -139,7 +140,7 @@ class Logged:
     last: datetime.datetime | None = None
 
 
-def read_logged(path: pathlib.Path, since: datetime.datetime | None, by_intent: bool) -> Logged:
+def read_logged(path: pathlib.Path | str, since: datetime.datetime | None, by_intent: bool) -> Logged:
     """Active rows per tenant (and intent) in the score log at ``path``, at or after ``since``."""
     keys = ["tenant", "intent"] if by_intent else ["tenant"]
 
@@ -270,7 +271,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
     url = metrics_url(args.metrics_url) if args.metrics_url else None
     if args.key and not url:
         raise ValueError("--key is for /metrics: pass --metrics-url too")
-    if args.scores:
+    source: pathlib.Path | str
+    if args.scores and is_url(args.scores):
+        source = args.scores
+    elif args.scores:
         source = pathlib.Path(args.scores)
         if not source.exists():
             raise ValueError(f"--scores {source}: no such directory; pass a `muse serve` score log directory")
@@ -278,8 +282,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         registry = pathlib.Path(args.registry)
         if not registry.is_dir():
             raise ValueError(f"{registry}: no such registry directory; check --registry")
-        source = registry / "scorelog"
-    logged = read_logged(source, since, by_intent) if source.exists() else Logged({})
+        source = Registry(registry).score_log  # on object storage: the URL the replicas upload to
+    present = isinstance(source, str) or source.exists()
+    logged = read_logged(source, since, by_intent) if present else Logged({})
     metered = metered_usage(scrape_url(url, args.key), by_intent) if url else {}
 
     usage: dict[Key, Usage] = {}
@@ -292,7 +297,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     columns = LOG_COLUMNS + (METRIC_COLUMNS if url else [])
     window = f" in the last {args.since}" if args.since else ""
     empty = f"no scores logged{window} in {source}"
-    if not source.exists():
+    if not present:
         empty += " (no such directory: the server writes it unless --score-log-sample 0; --scores for another)"
     report = sorted(usage.items())
 

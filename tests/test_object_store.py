@@ -5,6 +5,7 @@ by conditional writes, checksums, and a server following the store and uploading
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
 import shutil
@@ -204,6 +205,9 @@ def test_a_server_follows_the_store_and_uploads_its_score_log(url, store_env, tm
     assert cli(["calib", "status", "--registry", url, "--min-samples", "1", "--all-generations"]) in (0, 1)
     table = capsys.readouterr().out
     assert "intent fraud" in table and " acme " in table
+    assert cli(["usage", "--registry", url, "--format", "json"]) == 0
+    (acme,) = json.loads(capsys.readouterr().out)
+    assert acme["tenant"] == "acme" and acme["logged_rows"] == frame.filter(pl.col("role") == "active").height
 
 
 def test_a_server_keeps_serving_while_the_store_is_down(store_env, tmp_path, model_dir, monkeypatch):
