@@ -21,7 +21,7 @@ from .asgi import BodyDeadlines, Receive, Request, Send, send
 from .context import Context, log
 from .errors import HTTPError
 from .routes import ADMIN_ERRORS, Endpoint, RouteTable
-from .settings import Settings, from_environment
+from .settings import SUPERVISOR_ENV, Settings, from_environment
 
 access_log = logging.getLogger("muse.access")
 INTENT = "/v2/models/{intent}"
@@ -235,11 +235,12 @@ def _stop_with_the_supervisor() -> None:
     workers from its main thread, whose exit is what the kernel watches."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         return  # best effort: the supervisor's own exit path stops workers as before
-    if os.getppid() != parent:  # it died before the request took effect
+    # it may have died before the request took effect (even before this worker's imports)
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is not None and str(os.getppid()) != supervisor:
         os.kill(os.getpid(), signal.SIGTERM)
 
 

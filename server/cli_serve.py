@@ -19,7 +19,7 @@ from muse.core.spec import SpecError, encode_spec
 
 from .logs import FORMATS
 from .replica import ReplicaSync, replica_id
-from .settings import DEFAULTS, Settings, to_environment
+from .settings import DEFAULTS, SUPERVISOR_ENV, Settings, to_environment
 
 log = logging.getLogger("muse.serve")
 FILES_RESERVED = 512  # descriptors a worker keeps for libraries, the score log and the registry
@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.header_timeout <= 0 or args.max_connections < 1:
         raise ValueError("--header-timeout must be > 0 and --max-connections >= 1; see `muse serve --help`")
     to_environment(settings)
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())  # workers stop if this process dies (server/app.py)
     # Polars (the score log) would start a thread per core in every worker and compete with the
     # request path for the CPU; one background thread per worker is plenty.
     os.environ.setdefault("POLARS_MAX_THREADS", "1")

@@ -14,6 +14,7 @@ from typing import Annotated
 import msgspec
 
 ENV = "MUSE_SETTINGS"
+SUPERVISOR_ENV = "MUSE_SUPERVISOR_PID"  # `muse serve`'s pid, for its workers (server/app.py)
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
