@@ -99,16 +99,7 @@ class Edge:
         config = work / "edge.cfg"
         config.write_text(EDGE_CONFIG.format(port=self.port))
         self.proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"HAProxy exited with status {self.proc.returncode}")
-            try:
-                return testing.request(self.port, "GET", "/", timeout=2)[0] == 429
-            except OSError:
-                return False
-
-        testing.wait_until(up, 30, "HAProxy's edge")
+        testing.wait_answering(self.proc, self.port, "/", 429, "HAProxy's edge", 30)
 
     def stop(self) -> None:
         testing.stop_process(self.proc, 10)

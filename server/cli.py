@@ -11,6 +11,7 @@ from muse.compile import ArtifactError, ModelFormatError
 from muse.core.objectstore import StoreError, is_url
 from muse.core.registry import RegistryError
 from muse.core.remote import CURRENT, Mirror
+from muse.server.cli_args import add_registry
 
 
 class CliError(Exception):
@@ -55,11 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model file into a native artifact in the registry")
     p.add_argument("model_file", type=pathlib.Path)
-    p.add_argument(
-        "--registry",
-        required=True,
-        help="registry directory or s3://BUCKET/PREFIX (artifacts go to REGISTRY/models/NAME/VERSION)",
-    )
+    add_registry(p)  # the artifact goes to REGISTRY/models/NAME/VERSION
     p.add_argument("--name", required=True)
     p.add_argument("--version", help="default: one more than the highest numeric version present")
     p.add_argument(

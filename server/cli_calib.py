@@ -32,6 +32,7 @@ from muse.core.labels import LabelStore, label_metrics, labelled_events, shared_
 from muse.core.registry import Registry, RegistryError
 from muse.core.spec import PredictorSpec, SpecError
 
+from .cli_args import add_registry, add_score_log
 from .cli_refresh import register_refresh
 
 # `muse calib status` calls a series drifted when an edge's alert rate is off its target by more
@@ -51,7 +52,7 @@ def register(sub) -> None:
         f"target by more than {MAX_EDGE_ERROR:.0%} of the target (plus one score's worth, 1/n) is refused; "
         f"beyond {STATUS_TOLERANCE:.0%} (what `muse calib status` calls drift) the fit warns.",
     )
-    fit.add_argument("--registry", required=True)
+    add_registry(fit)
     fit.add_argument(
         "--model",
         help="NAME or NAME/VERSION of a compiled model (default: the model(s) that --predictor runs in the "
@@ -108,8 +109,8 @@ def register(sub) -> None:
     st = csub.add_parser(
         "status", help="which live calibrations have drifted: alert rates from the score log vs target"
     )
-    st.add_argument("--registry", required=True)
-    st.add_argument("--scores", help="score log directory (default: REGISTRY/scorelog)")
+    add_registry(st)
+    add_score_log(st)
     st.add_argument(
         "--tolerance",
         type=float,
@@ -133,7 +134,7 @@ def register(sub) -> None:
     st.set_defaults(func=cmd_status)
 
     rep = csub.add_parser("report", help="write a PNG: distributions before/after, target vs achieved alert rates")
-    rep.add_argument("--registry", required=True)
+    add_registry(rep)
     rep.add_argument("--calibration", required=True, help="NAME or NAME/VERSION")
     rep.add_argument("--scores", required=True, help="scores to evaluate on (same columns as for fit)")
     rep.add_argument("--column", default=None)

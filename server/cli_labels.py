@@ -9,6 +9,8 @@ import sys
 from muse.calib.names import MAX_EVENT_ID_CHARS
 from muse.core.labels import MAX_FILE_BYTES, MAX_ROWS, LabelStore, import_labels
 
+from .cli_args import add_registry
+
 
 def register(sub) -> None:
     labels = sub.add_parser("labels", help="import labels (which scored events were fraud) into the registry")
@@ -28,7 +30,7 @@ def register(sub) -> None:
     imp.add_argument(
         "file", type=pathlib.Path, help="a .parquet or .csv file with columns event_id, label[, label_time, tenant]"
     )
-    imp.add_argument("--registry", required=True, help="registry directory (labels go to REGISTRY/labels/)")
+    add_registry(imp)
     imp.set_defaults(func=cmd_import)
 
 

@@ -22,6 +22,7 @@ from muse.core.registry import Registry
 from muse.core.spec import DEFAULT_REFRESH_MIN_SAMPLES, RefreshSpec, SpecError, parse_duration
 
 from . import logs
+from .cli_args import add_registry, add_score_log
 
 log = logging.getLogger("muse.refresher")
 
@@ -44,7 +45,7 @@ def register_refresh(csub) -> None:
         "to it, and append an audit record under REGISTRY/audit/. Defaults come from P's [[refresh]] policy "
         "in the current deployment, if it has one. Exit status 1 when the guardrails refuse the new map.",
     )
-    p.add_argument("--registry", required=True)
+    add_registry(p)
     p.add_argument("--predictor", required=True, help="a predictor of the current deployment")
     window = p.add_mutually_exclusive_group()
     window.add_argument("--since", metavar="DURATION", help="fit from rows this recent: 90s, 15m, 2h, 7d (default 7d)")
@@ -53,7 +54,7 @@ def register_refresh(csub) -> None:
     p.add_argument("--min-samples", type=int, help=f"fewest rows per map (default {DEFAULT_REFRESH_MIN_SAMPLES})")
     p.add_argument("--tolerance", type=float, help="largest |alert rate - target| / target on the newest rows")
     p.add_argument("--max-shift", type=float, help="largest change of an edge's alert rate, / target, at once")
-    p.add_argument("--scores", help="score log directory (default: REGISTRY/scorelog)")
+    add_score_log(p)
     p.add_argument("--dry-run", action="store_true", help="fit and check, print, publish nothing")
     p.set_defaults(func=cmd_refresh)
 
@@ -69,8 +70,8 @@ def register(sub) -> None:
         "calibration is older than `every`, or when the alert rates of the rows served by the current "
         "generation are off their targets by more than `tolerance`. Serving processes never fit maps.",
     )
-    p.add_argument("--registry", required=True)
-    p.add_argument("--scores", help="score log directory (default: REGISTRY/scorelog)")
+    add_registry(p)
+    add_score_log(p)
     p.add_argument(
         "--poll", type=float, default=POLL_SECONDS, help=f"seconds between checks (default {POLL_SECONDS:g})"
     )

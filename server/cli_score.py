@@ -18,6 +18,8 @@ from muse.core.file_scoring import (
 )
 from muse.core.registry import Registry
 
+from .cli_args import add_registry
+
 PROGRESS_EVERY = 0.25  # seconds between progress lines on a terminal
 
 
@@ -44,7 +46,7 @@ def register(sub) -> None:
             "groups); for CSV what Polars' streaming reader reads ahead (~0.9 GiB at the default)."
         ),
     )
-    p.add_argument("--registry", required=True, help="registry directory")
+    add_registry(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--predictor", metavar="NAME", help="a predictor of the current deployment (ensembles too)")
     which.add_argument("--model", metavar="NAME[/VERSION]", help="a compiled model (default version: the latest)")

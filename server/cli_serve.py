@@ -17,6 +17,7 @@ from muse.core.deploy import DeploymentStore
 from muse.core.registry import Registry
 from muse.core.spec import SpecError, encode_spec
 
+from .cli_args import add_registry
 from .logs import FORMATS
 from .replica import ReplicaSync, replica_id
 from .settings import DEFAULTS, SUPERVISOR_ENV, Settings, to_environment
@@ -253,7 +254,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the registry's current deployment over HTTP (Granian)")
-    p.add_argument("--registry", required=True)
+    add_registry(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads every model)")
@@ -324,25 +325,25 @@ def register(sub) -> None:
 
     p = sub.add_parser("promote", help="publish a generation in which PREDICTOR is active on its intent's routes")
     p.add_argument("predictor")
-    p.add_argument("--registry", required=True)
+    add_registry(p)
     p.add_argument("--tenant", action="append", help="only this tenant's route (repeatable; '*' = the default route)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("rollback", help="publish an earlier generation again")
-    p.add_argument("--registry", required=True)
+    add_registry(p)
     p.add_argument("--to", type=int, help="generation to restore (default: the one before the current)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("deploy", help="validate, publish or show deployments")
     p.add_argument("action", choices=["validate", "apply", "show"])
     p.add_argument("file", nargs="?", type=pathlib.Path, help="deployment file (TOML or JSON)")
-    p.add_argument("--registry", required=True)
+    add_registry(p)
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("keys", help="manage API keys (stored hashed in REGISTRY/keys.toml)")
     p.add_argument("action", choices=["add", "list", "revoke"])
     p.add_argument("id", nargs="?", help="key id to revoke")
-    p.add_argument("--registry", required=True)
+    add_registry(p)
     p.add_argument("--tenant", help="the tenant this key may score for")
     p.add_argument("--admin", action="store_true", help="a key for the admin API")
     p.add_argument("--metrics", action="store_true", help="a key that may read /metrics (see serve --metrics-auth)")

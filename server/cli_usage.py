@@ -37,6 +37,7 @@ from muse.calib.samples import is_url, query_score_log
 from muse.core.registry import Registry
 from muse.core.spec import parse_duration
 
+from .cli_args import add_registry, add_score_log
 from .metrics import MAX_TENANT_LABELS, OTHER
 
 SAMPLE_NOTE = (
@@ -64,8 +65,8 @@ def register(sub) -> None:
             "server started, whatever --since says."
         ),
     )
-    p.add_argument("--registry", required=True, help="registry directory (its score log: REGISTRY/scorelog)")
-    p.add_argument("--scores", help="score log directory (or one of its files; default: REGISTRY/scorelog)")
+    add_registry(p)
+    add_score_log(p)
     p.add_argument(
         "--since",
         metavar="DURATION",

@@ -168,6 +168,21 @@ def scrape(port: int, key: str | None = None) -> dict[str, float]:
     return samples
 
 
+def wait_answering(proc: subprocess.Popen, port: int, path: str, status: int, what: str, timeout: float = 60) -> None:
+    """Until GET ``path`` on ``port`` answers ``status``; RuntimeError naming ``what`` if ``proc``
+    exits first (a server of a test, a benchmark or a demo starting up)."""
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        try:
+            return request(port, "GET", path, timeout=2)[0] == status
+        except OSError:
+            return False  # not listening yet
+
+    wait_until(up, timeout, f"{what} on port {port}", 0.05)
+
+
 def stop_process(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM, then SIGKILL if ``proc`` has not exited within ``grace`` seconds."""
     proc.terminate()
@@ -331,16 +346,7 @@ class S3Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto's server exited with status {self.proc.returncode}: see {log_path}")
-            try:
-                return request(self.port, "GET", "/", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, 60, f"moto's S3 server on port {self.port}", 0.05)
+        wait_answering(self.proc, self.port, "/", 200, f"moto's S3 server (log: {log_path})")
 
     def bucket(self, name: str) -> str:
         status, body, _ = request(self.port, "PUT", f"/{name}")

@@ -331,22 +331,26 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
     are read and not yet written, however slow one chunk is.  (That Polars reads no further
     ahead on its own is measured by bench/offline_scoring.py: peak memory on 1M and 3M rows.)"""
     import threading
-    import time
 
     from muse.core import file_scoring
+    from muse.server.testing import wait_until
 
     inp = tmp_path / f"in.{kind}"
     features_frame(model, X).write_parquet(inp) if kind == "parquet" else features_frame(model, X).write_csv(inp)
     scorer = model_scorer(reg, "lightgbm")
     calls = [0]
 
+    lock, read, written, ahead = threading.Lock(), [0], [0], []
+    bound = file_scoring.AHEAD * 3  # threads
+
     def slow(Z):
-        calls[0] += 1
-        if calls[0] == 1:
-            time.sleep(0.3)  # the first chunk: every other worker runs ahead of the writer
+        with lock:
+            calls[0] += 1
+            first = calls[0] == 1
+        if first:  # held until every other worker has run as far ahead of the writer as it may
+            wait_until(lambda: max(ahead, default=0) >= bound, 60, "the workers to reach the bound")
         return scorer.score(Z)
 
-    lock, read, written, ahead = threading.Lock(), [0], [0], []
     room = file_scoring._Run.room
 
     def counting(self):
@@ -363,7 +367,7 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
 
     monkeypatch.setattr(file_scoring._Run, "room", counting)
     plan = plan_input(inp, scorer.feature_names)
-    threads = 3
+    threads = bound // file_scoring.AHEAD
     summary = score_file(
         dataclasses.replace(scorer, score=slow),
         plan,
@@ -372,7 +376,7 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
         chunk_rows=20,
         progress=progress,
     )
-    assert summary.chunks == N // 20 and max(ahead) == file_scoring.AHEAD * threads  # reached, never passed
+    assert summary.chunks == N // 20 and max(ahead) == bound  # reached, never passed
     assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X))
 
 

@@ -272,6 +272,13 @@ def log_rows(rows: list[tuple], with_ids: bool = True) -> pl.DataFrame:
     return frame if with_ids else frame.drop("request_id", "event_id")
 
 
+def write_log(reg, rows: list[tuple], with_ids: bool = True, seq: int = 1) -> None:
+    """REGISTRY/scorelog/ holding ``rows`` (see log_rows) as its file number ``seq``."""
+    log = reg.root / "scorelog"
+    log.mkdir(exist_ok=True)
+    log_rows(rows, with_ids).write_parquet(log / f"scores-{seq:013d}-1-000001.parquet")
+
+
 def status_lines(reg, capsys, *flags) -> tuple[int, list[str]]:
     code = cli(["calib", "status", "--registry", str(reg.root), "--min-samples", "1000", *flags])
     return code, capsys.readouterr().out.splitlines()
@@ -285,11 +292,10 @@ def series(lines: list[str], predictor: str, role: str, tenant: str) -> tuple[li
 
 
 def test_status_labels_against_a_hand_computation(reg, tmp_path, capsys):
-    log = reg.root / "scorelog"
-    log.mkdir()
     # fraud-v1 active, tenant acme: events e1..e8 and one row logged without an event id.
     # e2 is logged twice (a retry): its last score, 0.7 at t=10, counts, though its file sorts first.
-    log_rows(
+    write_log(
+        reg,
         [
             (10, "acme", "fraud-v1", "active", "e2", 0.7),
             (1, "acme", "fraud-v1", "active", "e1", 0.9),
@@ -303,11 +309,9 @@ def test_status_labels_against_a_hand_computation(reg, tmp_path, capsys):
             (3, "acme", "fraud-v2", "shadow", "e3", 0.7),  # the same events through the shadow: its own series
             (5, "acme", "fraud-v2", "shadow", "e5", 0.1),
             (11, "beta", "fraud-v1", "active", "e100", 0.9),  # a tenant with no labels
-        ]
-    ).write_parquet(log / "scores-0000000000001-1-000001.parquet")
-    log_rows([(2, "acme", "fraud-v1", "active", "e2", 0.1)]).write_parquet(
-        log / "scores-0000000000002-1-000001.parquet"
+        ],
     )
+    write_log(reg, [(2, "acme", "fraud-v1", "active", "e2", 0.1)], seq=2)
     labels = "event_id,label\ne1,1\ne2,1\ne3,0\ne4,1\ne5,0\ne6,0\nnot-in-log,1\n"
     assert import_file(reg, write(tmp_path / "l.csv", labels)) == 0
     capsys.readouterr()
@@ -343,10 +347,7 @@ def test_status_labels_against_a_hand_computation(reg, tmp_path, capsys):
 
 
 def test_status_labels_on_a_log_without_event_ids(reg, capsys):
-    log = reg.root / "scorelog"
-    log.mkdir()
-    rows = [(i, "acme", "fraud-v1", "active", None, i / 10) for i in range(5)]
-    log_rows(rows, with_ids=False).write_parquet(log / "scores-0000000000001-1-000001.parquet")
+    write_log(reg, [(i, "acme", "fraud-v1", "active", None, i / 10) for i in range(5)], with_ids=False)
     code, lines = status_lines(reg, capsys, "--labels")
     assert code == 0
     assert any("no labels in" in line and "muse labels import" in line for line in lines)
@@ -356,11 +357,9 @@ def test_status_labels_on_a_log_without_event_ids(reg, capsys):
 
 
 def test_status_labels_warns_when_tenants_share_labelled_ids(reg, tmp_path, capsys):
-    log = reg.root / "scorelog"
-    log.mkdir()
     rows = [(1, "acme", "fraud-v1", "active", "1001", 0.9), (2, "globex", "fraud-v1", "active", "1001", 0.1)]
     rows += [(3, "acme", "fraud-v1", "active", "a-7", 0.5)]
-    log_rows(rows).write_parquet(log / "scores-0000000000001-1-000001.parquet")
+    write_log(reg, rows)
     assert import_file(reg, write(tmp_path / "l.csv", "event_id,label\n1001,1\na-7,0\n")) == 0
     capsys.readouterr()
     cli(["calib", "status", "--registry", str(reg.root), "--labels"])
@@ -370,11 +369,9 @@ def test_status_labels_warns_when_tenants_share_labelled_ids(reg, tmp_path, caps
 
 
 def test_labels_that_name_a_tenant_label_only_its_events(reg, tmp_path, capsys):
-    log = reg.root / "scorelog"
-    log.mkdir()
     rows = [(1, "acme", "fraud-v1", "active", "1001", 0.9), (2, "globex", "fraud-v1", "active", "1001", 0.1)]
     rows += [(3, "globex", "fraud-v1", "active", "g-2", 0.7)]
-    log_rows(rows).write_parquet(log / "scores-0000000000001-1-000001.parquet")
+    write_log(reg, rows)
     labels = "event_id,tenant,label\n1001,acme,1\ng-2,,0\n1001," + "x" * 200 + ",1\n"  # names: 128 bytes at most
     assert import_file(reg, write(tmp_path / "l.csv", labels)) == 0
     assert "line 4: tenant is not a tenant name" in capsys.readouterr().err

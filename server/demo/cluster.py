@@ -244,16 +244,7 @@ class HAProxy:
         self.log_path = work / "haproxy.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([binary, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with status {self.proc.returncode}: {self.output()}")
-            try:
-                return testing.request(self.stats_port, "GET", "/stats;csv", timeout=1)[0] == 200
-            except OSError:
-                return False
-
-        testing.wait_until(up, 30, "haproxy to listen", 0.05)
+        testing.wait_answering(self.proc, self.stats_port, "/stats;csv", 200, f"haproxy (log: {self.log_path})", 30)
 
     def stats(self) -> dict[str, dict[str, str]]:
         """The backend's rows of HAProxy's statistics, by server name (and BACKEND)."""
