@@ -46,8 +46,11 @@ def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     if not path.exists():
         raise SampleError(f"{path}: no such file")
     try:
-        if path.is_dir():
-            return scan_parquet_files(sorted(path.glob("*.parquet")), path).collect()
+        if path.is_dir():  # a score log: its complete files, read again if the budget deletes one meanwhile
+            frame = query_score_log(path, lambda f: f)
+            if frame is None:
+                raise SampleError(f"{path}: no Parquet files")
+            return frame
         if path.suffix == ".parquet":
             return pl.read_parquet(path)
         if path.suffix in (".csv", ".txt"):

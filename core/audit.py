@@ -11,6 +11,7 @@ import socket
 
 import msgspec
 
+from .files import write_atomic
 from .registry import Registry
 
 
@@ -65,10 +66,4 @@ def write_audit(reg: Registry, record: AuditRecord) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     path = directory / f"{stamp}-{record.action}-{record.predictor}-{secrets.token_hex(3)}.json"
-    tmp = directory / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(record), indent=1) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
-    return path
+    return write_atomic(path, msgspec.json.format(msgspec.json.encode(record), indent=1) + b"\n")

@@ -138,14 +138,14 @@ def predictor_scorer(reg: Registry, name: str, tenant: str | None = None) -> Bat
     if tenant is not None:
         check_tenant(tenant, "--tenant")
     spec = store.read(generation)
-    chosen = [p for p in spec.predictors if p.name == name]
-    if not chosen:
+    found = spec.predictor(name)
+    if found is None:
         have = ", ".join(p.name for p in spec.predictors)
         raise RegistryError(
             f"--predictor {name}: not in the current deployment ({store.path(generation)}; has: {have})"
         )
     # Only this predictor's models are loaded: no routes, quotas or refresh policies, nothing else to check.
-    alone = msgspec.structs.replace(spec, predictors=chosen, routes=[], quotas=[], refresh=[])
+    alone = msgspec.structs.replace(spec, predictors=[found], routes=[], quotas=[], refresh=[])
     snapshot = build_snapshot(alone, ModelPool(reg), generation, source=str(store.path(generation)))
     predictor = snapshot.predictors[name]
     index = predictor.maps[None] if tenant is None else predictor.map_index(tenant)

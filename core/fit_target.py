@@ -58,7 +58,5 @@ def deployed_predictor(reg: Registry, name: str) -> tuple[int, PredictorSpec] | 
     generation = store.current_generation()
     if generation is None:
         return None
-    for p in store.read(generation).predictors:
-        if p.name == name:
-            return generation, p
-    return None
+    found = store.read(generation).predictor(name)
+    return None if found is None else (generation, found)

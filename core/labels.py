@@ -30,6 +30,7 @@ import polars as pl
 
 from muse.calib.names import MAX_EVENT_ID_CHARS, TENANT_RULE, is_tenant
 
+from .files import fsync_path
 from .registry import Registry
 
 SCHEMA = pl.Schema(
@@ -132,13 +133,13 @@ class LabelStore:
         tmp = self.directory / f".labels-{os.getpid()}-{id(frame):x}.parquet.tmp"
         try:
             frame.write_parquet(tmp)
-            _fsync(tmp, os.O_RDONLY)
+            fsync_path(tmp)
             path = self._publish(tmp)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # the file is in place either way; this makes the name durable
-            _fsync(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            fsync_path(self.directory)
         return path
 
     def _publish(self, tmp: pathlib.Path) -> pathlib.Path:
@@ -179,14 +180,6 @@ class LabelStore:
             return pl.DataFrame(schema=SCHEMA)
         # files in sequence order and rows in file order: the last occurrence is the last label
         return pl.concat(frames).unique(subset=KEY, keep="last", maintain_order=True).sort("event_id", "tenant")
-
-
-def _fsync(path: pathlib.Path, flags: int) -> None:
-    fd = os.open(path, flags | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading and checking an import --------------------------------------------------------------
@@ -249,7 +242,8 @@ def _read_raw(path: pathlib.Path) -> tuple[str, pl.DataFrame]:
                 )
             frame = pl.read_parquet(path, columns=wanted)
         else:
-            frame = pl.read_csv(path, infer_schema=False, columns=wanted)
+            # one row past the limit is enough to refuse: a file of short rows is not held whole
+            frame = pl.read_csv(path, infer_schema=False, columns=wanted, n_rows=MAX_ROWS + 1)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise LabelFileError(f"{path}: cannot read as {kind} ({_short(exc)}); {_FIX[kind]}") from None
     if frame.height > MAX_ROWS:

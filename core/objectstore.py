@@ -69,10 +69,6 @@ class ObjectChanged(StoreError):
     """A write conditional on an ETag found the object changed (or gone)."""
 
 
-def is_url(location: str | os.PathLike[str]) -> bool:
-    return isinstance(location, str) and "://" in location
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -157,9 +157,9 @@ class RefreshOutcome:
 
 
 def _find(spec: DeploymentSpec, name: str, generation: int) -> PredictorSpec:
-    for p in spec.predictors:
-        if p.name == name:
-            return p
+    found = spec.predictor(name)
+    if found is not None:
+        return found
     defined = ", ".join(sorted(p.name for p in spec.predictors))
     raise RefreshError(f"predictor {name!r} is not in the current deployment (generation {generation}; has {defined})")
 

@@ -37,6 +37,7 @@ from muse.calib.artifact import write_calibration
 from muse.calib.names import check_name, tenant_file_stem, tenant_from_file_stem
 from muse.compile import CompiledModel, load_artifact
 
+from .files import fsync_path
 from .remote import Mirror
 
 
@@ -49,14 +50,6 @@ def _versions(directory: pathlib.Path) -> list[str]:
         return []
     names = [p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(names, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_dir(base: pathlib.Path, kind: str, name: str, version: str | None, fix: str) -> pathlib.Path:
@@ -198,9 +191,9 @@ class Registry:
         try:
             for cal in cals:
                 write_calibration(cal, self._calibration_file(staging, cal.tenant))
-            _fsync_dir(staging)
+            fsync_path(staging)
             if (staging / "tenants").is_dir():
-                _fsync_dir(staging / "tenants")
+                fsync_path(staging / "tenants")
             try:
                 # rename(2) replaces an empty directory: refuse one that appeared since the check
                 if target.exists():
@@ -210,7 +203,7 @@ class Registry:
                 if target.exists():
                     raise FileExistsError(exists) from None
                 raise exc
-            _fsync_dir(base)
+            fsync_path(base)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .files import write_atomic
 from .objectstore import Blob, ObjectChanged, ObjectExists, ObjectInfo, ObjectMissing, ObjectStore, StoreError, sha256
 
 log = logging.getLogger("muse.remote")
@@ -74,20 +75,6 @@ def _mirrored(key: str) -> bool:
     return key == KEYS or (len(parts) > 1 and parts[0] in MIRRORED_DIRS)
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _generation(data: bytes, where: str) -> int:
     text = data.decode(errors="replace").strip()
     if not (text.isascii() and text.isdigit() and len(text) <= 18):
@@ -123,7 +110,7 @@ class Mirror:
         root.mkdir(parents=True, exist_ok=True)
         marker = root / MARKER
         if not marker.exists():
-            _write_atomic(marker, json.dumps({"url": store.url}).encode())
+            write_atomic(marker, json.dumps({"url": store.url}).encode())
         return cls(store, root)
 
     @classmethod
@@ -152,7 +139,7 @@ class Mirror:
             return {}  # a lost index costs downloads, never correctness: pull compares ETags
 
     def _save_index(self, index: dict[str, Entry]) -> None:
-        _write_atomic(self.root / INDEX, json.dumps(index, sort_keys=True).encode())
+        write_atomic(self.root / INDEX, json.dumps(index, sort_keys=True).encode())
 
     # -- pull ---------------------------------------------------------------------------------
     def pull(self) -> int:
@@ -207,7 +194,7 @@ class Mirror:
             )
         if key != CURRENT:
             try:
-                _write_atomic(self.root / key, blob.data)
+                write_atomic(self.root / key, blob.data)
             except OSError as exc:  # e.g. a name too long for this filesystem, or a file where a folder is
                 raise StoreError(
                     f"{self.store.where(key)}: cannot be mirrored in {self.root} ({exc.strerror or exc}); "
@@ -224,7 +211,7 @@ class Mirror:
                 return
         if not (self.root / f"deployments/{generation}.toml").exists():
             raise StoreError(f"{self.store.where(CURRENT)} names generation {generation}, which the store lacks")
-        _write_atomic(path, f"{generation}\n".encode())
+        write_atomic(path, f"{generation}\n".encode())
 
     # -- push ---------------------------------------------------------------------------------
     def push(self) -> int:
@@ -347,7 +334,7 @@ class Mirror:
                     with contextlib.suppress(StoreError):
                         self.store.delete(f"deployments/{claim}.toml")
             if moved:
-                _write_atomic(self.root / f"deployments/{claim}.toml", raw)
+                write_atomic(self.root / f"deployments/{claim}.toml", raw)
                 self._advance_current(claim)
                 return claim
 

@@ -169,6 +169,10 @@ class DeploymentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     refresh: list[RefreshSpec] = []
     description: str = ""
 
+    def predictor(self, name: str) -> PredictorSpec | None:
+        """The predictor defined under ``name``, if any."""
+        return next((p for p in self.predictors if p.name == name), None)
+
     def __post_init__(self) -> None:
         defined = {p.name for p in self.predictors}
         seen: set[str] = set()

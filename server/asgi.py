@@ -4,9 +4,10 @@ sending a response."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -81,6 +82,32 @@ class BodyDeadlines:
 NO_DEADLINES = BodyDeadlines(1.0)  # never started: reads without a deadline
 
 
+# Generated request ids: 16 hex digits, a random 40-bit prefix and a 24-bit counter, the prefix
+# drawn again per process (a forked worker too) and every 2**24 ids.  Unique with overwhelming
+# odds (event ids generated from them rely on that) -- more so than 64 random bits a request --
+# at ~0.4 us a request where os.urandom took ~0.6 (timeit, in-process).
+_ID_BLOCK = 1 << 24
+
+
+def _new_block() -> tuple[str, Iterator[int]]:
+    return os.urandom(5).hex(), itertools.count()
+
+
+_ids = _new_block()
+os.register_at_fork(after_in_child=lambda: globals().update(_ids=_new_block()))
+
+
+def _new_request_id() -> str:
+    global _ids
+    prefix, counter = _ids  # one tuple: a prefix is never paired with another block's counter
+    n = next(counter)
+    while n >= _ID_BLOCK:
+        _ids = _new_block()
+        prefix, counter = _ids
+        n = next(counter)
+    return f"{prefix}{n:06x}"
+
+
 class Request:
     __slots__ = ("_id", "deadlines", "headers", "key_id", "lane", "max_body", "method", "path", "receive", "scope")
 
@@ -100,12 +127,11 @@ class Request:
     @property
     def id(self) -> str:
         """The request's id for logs and the score log: the client's X-Request-ID (printable
-        ASCII without spaces, at most 128 characters), else 16 random hex digits (unique with
-        overwhelming odds: event ids generated from it rely on that); the same for every line
-        about this request."""
+        ASCII without spaces, at most 128 characters), else a new one (see _new_request_id); the
+        same for every line about this request."""
         if self._id is None:
             given = self.headers.get(b"x-request-id", b"").decode("latin-1")  # any bytes decode; the rule checks
-            self._id = given if usable_request_id(given) else os.urandom(8).hex()
+            self._id = given if usable_request_id(given) else _new_request_id()
         return self._id
 
     async def body(self) -> bytes:

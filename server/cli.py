@@ -7,8 +7,9 @@ import argparse
 import pathlib
 import sys
 
+from muse.calib.samples import is_url
 from muse.compile import ArtifactError, ModelFormatError
-from muse.core.objectstore import StoreError, is_url
+from muse.core.objectstore import StoreError
 from muse.core.registry import RegistryError
 from muse.core.remote import CURRENT, Mirror
 from muse.server.cli_args import add_registry

@@ -27,7 +27,7 @@ from muse.calib.quantile_map import DEFAULT_MIN_SAMPLES, MAX_EDGE_ERROR, EdgeMis
 from muse.calib.samples import read_frame, read_table
 from muse.core.deploy import DeploymentStore
 from muse.core.file_scoring import predictor_scorer
-from muse.core.fit_target import FitTarget, deployed_predictor, ensemble_target, model_target
+from muse.core.fit_target import FitTarget, deployed_predictor, model_target, predictor_target
 from muse.core.labels import LabelStore, label_metrics, labelled_events, shared_ids
 from muse.core.registry import Registry, RegistryError
 from muse.core.spec import PredictorSpec, SpecError
@@ -320,9 +320,7 @@ def fit_target(reg: Registry, args: argparse.Namespace) -> tuple[FitTarget, Pred
                 f"--predictor {args.predictor}: the current deployment (generation {generation}) runs {name} "
                 f"version {p.version}; pass --predictor {name} or --model for another version"
             )
-        if len(p.models) == 1:
-            return model_target(reg.load_model(p.models[0])), p, p.version
-        return ensemble_target(reg, p), p, p.version
+        return predictor_target(reg, p), p, p.version
     target = model_target(reg.load_model(args.model))
     found = None
     if name is not None:

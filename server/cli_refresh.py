@@ -14,9 +14,9 @@ import time
 
 import msgspec
 
+from muse.calib.samples import is_url
 from muse.core.deploy import DeploymentStore
 from muse.core.locks import refresh_lock
-from muse.core.objectstore import is_url
 from muse.core.refresh import RefreshError, RefreshOutcome, due, refresh
 from muse.core.registry import Registry
 from muse.core.spec import DEFAULT_REFRESH_MIN_SAMPLES, RefreshSpec, SpecError, parse_duration
@@ -220,7 +220,7 @@ class Refresher:
         generation = self.store.current_generation()
         if generation is None:
             return None
-        predictor = next((p for p in self.store.read(generation).predictors if p.name == policy.predictor), None)
+        predictor = self.store.read(generation).predictor(policy.predictor)
         if predictor is None:  # a generation published meanwhile dropped it
             return None
         now = datetime.datetime.now(datetime.timezone.utc)

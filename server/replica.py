@@ -95,27 +95,19 @@ class ReplicaSync:
         self.score_log = score_log
         self.replica = replica
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._uploader: threading.Thread | None = None
 
     def start(self) -> None:
         follow = _Outage(f"following {self.mirror.url}")
-
-        def on_error(exc: Exception) -> None:
-            follow.failed(exc)
-
-        self._threads.append(
-            threading.Thread(
-                target=self.mirror.follow,
-                args=(self._stop, self.poll_interval, on_error),
-                kwargs={"on_ok": follow.ok},
-                name="muse-follow",
-                daemon=True,
-            )
-        )
+        threading.Thread(
+            target=self.mirror.follow,
+            args=(self._stop, self.poll_interval, follow.failed, follow.ok),
+            name="muse-follow",
+            daemon=True,  # not waited for at stop: it may be mid-pull
+        ).start()
         if self.score_log is not None:
-            self._threads.append(threading.Thread(target=self._uploads, name="muse-upload", daemon=True))
-        for t in self._threads:
-            t.start()
+            self._uploader = threading.Thread(target=self._uploads, name="muse-upload", daemon=True)
+            self._uploader.start()
 
     def _uploads(self) -> None:
         outage = _Outage(f"uploading the score log to {self.mirror.url}/scorelog/replica={self.replica}")
@@ -129,10 +121,9 @@ class ReplicaSync:
     def stop(self) -> None:
         """Stop following; upload what the stopped workers left (call after they exit)."""
         self._stop.set()
-        # the follow thread may be mid-pull: not waited for (it is a daemon); the uploader briefly,
-        # so that its pass and the last one do not upload the same files at once
-        for t in self._threads[1:]:
-            t.join(timeout=10)
+        # the uploader briefly, so that its pass and the last one do not upload the same files at once
+        if self._uploader is not None:
+            self._uploader.join(timeout=10)
         if self.score_log is not None and self.score_log.is_dir():
             try:
                 sent = upload_score_log(self.mirror, self.score_log, self.replica)

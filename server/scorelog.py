@@ -161,7 +161,7 @@ class _Buffer:
         }
         requests = pl.Series(self.request[:n])
         request_ids = _utf8(self.requests, _REQUEST_ID)
-        if all(p is None for p in map(_PREFIX, self.requests)):  # /v1's: the request ids
+        if not any(map(_PREFIX, self.requests)):  # /v1's: the request ids (a prefix is never "")
             prefix = request_ids
         else:
             prefix = _utf8(self.requests, _PREFIX).fill_null(request_ids)

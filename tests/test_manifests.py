@@ -40,6 +40,7 @@ import referencing
 import yaml
 from packaging.version import Version
 
+from muse.calib.samples import is_url
 from muse.core import objectstore, remote
 from muse.server import replica
 from muse.server.app import ROUTES, MuseApp
@@ -626,7 +627,7 @@ def test_the_static_build_is_what_kustomize_builds():
 def test_the_overlay_serves_an_s3_registry_the_object_store_client_accepts(overlay):
     args = serve_args(overlay)
     registry = overlay["ConfigMap"]["data"]["MUSE_REGISTRY"]
-    assert args.registry == registry and objectstore.is_url(registry)
+    assert args.registry == registry and is_url(registry)
     scheme, bucket, prefix = objectstore.parse_url(registry)
     assert (scheme, bucket, prefix) == ("s3", "muse-registry", "prod")
     assert args.replica_id is None  # MUSE_REPLICA_ID decides (below)
