@@ -17,12 +17,10 @@ import argparse
 import importlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -34,6 +32,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from muse.bench.timing import print_table
+from muse.server import testing
 
 BUCKET = "muse-bench"
 PREFIX = "registry"
@@ -47,26 +46,19 @@ Client = dict[str, Callable[[], object]]
 
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     """moto's S3 server on a free loopback port, polled until it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = testing.free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # moto keeps the venv's botocore
     cmd = [sys.executable, "-c", MOTO, "-H", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
     if others:  # the benchmark is pinned (taskset): the server runs on the other cores
         os.sched_setaffinity(proc.pid, others)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not answer on {url}") from None
-            time.sleep(0.02)
+    try:
+        testing.wait_answering(proc, port, "/moto-api/", 200, "moto's S3 server", 30)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def obstore_client(etag: str) -> tuple[Client, dict[str, str]]:
@@ -228,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, (wall, cpu) in measure(clients, op, rounds).items():
                 results[name][op] = {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "rounds": rounds}
     finally:
-        moto.terminate()
-        moto.wait()
+        testing.stop_process(moto, 10)
     for name in makers:
         size, dists = installed_size(name)
         results[name]["import_ms"] = import_seconds(name) * 1e3

@@ -142,16 +142,11 @@ def wait_for(
 ) -> None:
     """Until ``path`` answers 200 (for ``generation``, if given); fails early if ``process`` exits."""
 
-    def answered() -> bool:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode} before it was ready")
-        try:
-            status, body, _ = request(port, "GET", path, timeout=2)
-        except OSError:
-            return False  # not listening yet
+    def ready(status: int, body: Any) -> bool:
         return status == 200 and (generation is None or body["generation"] == generation)
 
-    wait_until(answered, timeout, f"the server on port {port} to serve generation {generation or 'any'}", 0.05)
+    what = f"the server (to serve generation {generation or 'any'})"
+    wait_answering(process, port, path, ready, what, timeout)
 
 
 def scrape(port: int, key: str | None = None) -> dict[str, float]:
@@ -168,17 +163,27 @@ def scrape(port: int, key: str | None = None) -> dict[str, float]:
     return samples
 
 
-def wait_answering(proc: subprocess.Popen, port: int, path: str, status: int, what: str, timeout: float = 60) -> None:
-    """Until GET ``path`` on ``port`` answers ``status``; RuntimeError naming ``what`` if ``proc``
-    exits first (a server of a test, a benchmark or a demo starting up)."""
+def wait_answering(
+    proc: subprocess.Popen | None,
+    port: int,
+    path: str,
+    accept: int | Callable[[int, Any], bool],
+    what: str,
+    timeout: float = 60,
+) -> None:
+    """Until GET ``path`` on ``port`` answers ``accept`` (a status, or a test of status and
+    body); RuntimeError naming ``what`` if ``proc`` exits first.  For a server of a test, a
+    benchmark or a demo starting up, or switching generations."""
+    test = accept if callable(accept) else lambda status, body: status == accept
 
     def up() -> bool:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with status {proc.returncode}")
         try:
-            return request(port, "GET", path, timeout=2)[0] == status
-        except OSError:
-            return False  # not listening yet
+            status, body, _ = request(port, "GET", path, timeout=2)
+        except (OSError, http.client.HTTPException):
+            return False  # not listening yet, or not yet answering whole
+        return test(status, body)
 
     wait_until(up, timeout, f"{what} on port {port}", 0.05)
 

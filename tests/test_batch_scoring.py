@@ -340,7 +340,7 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
     scorer = model_scorer(reg, "lightgbm")
     calls = [0]
 
-    lock, read, written, ahead = threading.Lock(), [0], [0], []
+    lock, held, ahead = threading.Lock(), [0], []
     bound = file_scoring.AHEAD * 3  # threads
 
     def slow(Z):
@@ -351,30 +351,33 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
             wait_until(lambda: max(ahead, default=0) >= bound, 60, "the workers to reach the bound")
         return scorer.score(Z)
 
-    room = file_scoring._Run.room
+    class Counting(threading.Semaphore):
+        """The run's places for chunks in flight, counted as they are taken and given back."""
 
-    def counting(self):
-        got = room(self)
-        if got:
+        def acquire(self, blocking=True, timeout=None):
+            got = super().acquire(blocking, timeout)
+            if got:
+                with lock:
+                    held[0] += 1
+                    ahead.append(held[0])
+            return got
+
+        def release(self, n=1):
             with lock:
-                read[0] += 1
-                ahead.append(read[0] - written[0])
-        return got
+                held[0] -= n
+            super().release(n)
 
-    def progress(done, seconds):
-        with lock:
-            written[0] += 1
+    init = file_scoring._Run.__init__
 
-    monkeypatch.setattr(file_scoring._Run, "room", counting)
+    def counting(self, threads, total):
+        init(self, threads, total)
+        self._room = Counting(file_scoring.AHEAD * threads)
+
+    monkeypatch.setattr(file_scoring._Run, "__init__", counting)
     plan = plan_input(inp, scorer.feature_names)
     threads = bound // file_scoring.AHEAD
     summary = score_file(
-        dataclasses.replace(scorer, score=slow),
-        plan,
-        tmp_path / "out.parquet",
-        threads=threads,
-        chunk_rows=20,
-        progress=progress,
+        dataclasses.replace(scorer, score=slow), plan, tmp_path / "out.parquet", threads=threads, chunk_rows=20
     )
     assert summary.chunks == N // 20 and max(ahead) == bound  # reached, never passed
     assert_scores(pl.read_parquet(tmp_path / "out.parquet"), expected(model, X))

@@ -670,16 +670,19 @@ def test_the_mirror_is_in_a_mounted_writable_cache(overlay, monkeypatch):
         assert "emptyDir" in volumes[mount["name"]], path
 
 
-def test_the_score_log_is_each_pods_own_empty_dir(overlay):
+def test_the_score_log_is_each_pods_own_empty_dir(overlay, monkeypatch):
     """Every replica uploads and deletes every file of its score-log directory: never shared."""
     deployment, settings = overlay["Deployment"], overlay["ConfigMap"]["data"]
     pod, container = deployment["spec"]["template"]["spec"], container_of(deployment)
+    env = {e["name"]: e for e in container["env"]}
+    monkeypatch.setenv("MUSE_CACHE_DIR", env["MUSE_CACHE_DIR"]["value"])  # the pod's cache, not this host's
     score_log = serve_args(overlay).score_log
     mount = mount_for(score_log, container)
     assert mount is not None and mount["mountPath"] == score_log
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert set(volume) == {"name", "emptyDir"}
-    assert mount_for(score_log, container) != mount_for(str(remote.cache_root()), container)
+    mirrors = mount_for(str(remote.cache_root()), container)
+    assert mirrors is not None and mount_for(score_log, container) != mirrors
     assert int(settings["MUSE_SCORE_LOG_MAX_MB"]) << 20 < quantity(volume["emptyDir"]["sizeLimit"])
 
 

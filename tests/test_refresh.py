@@ -156,7 +156,6 @@ def write_log(
     directory = reg.root / "scorelog"
     directory.mkdir(exist_ok=True)
     log.cast(FILE_SCHEMA if ids else SCHEMA).write_parquet(directory / f"scores-{name}.parquet")
-    assert n == scores.size
 
 
 def audit_records(reg) -> list[dict]:

@@ -120,8 +120,8 @@ class Replica:
     own mirror), replica id and port, kept across restarts; output to WORK/replica-ID.log.
 
     It runs in a session of its own, so that ``kill`` can end it as a host's or a pod's death
-    does, its worker processes included (SIGKILL to the main process alone leaves the workers
-    serving: they do not watch their parent)."""
+    does: the whole process group at once (its workers would also stop on their own once their
+    parent is gone, server/app.py, but not in the same instant)."""
 
     def __init__(
         self, rid: str, url: str, work: pathlib.Path, env: Mapping[str, str], *flags: str, port: int | None = None
