@@ -39,10 +39,15 @@ rows sent divided by its weight are within one quantum of every other's.
 
 A request is cut wherever a batch ends: one of 8,000 rows becomes calls of
 at most ``max_rows`` interleaved with other tenants' rows (a request larger
-than ``max_rows`` never takes the idle model's direct path), and its future
+than a call never takes the idle model's direct path), and its future
 resolves when its last chunk is done, with the chunks' scores joined in
-order.  So no call is longer than ``max_rows`` rows, and that one
-call's time bounds what a tenant's burst adds to another tenant's wait.
+order.  A call takes at most ``max_rows`` rows, and, with ``max_call_us``,
+as many as the model's recent calls say fit in that time (at least
+MIN_CALL_ROWS): one call's time bounds what a tenant's burst adds to another
+tenant's wait, whatever the model costs a row.  (A 500-tree model's 256 rows
+are ~4 ms: a victim's p99 under another tenant's 8,000-row requests went
+from 1.6 ms alone to 6-8 ms, and to 2.8-3.0 ms with calls of 64 rows;
+bench/isolation.py.)
 
 ``max_queue_rows`` bounds each tenant's own queue (a tenant with nothing
 queued may queue any one request): a tenant past it gets Overloaded (503),
@@ -68,6 +73,7 @@ import numpy as np
 
 from muse.compile import CompiledModel, ModelThread, NativeMapTable, Scores
 
+MIN_CALL_ROWS = 16  # a call cut by time still takes this many rows: below it, hand-offs cost more than rows
 INLINE_SHARE = 0.05  # inline calls may take this share of the loop's time, at most
 QUEUE_SHARES = 4  # all tenants together queue at most this many times max_queue_rows
 
@@ -156,11 +162,12 @@ class ModelBatcher:
         max_wait_us: int = 0,
         max_queue_rows: int = 16384,
         inline_max_us: int = 2000,
+        max_call_us: int = 0,  # 0: calls bounded by max_rows only (the deployment's default is set in core/spec.py)
     ):
         self.model = model
         self.thread = thread
         self.stats = stats if stats is not None else BatchStats()
-        self.configure(max_rows, max_wait_us, max_queue_rows, inline_max_us)
+        self.configure(max_rows, max_wait_us, max_queue_rows, inline_max_us, max_call_us)
         self._tenants: dict[str, _Tenant] = {}  # the tenants with rows queued
         self._ring: deque[_Tenant] = deque()  # the same tenants, in turn; the first is sending
         self._weight = 0  # the sum of their weights
@@ -168,14 +175,26 @@ class ModelBatcher:
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
         self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
+        self.call_seconds_per_row = 0.0  # the same for calls on the thread, hand-off included: for max_call_us
         self._last_arrival = 0.0
         self._gap = 0.0  # running mean of the time between requests
 
-    def configure(self, max_rows: int, max_wait_us: int, max_queue_rows: int, inline_max_us: int) -> None:
+    def configure(
+        self, max_rows: int, max_wait_us: int, max_queue_rows: int, inline_max_us: int, max_call_us: int = 0
+    ) -> None:
         self.max_rows = max_rows
         self.max_wait = max_wait_us / 1e6
         self.max_queue_rows = max_queue_rows
         self.inline_max = inline_max_us / 1e6
+        self.max_call = max_call_us / 1e6
+
+    def call_rows(self) -> int:
+        """Rows the next call may take: ``max_rows``, or fewer when the model's recent calls on the
+        thread say that many would take longer than ``max_call_us``."""
+        per_row = self.call_seconds_per_row
+        if not self.max_call or not per_row:
+            return self.max_rows
+        return min(self.max_rows, max(MIN_CALL_ROWS, int(self.max_call / per_row)))
 
     async def score_async(
         self, X: np.ndarray, maps: NativeMapTable, map_index: int, tenant: str, weight: int = 1
@@ -190,7 +209,7 @@ class ModelBatcher:
         now = time.perf_counter()  # quick to follow a burst: ~10 requests from idle to busy
         self._gap = 0.75 * self._gap + 0.25 * min(now - self._last_arrival, 0.01)
         self._last_arrival = now
-        if self._draining or self.max_wait or len(X) > self.max_rows:
+        if self._draining or self.max_wait or len(X) > self.call_rows():
             return await self._queue(X, maps, map_index, tenant, weight, now)
         self._draining = True
         try:
@@ -297,6 +316,10 @@ class ModelBatcher:
                             request.future.set_exception(exc)  # and their later chunks are dropped
                     continue
                 per_row = (time.perf_counter() - called) / rows
+                if rows >= MIN_CALL_ROWS:  # smaller calls are mostly hand-off
+                    self.call_seconds_per_row = (
+                        0.8 * self.call_seconds_per_row + 0.2 * per_row if self.call_seconds_per_row else per_row
+                    )
                 start = 0
                 for request, first, end in chunks:
                     self.stats.charge(request.tenant, per_row * (end - first))
@@ -317,10 +340,11 @@ class ModelBatcher:
             self._draining = False
 
     def _take(self, now: float) -> tuple[_Chunks, int]:
-        """The next batch: up to ``max_rows`` rows, drawn from the tenants' queues by deficit round
+        """The next batch: up to ``call_rows()`` rows, drawn from the tenants' queues by deficit round
         robin, that share one map table (one native call calibrates with one table).  A request
         is cut where the batch or its tenant's turn ends; the rest waits for a later batch."""
-        ring, room = self._ring, self.max_rows
+        ring, room = self._ring, self.call_rows()
+        size = room
         chunks: _Chunks = []
         if not ring:
             return chunks, 0
@@ -365,7 +389,7 @@ class ModelBatcher:
                     continue
             if not t.deficit:  # its turn ends: the next tenant's starts
                 ring.rotate(-1)
-        rows = self.max_rows - room
+        rows = size - room
         self._queued_rows -= rows
         return chunks, rows
 

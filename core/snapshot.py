@@ -69,7 +69,7 @@ class ModelPool:
 
 
 def _apply(b: ModelBatcher, c: BatchingSpec) -> None:
-    b.configure(c.max_rows, c.max_wait_us, c.max_queue_rows, c.inline_max_us)
+    b.configure(c.max_rows, c.max_wait_us, c.max_queue_rows, c.inline_max_us, c.max_call_us)
 
 
 @dataclass(frozen=True)

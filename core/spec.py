@@ -19,6 +19,7 @@ max_rows = 256
 max_wait_us = 0
 max_queue_rows = 16384
 inline_max_us = 2000
+max_call_us = 1000           # fewer rows a call when max_rows would take longer (0: no bound)
 
 [[quotas]]                   # optional; a tenant without an entry (and no "*") is unlimited
 tenant = "*"                 # the default for every tenant without its own entry
@@ -89,6 +90,8 @@ class BatchingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     max_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0  # linger for a fuller batch
     max_queue_rows: Annotated[int, msgspec.Meta(ge=1)] = 16384  # beyond this: 503, not a longer queue
     inline_max_us: Annotated[int, msgspec.Meta(ge=0)] = 2000  # at light load, calls cheaper than this run on the loop
+    # fewer rows a call when the model's recent calls say max_rows would take longer (0: no bound)
+    max_call_us: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
 
 
 Priority = Literal["high", "normal", "low"]

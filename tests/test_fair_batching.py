@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from muse.calib import MapTable, QuantileMap, identity_map
 from muse.compile import ModelThread, Scores, native_map_table
-from muse.core.batching import QUEUE_SHARES, ModelBatcher, Overloaded
+from muse.core import batching
+from muse.core.batching import MIN_CALL_ROWS, QUEUE_SHARES, ModelBatcher, Overloaded
 from muse.core.predictor import Predictor
 
 MARK = 1234.5  # a value no training row holds: marks the late tenant's row
@@ -450,6 +451,55 @@ def test_light_load_keeps_the_direct_paths(lgb_case):
     assert calls_after_small == 0 and [len(c.X) for c in calls] == [100, 1]
     assert np.array_equal(small.array, model.score(X[:3], native, 1).array)
     assert np.array_equal(big.array, model.score(X, native, 1).array)
+
+
+class Clock:
+    """time.perf_counter for the batcher, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_calls_are_cut_by_the_time_they_take(lgb_case, monkeypatch):
+    """With max_call_us, a call takes as many rows as the model's recent calls on the thread say
+    fit in that time (at least MIN_CALL_ROWS, at most max_rows), and a request longer than that
+    is cut even at an idle model; calls under MIN_CALL_ROWS rows teach it nothing."""
+    model = lgb_case.model
+    native = native_map_table(_table())
+    X, _ = training_data(rows=400, seed=28)
+    clock = Clock()
+    monkeypatch.setattr(batching, "time", clock)
+
+    async def run():
+        thread = SteppedThread()
+        b = batcher(model, thread, max_rows=200, max_call_us=1000)
+
+        async def release(seconds_per_row: float) -> None:  # the call in flight took this long a row
+            clock.now += len(thread.calls[-1].X) * seconds_per_row
+            await thread.release()
+
+        assert b.call_rows() == 200  # nothing learned yet
+        whole = asyncio.ensure_future(b.score_async(X[:210], native, 1, "a"))
+        await settle()
+        await release(10e-6)  # 200 rows at 10 us a row: 100 rows fit in 1 ms
+        assert b.call_rows() == 100
+        await release(0.1)  # the 10 rows left: a slow call, but too small to learn from
+        assert b.call_rows() == 100
+        cut = asyncio.ensure_future(b.score_async(X[210:], native, 1, "a"))  # 190 rows, idle model
+        await settle()
+        await release(500e-6)  # the running estimate, 108 us a row, fits 9 rows: MIN_CALL_ROWS go
+        assert b.call_rows() == MIN_CALL_ROWS
+        while thread.in_flight:
+            await release(500e-6)
+        return await whole, await cut, thread.calls
+
+    whole, cut, calls = asyncio.run(run())
+    assert [len(c.X) for c in calls] == [200, 10, 100] + [MIN_CALL_ROWS] * 5 + [90 - 5 * MIN_CALL_ROWS]
+    assert np.array_equal(whole.array, model.score(X[:210], native, 1).array)
+    assert np.array_equal(cut.array, model.score(X[210:], native, 1).array)
 
 
 def ensemble(members: tuple[ModelBatcher, ...], table, native) -> Predictor:
