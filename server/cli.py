@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="parallel compiler processes (default: all cores)")
     p.set_defaults(func=cmd_compile)
 
-    from muse.server import cli_calib, cli_labels, cli_refresh, cli_score, cli_serve, cli_usage, demo
+    from muse.server import cli_calib, cli_edge, cli_labels, cli_refresh, cli_score, cli_serve, cli_usage, demo
 
     cli_calib.register(sub)
+    cli_edge.register(sub)
     cli_labels.register(sub)
     cli_refresh.register(sub)
     cli_score.register(sub)
