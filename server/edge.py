@@ -114,7 +114,7 @@ def tenant_token(tenant: str) -> str:
 
 @dataclass(frozen=True)
 class Maps:
-    keys: Entries  # sha256(secret) -> tenant token, UNKNOWN never, OPERATOR for admin keys
+    keys: Entries  # sha256(secret) -> tenant token, or OPERATOR (admin and metrics keys); never UNKNOWN
     limits: Entries  # token -> "REQUESTS:RETRY_AFTER:BASE64(JSON body of the 429)"
     notes: dict[str, str]  # token -> a comment for limits.map (the tenant's name, escaped)
 
