@@ -5,7 +5,9 @@ is an HTTPError with a 4xx status and the JSON path of the field at fault."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,7 @@ class Context:
             score_log=score_log,
             on_poll=self.auth.reload,
         )  # added and revoked keys apply within a poll
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="muse-json")  # large bodies' rows, off the loop
 
     # -- steps the endpoints share ---------------------------------------------------
     def authenticate(self, req: Request) -> Principal:
@@ -167,6 +170,14 @@ class Context:
                 raise HTTPError(
                     403, "/metrics needs an admin or metrics key: `muse keys add --metrics`", "authorization"
                 )
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the parsing thread: for work that releases the GIL (server/_rows.pyx),
+        so that the loop serves other requests meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._parser, fn, *args)
+
+    def close_parser(self) -> None:
+        self._parser.shutdown(wait=True)
 
     async def in_loader(self, fn: Any, *args: Any) -> Any:
         """Deployment work on the background thread; a refused deployment is a 422."""

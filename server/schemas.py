@@ -44,6 +44,16 @@ class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
     events: Annotated[list[Event], msgspec.Meta(min_length=1, max_length=MAX_ELEMENTS)]
 
 
+class RawEvent(Event):
+    """An event whose features are kept as JSON text, for parsing off the event loop."""
+
+    features: msgspec.Raw  # type: ignore[assignment]
+
+
+class RawScoreRequest(ScoreRequest):
+    events: Annotated[list[RawEvent], msgspec.Meta(min_length=1, max_length=MAX_ELEMENTS)]  # type: ignore[assignment]
+
+
 class ScoreResponse(msgspec.Struct, omit_defaults=True):
     predictor: str
     version: str

@@ -12,6 +12,8 @@ import msgspec
 import numpy as np
 import pytest
 from helpers import CURVE, make_registry, rows
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from muse.calib import CalibrationError, ReferenceError, read_calibration
 from muse.calib.names import MAX_DEPTH, MAX_ELEMENTS, LimitError, check_limits, parse_document
@@ -341,3 +343,118 @@ def test_a_binary_header_length_of_thousands_of_digits_is_a_400(served):
     answers, _ = exchange(served, [("POST", OIP, header, "acme", {"inference-header-content-length": "9" * 5000})])
     ((status, body),) = answers
     assert (status, body["field"]) == (400, "inference-header-content-length"), body
+
+
+# -- large JSON bodies: features parsed off the event loop (server/_rows.pyx raw_rows_matrix) ----
+
+_FEATURES_OF = msgspec.json.Decoder(list[float | None])
+
+
+def _number_text(draw) -> str:
+    """A JSON number as clients write them: repr, exponents of either case and sign, integers
+    (huge ones too), negative zeros, subnormals, beyond float range, and the edges of the
+    parser's exact fast path (2^53, 10^22, 18 and 19 digits) and beyond it."""
+    value = draw(st.floats(allow_nan=False, allow_infinity=False))
+    return draw(
+        st.sampled_from(
+            [
+                repr(value),
+                json.dumps(value),
+                f"{value:e}",
+                f"{value:E}".replace("E+", "E"),
+                str(draw(st.integers(-(10**30), 10**30))),
+                "-0",
+                "-0.0",
+                "0e0",
+                "4.9e-324",
+                "1e-400",
+                "1e400",
+                "-1.7976931348623157e308",
+                "9007199254740992",
+                "9007199254740993",
+                "1e22",
+                "1e23",
+                "-1.5e-22",
+                "123456789012345678",
+                "1234567890123456789",
+                "0.1000000000000000055511151231257827",
+                "2.2250738585072014e-308",
+                f"{value:.17g}",
+                f"{value:.3f}",
+                f"{draw(st.integers(0, 10**18))}e{draw(st.integers(-30, 30))}",
+            ]
+        )
+    )
+
+
+@st.composite
+def feature_texts(draw) -> tuple[bytes, int]:
+    """A features value as JSON text (mostly arrays of numbers and nulls, with JSON's blanks
+    anywhere), and the width the model expects."""
+    width = draw(st.integers(0, 5))
+    items = [draw(st.one_of(st.just("null"), st.builds(_number_text, st.just(draw)))) for _ in range(width)]
+    if draw(st.booleans()):  # something the fast path must leave to the whole decode
+        odd = draw(st.sampled_from(['"1.5"', "true", "false", "[1]", "{}", '{"a": 1}', "nul" + "l", "[]"]))
+        items.insert(draw(st.integers(0, len(items))), odd)
+    blank = st.sampled_from(["", " ", "\n", "\t ", "\r\n"])
+    text = draw(blank) + "[" + draw(blank)
+    text += ",".join(draw(blank) + item + draw(blank) for item in items) + draw(blank) + "]" + draw(blank)
+    if draw(st.integers(0, 9)) == 0:
+        text = draw(st.sampled_from(['{"f0": 1.0}', "1.5", "null", '"x"']))
+    return text.encode(), width + draw(st.sampled_from([0, 0, 0, 1, -1]))
+
+
+@given(st.lists(feature_texts(), min_size=1, max_size=4))
+@settings(max_examples=400, deadline=None)
+def test_raw_rows_are_what_the_whole_decode_gives(cases):
+    """raw_rows_matrix gives the very bits of the whole decode (msgspec, then rows_matrix)
+    whenever every text is an array of `width` numbers or nulls the whole decode takes, and
+    None otherwise: never a different answer, never a refusal of what /v1/score accepts."""
+    from muse.server._rows import raw_rows_matrix, rows_matrix
+
+    widths = {w for _, w in cases}
+    if len(widths) != 1 or -1 in widths:
+        cases = [(text, max(0, next(iter(widths)))) for text, _ in cases]
+    width = cases[0][1]
+    texts = [text for text, _ in cases]
+    try:
+        rows = [_FEATURES_OF.decode(t) for t in texts]
+        expected = rows_matrix(rows, width) if all(len(r) == width for r in rows) else None
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        expected = None
+    raws = [msgspec.json.decode(t, type=msgspec.Raw) for t in texts]
+    got = raw_rows_matrix(raws, width)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.shape == expected.shape
+        assert got.tobytes() == expected.tobytes()  # -0.0 and 0.0 told apart, NaN as NaN
+
+
+def _large_v1(X: np.ndarray, **change) -> dict:
+    events = [{"features": row} for row in as_json_rows(X)]
+    for i, features in change.items():
+        events[int(i[1:])]["features"] = features
+    return {"tenant": "acme", "intent": "fraud", "events": events}
+
+
+def test_large_bodies_score_as_small_ones_and_name_what_is_wrong(served):
+    """A body over LARGE_JSON_BYTES (its features parsed off the loop) scores the events as
+    one-event requests do; features by name still work there; a string at event 150 and a
+    short row at event 700 are 422s naming the field, as in a small body."""
+    from muse.server.api_scoring import LARGE_JSON_BYTES
+
+    X = rows(900, seed=31)
+    body = _large_v1(X)
+    assert len(json.dumps(body)) >= LARGE_JSON_BYTES
+    named = _large_v1(X, e3={f"Column_{j}": v for j, v in enumerate(as_json_rows(X[3:4])[0])})
+    bad = _large_v1(X, e150=[0.5] * 3 + ["0.5"] + [0.5] * 2)
+    short = _large_v1(X, e700=[0.5] * 5)
+    small = [_large_v1(X[i : i + 1]) for i in (0, 3, 899)]
+    answers, _ = exchange(served, [("POST", "/v1/score", b, "acme", None) for b in [body, named, bad, short, *small]])
+    (s1, b1), (s2, b2), (s3, b3), (s4, b4), *singles = answers
+    assert s1 == s2 == 200, b2
+    assert len(b1["scores"]) == 900 and b1["scores"] == b2["scores"]
+    assert [b1["scores"][i] for i in (0, 3, 899)] == [b["scores"][0] for _, b in singles]
+    assert (s3, b3["field"]) == (422, "$.events[150].features[3]") and "got `str`" in b3["error"]
+    assert (s4, b4["field"]) == (422, "$.events[700].features") and "expected 6 features" in b4["error"]
