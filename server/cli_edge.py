@@ -61,8 +61,8 @@ def register(sub) -> None:
         "render",
         help="write haproxy.cfg and its maps from the deployment's quotas and the registry's keys",
         description="Write DIR/haproxy.cfg, DIR/keys.map, DIR/limits.map and DIR/edge.json. A tenant's requests "
-        "admitted in the last WINDOW are held to ceil(burst_rows + rows_per_second * WINDOW): the most the "
-        "server's token bucket could admit in that time, at one row a request. Refusals are 429 with "
+        "admitted in the last WINDOW are held to ceil(max(rows_per_second * WINDOW, burst_rows)): the "
+        "server's token bucket at one row a request, as a sliding window holds it. Refusals are 429 with "
         "Retry-After, answered by HAProxy.",
     )
     add_registry(r)
@@ -72,7 +72,7 @@ def register(sub) -> None:
     r.add_argument(
         "--window",
         default=f"{edge.DEFAULT_WINDOW}s",
-        help=f"the window requests are counted over (e.g. 10s, 1m; default {edge.DEFAULT_WINDOW}s)",
+        help=f"the window requests are counted over (e.g. 2s, 10s; default {edge.DEFAULT_WINDOW}s)",
     )
     r.add_argument(
         "--unknown-per-second",

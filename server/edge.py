@@ -10,13 +10,16 @@ the tenant's token (the tenant's own name never becomes a map key: map files spl
 first blank).  A key with a forged id finds no tenant, or its own.
 
 **Limit.** A tenant's requests admitted in the last W seconds (a stick table's gpc0 and its rate
-over W; refused requests are not counted) are held to ceil(burst_rows + rows_per_second * W):
-every request carries at least one row, and a token bucket admits at most burst + rate * W rows
-in any W, so the edge never refuses what the server would admit (up to HAProxy's sliding
-estimate of the rate), and holds a flood of one-row requests to about rate + burst / W per
-second.  A tenant without a rate is not limited; requests with an unknown key, or none, share
-one limit (--unknown-per-second) and go on to the server, which answers 401; admin and metrics
-keys are never limited (an operator must be able to roll back during a flood).
+over W; refused requests are not counted) are held to ceil(max(rows_per_second * W, burst_rows)):
+over time the tenant's rate (or burst / W, when its burst is longer than W), and at once no
+more than its burst -- the server's token bucket, at one row a request, as a sliding window can
+hold it.  W defaults to 2 s, the default burst's length.  (The first design, ceil(burst + rate
+* W) over 10 s, never refused what the server would admit, but let a flood through at full
+speed until 12 s of its rate had passed, and the server refused most of those itself.)  The
+server stays exact: it counts rows.  A tenant without a rate is not limited; requests with an
+unknown key, or none, share one limit (--unknown-per-second) and go on to the server, which
+answers 401; admin and metrics keys are never limited (an operator must be able to roll back
+during a flood).
 
 Files, in one directory: haproxy.cfg, keys.map, limits.map, and edge.json (what `sync` needs).
 `sync` follows the registry and replaces the maps in a running HAProxy through its runtime API
@@ -51,7 +54,7 @@ from .schemas import ErrorBody
 
 log = logging.getLogger("muse.edge")
 
-DEFAULT_WINDOW = 10  # seconds
+DEFAULT_WINDOW = 2  # seconds: the length of the default burst (server/quotas.py BURST_SECONDS)
 MAX_WINDOW = 3600
 DEFAULT_UNKNOWN_PER_SECOND = 100.0
 CONFIG, SETTINGS, KEYS_MAP, LIMITS_MAP, SOCKET = "haproxy.cfg", "edge.json", "keys.map", "limits.map", "haproxy.sock"
@@ -144,7 +147,7 @@ def _requests(resolved: Quotas, tenant: str, window: int) -> int | None:
     limits = resolved.limits(tenant)
     if limits.rows_per_second is None:
         return None
-    return math.ceil(limits.burst_rows + limits.rows_per_second * window)
+    return math.ceil(max(limits.rows_per_second * window, limits.burst_rows))
 
 
 def limit_entry(tenant: str | None, requests: int, window: int) -> str:

@@ -35,8 +35,8 @@ ODD = 'Zoë "the ☃" O\'Brien 😀 # x'  # quotes, spaces, a '#', non-ASCII bey
 SECRET = "s3_cr_et-with_underscores"  # the secret after muse_<id>_ may hold '_' itself
 QUOTAS = [
     QuotaSpec("*", rows_per_second=1000),
-    QuotaSpec(ODD, rows_per_second=0.1, burst_rows=2),  # the edge: ceil(2 + 0.1 * 60) = 8 requests
-    QuotaSpec("hooli", rows_per_second=0.1, burst_rows=1),  # 7
+    QuotaSpec(ODD, rows_per_second=0.1, burst_rows=2),  # the edge: ceil(max(0.1 * 60, 2)) = 6 requests
+    QuotaSpec("hooli", rows_per_second=0.1, burst_rows=7),  # 7: its burst
     QuotaSpec("unlimited-co", max_inflight_rows=100_000),  # no rate of its own, "*"'s
 ]
 SPEC = DeploymentSpec(
@@ -93,14 +93,14 @@ def start_edge(tmp_path: pathlib.Path, served, **kw) -> edge.Edge:
 def test_a_tenant_over_its_edge_limit_is_refused_by_haproxy_and_the_others_go_on(tmp_path, served):
     keys = served[2]
     with start_edge(tmp_path, served, window=WINDOW) as front:
-        answers = [score(front.port, ODD, keys[ODD], header) for header in ["authorization", "x-api-key"] * 4]
-        # 8 through to the server (which answers 200 for its burst of 2 rows, then its own 429)
+        answers = [score(front.port, ODD, keys[ODD], header) for header in ["authorization", "x-api-key"] * 3]
+        # 6 through to the server (which answers 200 for its burst of 2 rows, then its own 429)
         assert not any(at_edge(a) for a in answers), answers
         assert [a[0] for a in answers[:2]] == [200, 200] and answers[-1][1]["error"].startswith(f"tenant {ODD!r}")
         status, body, headers = score(front.port, ODD, keys[ODD])
         assert at_edge((status, body, headers)) and headers["content-type"] == "application/json"
         assert int(headers["retry-after"]) >= 1
-        assert body == {"error": f"tenant {ODD!r} is over its quota at the edge: 8 requests in 60 s; retry in 8 s"}
+        assert body == {"error": f"tenant {ODD!r} is over its quota at the edge: 6 requests in 60 s; retry in 10 s"}
         assert all(score(front.port, "globex", keys["globex"])[0] == 200 for _ in range(10))
         # another key id with ODD's secret spends ODD's budget (refused), never globex's
         globex_id = keys["globex"].split("_")[1]
@@ -125,7 +125,7 @@ def test_unknown_and_absent_keys_go_on_to_the_server_within_their_own_limit(tmp_
 def test_admin_keys_are_never_limited(tmp_path, served):
     keys = served[2]
     with start_edge(tmp_path, served, window=WINDOW, unknown_per_second=1 / WINDOW) as front:
-        # far past the limit of unknown keys (1) and of any tenant's at the edge here (ODD's: 8)
+        # far past the limit of unknown keys (1) and of any tenant's at the edge here (ODD's: 6)
         answers = [score(front.port, "globex", keys["admin"]) for _ in range(12)]
         assert [a[0] for a in answers] == [200] * 12, answers
 
@@ -157,7 +157,7 @@ def test_sync_applies_a_new_generation_and_a_new_key_to_a_running_haproxy(tmp_pa
             # a new tenant's key and a generation raising hooli's limit and setting initech's
             keys["initech"] = add_key(path, "initech", False)[1]
             quotas = [*QUOTAS[:2], QuotaSpec("hooli", rows_per_second=0.1, burst_rows=20)]
-            quotas.append(QuotaSpec("initech", rows_per_second=0.01, burst_rows=1))  # 2 requests
+            quotas.append(QuotaSpec("initech", rows_per_second=0.01, burst_rows=2))  # 2 requests
             deploy(reg, msgspec.structs.replace(SPEC, quotas=quotas))
             wait_until(lambda: not at_edge(score(front.port, "hooli", keys["hooli"])), 30, "hooli's new limit")
             refused = wait_until(
@@ -192,9 +192,10 @@ def test_haproxy_accepts_the_rendered_configuration(tmp_path, served):
 
 def test_edge_limits_follow_the_servers_resolution_of_quotas():
     quotas = [QuotaSpec("*", rows_per_second=100, burst_rows=400), QuotaSpec("acme", rows_per_second=10)]
-    assert edge.edge_limit(quotas, "globex", 10) == 400 + 100 * 10
-    assert edge.edge_limit(quotas, "acme", 10) == 20 + 10 * 10  # its burst goes with its own rate: 2 s of it
-    assert edge.edge_limit([QuotaSpec("acme", rows_per_second=0.3)], "acme", 7) == 4  # its burst: ceil(0.6); + 2.1
+    assert edge.edge_limit(quotas, "globex", 10) == 100 * 10  # 10 s of its rate: more than its burst
+    assert edge.edge_limit(quotas, "globex", 2) == 400  # its burst: more than 2 s of its rate
+    assert edge.edge_limit(quotas, "acme", 1) == 20  # its burst goes with its own rate: 2 s of it
+    assert edge.edge_limit([QuotaSpec("acme", rows_per_second=0.3)], "acme", 7) == 3  # ceil(2.1)
     assert edge.edge_limit([QuotaSpec("acme", rows_per_second=10)], "globex", 10) is None
     keys = [KeyRecord("a", "A" * 64, "acme"), KeyRecord("b", "b" * 64, "globex"), KeyRecord("c", "c" * 64, admin=True)]
     keys.append(KeyRecord("d", "not a digest", "acme"))
@@ -267,7 +268,7 @@ def test_rendered_maps_round_trip_tenant_names(tenants):
     for t in tenants:
         token = files[edge.KEYS_MAP][hashlib.sha256(t.encode()).hexdigest()]
         body = json.loads(base64.b64decode(files[edge.LIMITS_MAP][token].split(":")[2]))
-        assert body["error"].startswith(f"tenant {t!r} is over its quota at the edge: 60 requests in 10 s")
+        assert body["error"].startswith(f"tenant {t!r} is over its quota at the edge: 50 requests in 10 s")
 
 
 def test_sync_once_survives_nothing_and_names_a_missing_render(tmp_path, capsys):
