@@ -49,6 +49,7 @@ from muse.core.registry import Registry
 from muse.core.spec import QuotaSpec
 
 from .auth import KeyRecord, keys_path, read_keys
+from .logs import Outage
 from .quotas import Quotas
 from .schemas import ErrorBody
 
@@ -393,24 +394,6 @@ def apply(out: pathlib.Path, settings: EdgeSettings, maps: Maps) -> None:
 # -- following the registry ----------------------------------------------------------------------
 
 
-class _Outage:
-    """A failing step said once when it starts failing and once when it works again."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.failing = False
-
-    def failed(self, exc: Exception) -> None:
-        if not self.failing:
-            self.failing = True
-            log.warning("%s failed, retrying: %s", self.what, exc, extra={"event": "edge_unavailable"})
-
-    def ok(self) -> None:
-        if self.failing:
-            self.failing = False
-            log.info("%s works again", self.what, extra={"event": "edge_back"})
-
-
 class EdgeSync:
     """Keeps a running HAProxy's maps (and OUT's map files) those of ``registry``'s current
     deployment and keys.toml.  ``sync()`` is one pass; ``run()`` polls until ``stop``."""
@@ -463,14 +446,16 @@ class EdgeSync:
         unreadable, HAProxy restarting) is said once and retried, backing off up to BACKOFF_MAX."""
         mirror = self.registry.mirror
         if mirror is not None:  # a registry at a URL: follow the store into the mirror, as replicas do
-            follow = _Outage(f"following {mirror.url}")
+            follow = Outage(log, f"following {mirror.url}", "edge")
             threading.Thread(
                 target=mirror.follow,
                 args=(stop, interval, follow.failed, follow.ok),
                 name="muse-edge-follow",
                 daemon=True,
             ).start()
-        outage = _Outage(f"applying {self.registry.root}'s quotas and keys to HAProxy at {self.settings.socket}")
+        outage = Outage(
+            log, f"applying {self.registry.root}'s quotas and keys to HAProxy at {self.settings.socket}", "edge"
+        )
         failures = 0
         while True:
             try:

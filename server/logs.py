@@ -43,3 +43,22 @@ def config(fmt: Format = "json", level: str = "INFO") -> dict[str, Any]:
 
 def configure(fmt: Format = "json", level: str = "INFO") -> None:
     logging.config.dictConfig(config(fmt, level))
+
+
+class Outage:
+    """A background job's failures, logged once when they start and once when the job works again
+    (``event``: the log line's event, with ``_unavailable`` and ``_back`` appended)."""
+
+    def __init__(self, log: logging.Logger, what: str, event: str):
+        self.log, self.what, self.event = log, what, event
+        self.failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            self.log.warning("%s failed, retrying: %s", self.what, exc, extra={"event": f"{self.event}_unavailable"})
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            self.log.info("%s works again", self.what, extra={"event": f"{self.event}_back"})

@@ -23,6 +23,7 @@ import threading
 from muse.core.objectstore import ObjectExists, StoreError, sha256
 from muse.core.remote import Mirror
 
+from .logs import Outage
 from .scorelog_files import HOST
 
 log = logging.getLogger("muse.replica")
@@ -70,24 +71,6 @@ def upload_score_log(mirror: Mirror, directory: pathlib.Path, replica: str) -> i
     return sent
 
 
-class _Outage:
-    """Logs a failing background job once when it starts failing and once when it recovers."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.failing = False
-
-    def failed(self, exc: Exception) -> None:
-        if not self.failing:
-            self.failing = True
-            log.warning("%s failed, retrying: %s", self.what, exc, extra={"event": "store_unavailable"})
-
-    def ok(self) -> None:
-        if self.failing:
-            self.failing = False
-            log.info("%s works again", self.what, extra={"event": "store_back"})
-
-
 class ReplicaSync:
     def __init__(self, mirror: Mirror, poll_interval: float, score_log: pathlib.Path | None, replica: str):
         self.mirror = mirror
@@ -98,7 +81,7 @@ class ReplicaSync:
         self._uploader: threading.Thread | None = None
 
     def start(self) -> None:
-        follow = _Outage(f"following {self.mirror.url}")
+        follow = Outage(log, f"following {self.mirror.url}", "store")
         threading.Thread(
             target=self.mirror.follow,
             args=(self._stop, self.poll_interval, follow.failed, follow.ok),
@@ -110,7 +93,7 @@ class ReplicaSync:
             self._uploader.start()
 
     def _uploads(self) -> None:
-        outage = _Outage(f"uploading the score log to {self.mirror.url}/scorelog/replica={self.replica}")
+        outage = Outage(log, f"uploading the score log to {self.mirror.url}/scorelog/replica={self.replica}", "store")
         while not self._stop.wait(UPLOAD_EVERY):
             try:
                 upload_score_log(self.mirror, self.score_log, self.replica)  # type: ignore[arg-type]
