@@ -17,6 +17,7 @@ ctypedef int64_t (*calibrate_t)(const double*, int64_t, int64_t, double, int64_t
 # map them into out[1] and out[2].
 cdef struct Job:
     int64_t id
+    double seconds  # the call's own time on the thread (wall clock), set when it has run
     predict_f64_t f64
     predict_f32_t f32
     const void* x

@@ -32,6 +32,21 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int EFD_NONBLOCK
     int EFD_CLOEXEC
 
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec* ts)
+    int CLOCK_MONOTONIC
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void* buf, size_t count)
     ssize_t write(int fd, const void* buf, size_t count)
@@ -96,7 +111,9 @@ cdef class NativeWorker:
             self._queued_head = (self._queued_head + 1) % self._capacity
             self._queued -= 1
             pthread_mutex_unlock(&self._lock)
+            job.seconds = _now()
             job.rc = run_job(&job)
+            job.seconds = _now() - job.seconds
             pthread_mutex_lock(&self._lock)
             # One eventfd write per batch of completions: if some are already waiting, the
             # loop has been told and will take this one with them.
@@ -140,14 +157,15 @@ cdef class NativeWorker:
         return job.id
 
     def completed(self) -> list:
-        """(id, rc) of every call finished since the last look (rc as NativeLibrary.failure takes it)."""
+        """(id, rc, seconds) of every call finished since the last look (rc as NativeLibrary.failure
+        takes it; seconds: the call's own time on the thread, not its wait in the queue)."""
         cdef uint64_t count
         read(self._efd, &count, sizeof(count))  # reset the eventfd; EAGAIN if nothing was written
         cdef list out = []
         cdef Py_ssize_t i
         pthread_mutex_lock(&self._lock)  # with the GIL held, as in submit
         for i in range(self._done_count):
-            out.append((self._done[i].id, self._done[i].rc))
+            out.append((self._done[i].id, self._done[i].rc, self._done[i].seconds))
         self._done_count = 0
         pthread_mutex_unlock(&self._lock)
         return out

@@ -42,12 +42,13 @@ class ModelThread:
 
     def _completed(self) -> None:
         assert self._worker is not None
-        for call, rc in self._worker.completed():
+        for call, rc, seconds in self._worker.completed():
             future, model, scores, _ = self._calls.pop(call)
             if future.done():  # the caller went away
                 continue
             error = model.failure(rc, len(scores))
             if error is None:
+                scores.seconds = seconds
                 future.set_result(scores)
             else:
                 future.set_exception(error)

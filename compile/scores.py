@@ -11,10 +11,11 @@ class Scores:
     call writes into (its rows are the three fields), so a call allocates once and a batch's
     scores are sliced per request without copies."""
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "seconds")
 
     def __init__(self, array: np.ndarray):
         self.array = array
+        self.seconds = 0.0  # the native call's own time, when one on the model thread made them
 
     @classmethod
     def empty(cls, rows: int) -> Scores:

@@ -44,10 +44,12 @@ resolves when its last chunk is done, with the chunks' scores joined in
 order.  A call takes at most ``max_rows`` rows, and, with ``max_call_us``,
 as many as the model's recent calls say fit in that time (at least
 MIN_CALL_ROWS): one call's time bounds what a tenant's burst adds to another
-tenant's wait, whatever the model costs a row.  (A 500-tree model's 256 rows
-are ~4 ms: a victim's p99 under another tenant's 8,000-row requests went
-from 1.6 ms alone to 6-8 ms, and to 2.8-3.0 ms with calls of 64 rows;
-bench/isolation.py.)
+tenant's wait, whatever the model costs a row.  The estimate is each call's own
+time on the thread, not its wait behind other models' calls.  (A 500-tree
+model's 256 rows take ~4 ms.  In ad-hoc runs of bench/isolation.py's harness,
+a victim's one-row p99 beside one 8,000-row request every 1.6 s was 6.5-8.7 ms
+with max_rows alone and 3.8-6.4 ms with max_call_us = 1000; the 8,000-row
+request's own p50 went from 68-75 ms to 73-111 ms, for its extra hand-offs.)
 
 ``max_queue_rows`` bounds each tenant's own queue (a tenant with nothing
 queued may queue any one request): a tenant past it gets Overloaded (503),
@@ -175,7 +177,7 @@ class ModelBatcher:
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
         self.seconds_per_row = 0.0  # running estimate, for choosing inline vs thread
-        self.call_seconds_per_row = 0.0  # the same for calls on the thread, hand-off included: for max_call_us
+        self.call_seconds_per_row = 0.0  # the same for calls on the thread, their own time: for max_call_us
         self._last_arrival = 0.0
         self._gap = 0.0  # running mean of the time between requests
 
@@ -194,7 +196,7 @@ class ModelBatcher:
         per_row = self.call_seconds_per_row
         if not self.max_call or not per_row:
             return self.max_rows
-        return min(self.max_rows, max(MIN_CALL_ROWS, int(self.max_call / per_row)))
+        return min(self.max_rows, max(MIN_CALL_ROWS, int(self.max_call / per_row + 1e-9)))
 
     async def score_async(
         self, X: np.ndarray, maps: NativeMapTable, map_index: int, tenant: str, weight: int = 1
@@ -302,7 +304,7 @@ class ModelBatcher:
     async def _drain(self) -> None:
         try:
             while self._ring:
-                if self.max_wait and self._queued_rows < self.max_rows:
+                if self.max_wait and self._queued_rows < self.call_rows():
                     await asyncio.sleep(self.max_wait)
                 chunks, rows = self._take(time.perf_counter())
                 if not chunks:  # every request it found was gone
@@ -315,8 +317,10 @@ class ModelBatcher:
                         if not request.future.done():
                             request.future.set_exception(exc)  # and their later chunks are dropped
                     continue
-                per_row = (time.perf_counter() - called) / rows
-                if rows >= MIN_CALL_ROWS:  # smaller calls are mostly hand-off
+                # the call's own time on the thread: not its wait behind other models' calls on
+                # it, nor the loop's delay in taking the answer
+                per_row = (out.seconds or time.perf_counter() - called) / rows
+                if rows >= MIN_CALL_ROWS:  # smaller calls are mostly fixed costs
                     self.call_seconds_per_row = (
                         0.8 * self.call_seconds_per_row + 0.2 * per_row if self.call_seconds_per_row else per_row
                     )

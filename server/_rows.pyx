@@ -65,51 +65,58 @@ cdef double[23] _POW10 = [
 ]
 
 
+cdef enum:
+    MAX_NUMBER_CHARS = 1000  # longer numbers go to the whole decode, whose reading of them decides
+
+
 cdef Py_ssize_t _number(const char* s, Py_ssize_t i, Py_ssize_t n, double* out) noexcept nogil:
     """Reads the JSON number at s[i] into out; returns the index after it, or -1 when it is out of
-    float range.  Most numbers clients send (at most 15 digits, a power of ten within 1e22) are
-    m * 10^e or m / 10^-e of two exact doubles, which one IEEE operation rounds correctly
-    (Clinger's fast path); the rest go to strtod, at ~4x the cost.  "-0" is the integer 0 to
-    msgspec (and to the whole decode), so +0.0; "-0.0" stays -0.0."""
-    cdef Py_ssize_t start = i, digits = 0, fraction = 0, e = 0
+    float range or longer than MAX_NUMBER_CHARS.  Most numbers clients send (at most 15 digits,
+    a power of ten within 1e22) are m * 10^e or m / 10^-e of two exact doubles, which one IEEE
+    operation rounds correctly (Clinger's fast path); the rest go to strtod, at ~4x the cost.
+    "-0" is the integer 0 to msgspec (and to the whole decode), so +0.0; "-0.0" stays -0.0."""
+    cdef Py_ssize_t start = i, stop = i, digits = 0, fraction = 0, e = 0
     cdef unsigned long long m = 0
     cdef bint negative = s[i] == b'-', integer = True, exponent_negative = False
     cdef double v
     cdef char* end
+    # the token: JSON's number grammar, which msgspec checked, uses only these characters
+    while stop < n and (b'0' <= s[stop] <= b'9' or s[stop] == b'-' or s[stop] == b'+'
+                        or s[stop] == b'.' or s[stop] == b'e' or s[stop] == b'E'):
+        stop += 1
+    if stop - start > MAX_NUMBER_CHARS:
+        return -1
     if negative:
         i += 1
-    while i < n and b'0' <= s[i] <= b'9':
+    while i < stop and b'0' <= s[i] <= b'9' and digits < 19:
         m = m * 10 + <unsigned long long>(s[i] - c'0')
         digits += 1
         i += 1
-        if digits > 18:
-            break
-    if i < n and s[i] == b'.':
+    if i < stop and s[i] == b'.':
         integer = False
         i += 1
-        while i < n and b'0' <= s[i] <= b'9' and digits <= 18:
+        while i < stop and b'0' <= s[i] <= b'9' and digits < 19:
             m = m * 10 + <unsigned long long>(s[i] - c'0')
             digits += 1
             fraction += 1
             i += 1
-    if i < n and (s[i] == b'e' or s[i] == b'E'):
+    if i < stop and (s[i] == b'e' or s[i] == b'E'):
         integer = False
         i += 1
-        if i < n and (s[i] == b'+' or s[i] == b'-'):
+        if i < stop and (s[i] == b'+' or s[i] == b'-'):
             exponent_negative = s[i] == b'-'
             i += 1
-        while i < n and b'0' <= s[i] <= b'9' and e < 100000:
+        while i < stop and e < 100000:
             e = e * 10 + (s[i] - c'0')
             i += 1
     if exponent_negative:
         e = -e
     e -= fraction
-    if i < n and b'0' <= s[i] <= b'9' or m >= (1ULL << 53) or e < -22 or e > 22:
+    if i < stop or m >= (1ULL << 53) or e < -22 or e > 22:
         # more digits than the fast path holds, or a power of ten beyond exact doubles
         v = strtod_l(s + start, &end, C_LOCALE)
-        if v == HUGE_VAL or v == -HUGE_VAL:
+        if end != s + stop or v == HUGE_VAL or v == -HUGE_VAL:
             return -1  # JSON has no infinity: out of range, which msgspec refuses and the full decode names
-        i = end - s
     else:
         v = <double>m * _POW10[e] if e >= 0 else <double>m / _POW10[-e]
         if negative:
@@ -117,34 +124,38 @@ cdef Py_ssize_t _number(const char* s, Py_ssize_t i, Py_ssize_t n, double* out) 
     if v == 0.0 and integer:
         v = 0.0
     out[0] = v
-    return i
+    return stop
 
 
-cdef int _row(const char* s, Py_ssize_t n, double* out, Py_ssize_t width) noexcept nogil:
-    """0 when s[:n] is an array of ``width`` numbers or nulls, written to out; else -1.  s is
-    valid JSON (msgspec checked it as a Raw value): a token starting with '-' or a digit is a
-    JSON number, followed by a delimiter inside s."""
+cdef Py_ssize_t _row(const char* s, Py_ssize_t n, double* out, Py_ssize_t width) noexcept nogil:
+    """When s[:n] is an array of numbers or nulls (``width`` of them, unless width < 0), their
+    count, the values written to out (unless out is NULL); else -1.  s is valid JSON (msgspec
+    checked it as a Raw value): a token starting with '-' or a digit is a JSON number, followed
+    by a delimiter inside s."""
     cdef Py_ssize_t i = _blanks(s, 0, n), j = 0, k
+    cdef double v
     if i >= n or s[i] != b'[':
         return -1
     i = _blanks(s, i + 1, n)
     if i < n and s[i] == b']':
-        return 0 if width == 0 and _blanks(s, i + 1, n) == n else -1
+        return 0 if width <= 0 and _blanks(s, i + 1, n) == n else -1
     while True:
         if j == width or i >= n:
             return -1
         if s[i] == b'n':
             if i + 4 > n or memcmp(s + i, b"null", 4) != 0:
                 return -1
-            out[j] = NAN
+            v = NAN
             i += 4
         elif s[i] == b'-' or b'0' <= s[i] <= b'9':
-            k = _number(s, i, n, &out[j])
+            k = _number(s, i, n, &v)
             if k < 0:
                 return -1
             i = k
         else:
             return -1  # a string, boolean, array or object: the full decode names it
+        if out != NULL:
+            out[j] = v
         j += 1
         i = _blanks(s, i, n)
         if i >= n:
@@ -152,23 +163,22 @@ cdef int _row(const char* s, Py_ssize_t n, double* out, Py_ssize_t width) noexce
         if s[i] == b',':
             i = _blanks(s, i + 1, n)
         elif s[i] == b']':
-            return 0 if j == width and _blanks(s, i + 1, n) == n else -1
+            return j if (width < 0 or j == width) and _blanks(s, i + 1, n) == n else -1
         else:
             return -1
 
 
-def raw_rows_matrix(list raws, Py_ssize_t width):
+def raw_rows_matrix(list raws, Py_ssize_t width=-1):
     """A float64 [len(raws), width] matrix from JSON texts, each an array of ``width`` numbers
-    or nulls (null -> NaN), parsed with the GIL released; None when any is not (an object of
-    named features, a wrong length, a string, a number out of range), for the caller's full
-    decode to handle or to name.  ``raws``: msgspec.Raw values decoded from a bytes body (valid
-    JSON, in storage that ends with a NUL, where strtod stops at the latest)."""
+    or nulls (null -> NaN; width < 0: as many as the first has), parsed with the GIL released;
+    None when any is not (an object of named features, a wrong length, a string, a number out of
+    range), for the caller's full decode to handle or to name.  ``raws``: msgspec.Raw values
+    decoded from a bytes body (valid JSON, in storage that ends with a NUL, where strtod stops
+    at the latest)."""
     cdef Py_ssize_t n = len(raws), i, got = 0
     cdef cnp.npy_intp dims[2]
-    dims[0] = n
-    dims[1] = width
-    cdef cnp.ndarray out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
-    cdef double* p = <double*>cnp.PyArray_DATA(out)
+    cdef cnp.ndarray out = None
+    cdef double* p = NULL
     cdef Py_buffer* views = <Py_buffer*>malloc(max(n, 1) * sizeof(Py_buffer))
     cdef int failed = 0
     if views == NULL:
@@ -177,9 +187,18 @@ def raw_rows_matrix(list raws, Py_ssize_t width):
         for i in range(n):
             PyObject_GetBuffer(raws[i], &views[i], PyBUF_SIMPLE)
             got += 1
+        if width < 0 and n:
+            with nogil:
+                width = _row(<const char*>views[0].buf, views[0].len, NULL, -1)
+            if width < 0:
+                return None
+        dims[0] = n
+        dims[1] = max(width, 0)
+        out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        p = <double*>cnp.PyArray_DATA(out)
         with nogil:
             for i in range(n):
-                if _row(<const char*>views[i].buf, views[i].len, p + i * width, width):
+                if _row(<const char*>views[i].buf, views[i].len, p + i * width, width) < 0:
                     failed = 1
                     break
     finally:

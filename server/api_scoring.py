@@ -52,6 +52,11 @@ async def score(app: Context, req: Request) -> Response:
             received = await req.body()
             app.check_json_size(len(received), "$")
             r = decode_request(received)
+            X = None
+            if isinstance(r, RawScoreRequest):  # a large body: its features parsed off the loop
+                X = await app.off_loop(raw_rows_matrix, [e.features for e in r.events])
+                if X is None:  # features by name, or a field the whole decode refuses and names
+                    r = DECODER.decode(received)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise validation_error(exc) from None
         except RecursionError:  # defence in depth: the schema nests 4 deep and refuses more
@@ -62,11 +67,9 @@ async def score(app: Context, req: Request) -> Response:
         lane = req.lane = app.lane(tenant, intent, None, "$.intent")
         predictor = lane.predictor
         predictor_name = predictor.name
-        if isinstance(r, RawScoreRequest):
-            X = await app.off_loop(raw_rows_matrix, [e.features for e in r.events], len(predictor.feature_names))
-            if X is None:  # features by name, or a field the full decode refuses and names
+        if X is None or X.shape[1] != len(predictor.feature_names):
+            if isinstance(r, RawScoreRequest):  # rows of another width: the whole decode's error names them
                 r = decode_whole(received)
-        if not isinstance(r, RawScoreRequest):
             X = events_matrix(r.events, predictor.feature_index, predictor.feature_names)
         request_id = req.id
         answered, logged = event_ids(request_id, r.events)

@@ -197,7 +197,6 @@ class MuseApp(Context):
             elif message["type"] == "lifespan.shutdown":
                 self.body_deadlines.stop()
                 await self.serving.stop()
-                self.close_parser()
                 await send_fn({"type": "lifespan.shutdown.complete"})
                 return
 

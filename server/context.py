@@ -58,7 +58,9 @@ class Context:
             score_log=score_log,
             on_poll=self.auth.reload,
         )  # added and revoked keys apply within a poll
-        self._parser = ThreadPoolExecutor(1, thread_name_prefix="muse-json")  # large bodies' rows, off the loop
+        # large bodies' rows, off the loop; never shut down: a request still in flight at shutdown
+        # may need it, and its idle thread ends with the process
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="muse-json")
 
     # -- steps the endpoints share ---------------------------------------------------
     def authenticate(self, req: Request) -> Principal:
@@ -175,9 +177,6 @@ class Context:
         """``fn(*args)`` on the parsing thread: for work that releases the GIL (server/_rows.pyx),
         so that the loop serves other requests meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self._parser, fn, *args)
-
-    def close_parser(self) -> None:
-        self._parser.shutdown(wait=True)
 
     async def in_loader(self, fn: Any, *args: Any) -> Any:
         """Deployment work on the background thread; a refused deployment is a 422."""

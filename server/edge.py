@@ -9,17 +9,20 @@ counts requests, the server rows: the server stays exact, the edge only cuts flo
 the tenant's token (the tenant's own name never becomes a map key: map files split at the
 first blank).  A key with a forged id finds no tenant, or its own.
 
-**Limit.** A tenant's requests admitted in the last W seconds (a stick table's gpc0 and its rate
-over W; refused requests are not counted) are held to ceil(max(rows_per_second * W, burst_rows)):
-over time the tenant's rate (or burst / W, when its burst is longer than W), and at once no
-more than its burst -- the server's token bucket, at one row a request, as a sliding window can
-hold it.  W defaults to 2 s, the default burst's length.  (The first design, ceil(burst + rate
-* W) over 10 s, never refused what the server would admit, but let a flood through at full
-speed until 12 s of its rate had passed, and the server refused most of those itself.)  The
-server stays exact: it counts rows.  A tenant without a rate is not limited; requests with an
-unknown key, or none, share one limit (--unknown-per-second) and go on to the server, which
-answers 401; admin and metrics keys are never limited (an operator must be able to roll back
-during a flood).
+**Limit.** A tenant's requests admitted in the last W seconds (a stick table's gpc0 and its
+rate over W; refused requests are not counted) are held to ceil(max(rows_per_second * W,
+burst_rows)): over time the tenant's rate (or burst / W, when its burst is longer than W), and
+at once no more than the larger of its burst and W of its rate -- the server's token bucket, at
+one row a request, as a sliding window can hold it.  W defaults to 2 s, the default burst's
+length.  (The first design, ceil(burst + rate * W) over 10 s, never refused what the server
+would admit, but let a flood through at full speed until 12 s of its rate had passed, and the
+server refused most of those itself.)  The server stays exact: it counts rows.
+
+A tenant without a rate is not limited; requests with an unknown key, or none, share one limit
+(--unknown-per-second) and go on to the server, which answers 401; admin and metrics keys are
+never limited (an operator must be able to roll back during a flood).  So behind a server
+without auth (`muse serve --no-auth`) every request is in that one limit: raise it, or keep
+the edge for servers with keys.
 
 Files, in one directory: haproxy.cfg, keys.map, limits.map, and edge.json (what `sync` needs).
 `sync` follows the registry and replaces the maps in a running HAProxy through its runtime API
@@ -222,10 +225,12 @@ frontend muse
     bind {bind}
     option dontlog-normal
     option forwardfor
-    # The credential, as the server reads it: Authorization: Bearer <key>, else X-API-Key.
+    # The credential, as the server reads it (server/auth.py): Authorization: Bearer <key>, else
+    # X-API-Key; the key without the blanks at either end (Python's bytes.strip).
     acl has_authorization req.hdr_cnt(authorization) gt 0
-    http-request set-var(txn.key) req.fhdr(authorization),regsub('^bearer +','',i) if has_authorization
+    http-request set-var(txn.key) req.fhdr(authorization),regsub('^bearer ','',i) if has_authorization
     http-request set-var(txn.key) req.fhdr(x-api-key) unless has_authorization
+    http-request set-var(txn.key) var(txn.key),regsub('^[[:space:]]+',''),regsub('[[:space:]]+$','')
     # Its tenant from sha256 of the secret: what follows muse_<id>_ (the secret itself may hold '_').
     acl muse_key var(txn.key) -m reg ^muse_[^_]*_
     http-request set-var(txn.secret) var(txn.key),regsub('^muse_[^_]*_','') if muse_key

@@ -11,6 +11,7 @@ its map index as its mapped score) where the tests count rows rather than check 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from itertools import pairwise
 
@@ -451,6 +452,30 @@ def test_light_load_keeps_the_direct_paths(lgb_case):
     assert calls_after_small == 0 and [len(c.X) for c in calls] == [100, 1]
     assert np.array_equal(small.array, model.score(X[:3], native, 1).array)
     assert np.array_equal(big.array, model.score(X, native, 1).array)
+
+
+def test_the_model_thread_reports_each_calls_own_time(lgb_case):
+    """A call's seconds on the model thread (what max_call_us's estimate learns from) are its own:
+    the second of two calls submitted together waits for the first, and its seconds leave that
+    wait out."""
+    model = lgb_case.model
+    native = native_map_table(_table())
+    X, _ = training_data(rows=20_000, seed=29)
+
+    async def run():
+        thread = ModelThread()
+        try:
+            start = time.perf_counter()
+            first = thread.score_async(model, X, native, 0)
+            second = thread.score_async(model, X, native, 0)
+            a = await first
+            b = await second
+            return a.seconds, b.seconds, time.perf_counter() - start
+        finally:
+            thread.close()
+
+    a, b, wall = asyncio.run(run())
+    assert a > 0 and b > 0 and a + b <= wall  # one after the other, each within the wait for both
 
 
 class Clock:
