@@ -220,7 +220,7 @@ class ModelBatcher:
                 out = self._score_here(X, maps, map_index)
             else:
                 out = await self.thread.score_async(self.model, X, maps, map_index)
-            self.stats.charge(tenant, time.perf_counter() - now)
+            self.stats.charge(tenant, out.seconds or time.perf_counter() - now)  # its own time on the thread
         finally:
             if self._ring:
                 self._drain_task = asyncio.get_running_loop().create_task(self._drain())
