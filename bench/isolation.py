@@ -43,8 +43,7 @@ from muse.core.registry import Registry
 from muse.core.spec import QuotaSpec
 from muse.server import testing
 from muse.server.auth import add_key, keys_path
-from muse.server.demo.cluster import find_haproxy
-from muse.server.edge import Edge, render
+from muse.server.edge import Edge, find_haproxy, render
 
 
 def default_quota(peak: float, share: float) -> list[QuotaSpec]:
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each run")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--victim-rate", type=float, default=100.0, help="the victim's 1-event requests/s")
+    parser.add_argument("--victim-rate", type=float, default=200.0, help="the victim's 1-event requests/s")
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("bench/results"))
     parser.add_argument(
         "--quota-share", type=float, default=0.1, help="each tenant's quota as a share of the measured peak"
@@ -262,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
 def row(aggressor: str, quotas: str, result: dict) -> dict:
     victim = result["victim"]
     answers = "-"
-    span = 1.0  # seconds of the aggressor's run
+    span = victim["ok"] + victim["errors"]  # seconds of the run: the victim's requests over its rate
+    span = span / victim["target_rps"] if victim["target_rps"] else 1.0
     if "aggressor_status" in result:
         sent = result["aggressor"]["ok"] + result["aggressor"]["errors"]
         rate = result["aggressor"]["target_rps"]

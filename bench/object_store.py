@@ -37,28 +37,17 @@ from muse.server import testing
 BUCKET = "muse-bench"
 PREFIX = "registry"
 SIZES = {"poll": 10, "10 KiB": 10 << 10, "5 MiB": 5 << 20}
-MOTO = (
-    "import sys; from moto.moto_server.werkzeug_app import MotoRequestHandler as H; "
-    "H.protocol_version = 'HTTP/1.1'; from moto.server import main; main(sys.argv[1:])"
-)
 Client = dict[str, Callable[[], object]]
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    """moto's S3 server on a free loopback port, polled until it answers."""
-    port = testing.free_port()
+def start_moto() -> testing.S3Server:
+    """moto's S3 server, answering HTTP/1.1, on the cores the benchmark is not pinned to."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # moto keeps the venv's botocore
-    cmd = [sys.executable, "-c", MOTO, "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto = testing.S3Server(None, keep_alive=True, environ=env)
     others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
     if others:  # the benchmark is pinned (taskset): the server runs on the other cores
-        os.sched_setaffinity(proc.pid, others)
-    try:
-        testing.wait_answering(proc, port, "/moto-api/", 200, "moto's S3 server", 30)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, f"http://127.0.0.1:{port}"
+        os.sched_setaffinity(moto.proc.pid, others)
+    return moto
 
 
 def obstore_client(etag: str) -> tuple[Client, dict[str, str]]:
@@ -202,11 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         print("s3fs: not installed")
         makers = {"obstore": obstore_client}
-    moto, url = start_moto()
+    moto = start_moto()
     try:
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_ENDPOINT_URL=url
-        )
+        os.environ.update(moto.env)
         s3 = importlib.import_module("boto3").client("s3")
         s3.create_bucket(Bucket=BUCKET)
         for key, size in SIZES.items():
@@ -220,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, (wall, cpu) in measure(clients, op, rounds).items():
                 results[name][op] = {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "rounds": rounds}
     finally:
-        testing.stop_process(moto, 10)
+        moto.stop()
     for name in makers:
         size, dists = installed_size(name)
         results[name]["import_ms"] = import_seconds(name) * 1e3

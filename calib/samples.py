@@ -36,9 +36,11 @@ def scan_url(url: str) -> pl.LazyFrame:
 
 
 def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
-    """A Parquet file, a directory of Parquet files (a score log) or a CSV file, local or at a URL."""
-    if is_url(path):
-        frame = query_score_log(str(path), lambda f: f)
+    """A Parquet file, a directory of Parquet files (a score log, or any other) or a CSV file,
+    local or at a URL."""
+    if is_url(path) or pathlib.Path(path).is_dir():  # read again if the log's budget deletes a file meanwhile
+        where = str(path) if is_url(path) else pathlib.Path(path)
+        frame = query_score_log(where, lambda f: f, pattern="*.parquet")
         if frame is None:
             raise SampleError(f"{path}: no Parquet files")
         return frame
@@ -46,11 +48,6 @@ def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     if not path.exists():
         raise SampleError(f"{path}: no such file")
     try:
-        if path.is_dir():  # a score log: its complete files, read again if the budget deletes one meanwhile
-            frame = query_score_log(path, lambda f: f)
-            if frame is None:
-                raise SampleError(f"{path}: no Parquet files")
-            return frame
         if path.suffix == ".parquet":
             return pl.read_parquet(path)
         if path.suffix in (".csv", ".txt"):
@@ -74,17 +71,23 @@ def scan_parquet_files(files: list[pathlib.Path], where: pathlib.Path) -> pl.Laz
 READ_TRIES = 3  # the server deletes its oldest files to keep its budget, maybe while they are read
 
 
-def score_log_files(path: pathlib.Path) -> list[pathlib.Path]:
-    """A score log's complete files (they are renamed into place whole), or ``path`` itself."""
+SCORE_LOG_FILES = "scores-*.parquet"  # complete files: they are renamed into place whole
+
+
+def score_log_files(path: pathlib.Path, pattern: str = SCORE_LOG_FILES) -> list[pathlib.Path]:
+    """The files of the directory ``path`` that match ``pattern``, or ``path`` itself."""
     if path.is_file():
         return [path]
-    return sorted(path.glob("scores-*.parquet")) if path.is_dir() else []
+    return sorted(path.glob(pattern)) if path.is_dir() else []
 
 
-def query_score_log(path: pathlib.Path | str, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame | None:
-    """``query`` over every file of the score log at ``path`` (a directory, a file or a URL),
-    collected; None when it has none.  Listed again when a file vanishes while read (the size
-    budget); SampleError naming the first file that cannot be read otherwise."""
+def query_score_log(
+    path: pathlib.Path | str, query: Callable[[pl.LazyFrame], pl.LazyFrame], pattern: str = SCORE_LOG_FILES
+) -> pl.DataFrame | None:
+    """``query`` over every file of the score log at ``path`` (a directory, a file or a URL; a
+    directory's files those matching ``pattern``), collected; None when it has none.  Listed
+    again when a file vanishes while read (the size budget); SampleError naming the first file
+    that cannot be read otherwise."""
     if isinstance(path, str):
         if not is_url(path):
             path = pathlib.Path(path)
@@ -101,7 +104,7 @@ def query_score_log(path: pathlib.Path | str, query: Callable[[pl.LazyFrame], pl
                     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL"
                 ) from None
     for attempt in range(READ_TRIES):
-        files = score_log_files(path)
+        files = score_log_files(path, pattern)
         if not files:
             return None
         try:

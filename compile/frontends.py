@@ -13,6 +13,7 @@ import math
 import pathlib
 import pickle
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import treelite
@@ -189,21 +190,32 @@ def _refuse_zero_as_missing(path: pathlib.Path, text: str) -> None:
     tree, fields = -1, dict[str, list[str]]()
     for line in text.splitlines():
         if line.startswith("Tree="):
-            tree, fields = int(line.split("=", 1)[1] or -1), {}
+            tree, fields = _number(path, line, int), {}
         elif line.startswith(("decision_type=", "threshold=")):
             key, _, values = line.partition("=")
             fields[key] = values.split()
             if len(fields) < 2:
                 continue
-            for node, (dt, th) in enumerate(zip(fields["decision_type"], fields["threshold"])):
-                kind = int(dt)
-                zero_left = float(th) >= 0.0  # where Treelite sends them: 0 <= threshold goes left
+            if len(fields["decision_type"]) != len(fields["threshold"]):
+                raise ModelFormatError(f"{path}: tree {tree}: decision_type and threshold differ in length")
+            for node, (dt, th) in enumerate(zip(fields["decision_type"], fields["threshold"], strict=True)):
+                kind = _number(path, dt, int)
+                zero_left = _number(path, th, float) >= 0.0  # where Treelite sends them: 0 <= threshold goes left
                 if kind & 1 == 0 and (kind >> 2) & 3 == _LGB_MISSING_ZERO and bool(kind & 2) != zero_left:
                     raise ModelFormatError(
                         f"{path}: tree {tree}, node {node}: trained with zero_as_missing=true, this node sends zeros "
                         f"and missing values {'left' if kind & 2 else 'right'}, which the compiler would read the "
                         "other way; MUSE cannot score such models exactly yet: retrain with zero_as_missing=false"
                     )
+
+
+def _number(path: pathlib.Path, text: str, kind: type[int] | type[float]) -> Any:
+    """``text`` (or what follows '=' in it) as ``kind``; ModelFormatError naming the file if it is not one."""
+    value = text.split("=", 1)[-1]
+    try:
+        return kind(value)
+    except ValueError:
+        raise ModelFormatError(f"{path}: {value[:40]!r} is not a number; the model file is corrupt") from None
 
 
 def _read_xgboost(path: pathlib.Path):

@@ -204,6 +204,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _unreadable(path: pathlib.Path, exc: BaseException) -> InputError:
+    return InputError(f"{path}: cannot read ({_first_line(exc)})")
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -239,17 +243,18 @@ def plan_input(path: str | os.PathLike[str], feature_names: tuple[str, ...], id_
     if not path.exists():
         raise InputError(f"{path}: no such file")
     headerless = False
+    csv = path.suffix.lower() == ".csv"
     try:
         lazy = _scan(path)
         schema = lazy.collect_schema()
         columns = list(schema.names())
-        if path.suffix.lower() == ".csv" and _numbers_only(path):
+        if csv and _numbers_only(path):
             headerless = True  # the first line is a row of numbers: the file has no header
             lazy = pl.scan_csv(path, has_header=False, infer_schema_length=CSV_SCHEMA_ROWS)
             schema = lazy.collect_schema()
             columns = list(schema.names())
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(f"{path}: cannot read ({_first_line(exc)})") from None
+        raise _unreadable(path, exc) from None
     if id_column is not None and id_column not in columns:
         shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
         raise InputError(f"{path}: no column {id_column!r} for --id-column (columns: {shown})")
@@ -282,19 +287,18 @@ def plan_input(path: str | os.PathLike[str], feature_names: tuple[str, ...], id_
             )
         features, by_name = tuple(candidates), False
     wrong = [(c, schema[c]) for c in features if not _numeric(schema[c])]
-    if wrong and path.suffix.lower() != ".csv":  # a CSV's features are parsed as Float64 below
+    if wrong and not csv:  # a CSV's features are parsed as Float64 below
         c, dtype = wrong[0]
         raise InputError(
             f"{path}: feature column {c!r} is {dtype}, not numeric; features must be numbers (null or NaN: missing)"
         )
-    if path.suffix.lower() == ".csv":
+    if csv:
         overrides: dict[str, pl.DataType] = {c: pl.Float64() for c in features}
         if id_column is not None:
             overrides[id_column] = schema[id_column]  # as inferred: every chunk gets the same type
         lazy = pl.scan_csv(
             path, has_header=not headerless, schema_overrides=overrides, infer_schema_length=CSV_SCHEMA_ROWS
         )
-    csv = path.suffix.lower() == ".csv"
     dtype = pl.Float32() if not csv and all(schema[c] in FLOAT32_EXACT for c in features) else pl.Float64()
     selected = [pl.col(c).cast(dtype) for c in features]
     if id_column is not None:
@@ -308,7 +312,7 @@ def count_rows(plan: InputPlan) -> int:
     try:
         return int(_scan(plan.path).select(pl.len()).collect().item())
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(f"{plan.path}: cannot read ({_first_line(exc)})") from None
+        raise _unreadable(plan.path, exc) from None
 
 
 # -- scoring -------------------------------------------------------------------------------
@@ -399,7 +403,7 @@ def score_file(
             try:
                 batch = plan.frame.slice(offset, rows).collect()
             except (pl.exceptions.PolarsError, OSError) as exc:
-                raise InputError(f"{plan.path}: cannot read ({_first_line(exc)})") from None
+                raise _unreadable(plan.path, exc) from None
         if id_name is None or plan.id_column is None:
             return index, None, batch.to_numpy(order="c")
         return index, batch.get_column(id_name).rename(plan.id_column), batch.drop(id_name).to_numpy(order="c")
@@ -433,7 +437,7 @@ def score_file(
                     run.set_total(index)
                     break
         except (pl.exceptions.PolarsError, OSError) as exc:
-            run.fail(InputError(f"{plan.path}: cannot read ({_first_line(exc)})"))
+            run.fail(_unreadable(plan.path, exc))
         except BaseException as exc:
             run.fail(exc)
         finally:

@@ -31,6 +31,7 @@ from obstore.store import ObjectStore as _Store
 from obstore.store import S3Store, from_url
 
 SCHEMES = ("s3", "gs", "az")
+MAX_OBJECT_BYTES = 2 << 30  # a larger object in a registry is a mistake, not a model: refused before its bytes
 SHA256 = "sha256"  # user metadata every object we write carries: the mirror checks downloads against it
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,221}[a-z0-9]$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._\-=]{1,255}$")
@@ -159,6 +160,12 @@ class ObjectStore:
         options: dict[str, Any] = {"if_none_match": if_none_match} if if_none_match else {}
         try:
             result = obstore.get(self._store, key, options=options)  # type: ignore[arg-type]
+            size = result.meta["size"]
+            if size > MAX_OBJECT_BYTES:  # before its bytes: they would be held in memory whole
+                raise StoreError(
+                    f"{self.where(key)}: {size:,} bytes, more than the {MAX_OBJECT_BYTES:,} an object of a "
+                    "registry may hold; remove it"
+                )
             data = bytes(result.bytes())
         except NotModifiedError:
             return None

@@ -20,7 +20,7 @@ writes the registry needs to know of the store only where a write must be atomic
 - **follow** (servers) reads `current` and `keys.toml` with If-None-Match every poll and pulls
   when either changed.
 
-Score logs are not mirrored (server/scorelog_upload.py uploads them; readers scan the URL)."""
+Score logs are not mirrored (server/replica.py uploads them; readers scan the URL)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import pathlib
 import secrets
@@ -40,8 +39,6 @@ from typing import Any
 from .files import write_atomic
 from .objectstore import Blob, ObjectChanged, ObjectExists, ObjectInfo, ObjectMissing, ObjectStore, StoreError, sha256
 
-log = logging.getLogger("muse.remote")
-
 MARKER = ".muse-remote.json"
 LOCK = ".muse-remote.lock"
 CONFLICTS = ".conflicts"  # a version another host claimed first: this host's copy, moved aside
@@ -49,7 +46,6 @@ CONFLICTS = ".conflicts"  # a version another host claimed first: this host's co
 # file whose size and mtime are unchanged is not hashed again to find what a command wrote
 INDEX = ".muse-remote-index.json"
 Entry = list[Any]
-MAX_OBJECT_BYTES = 2 << 30  # a larger object in a registry is a mistake, not a model: refused before download
 CURRENT = "deployments/current"
 KEYS = "keys.toml"
 # What a mirror holds: the registry but its score log, locks and anything hidden.
@@ -174,12 +170,7 @@ class Mirror:
             held = index.get(obj.key)
             if held and held[0] == obj.etag and (self.root / obj.key).exists():
                 continue
-            if obj.size > MAX_OBJECT_BYTES:
-                raise StoreError(
-                    f"{self.store.where(obj.key)}: {obj.size:,} bytes, over the {MAX_OBJECT_BYTES:,} a registry "
-                    "file may have; remove it from the registry"
-                )
-            blob = self._download(obj.key)
+            blob = self._download(obj.key)  # ObjectStore.get refuses one over MAX_OBJECT_BYTES
             index[obj.key] = self._entry(obj.key, blob.etag, blob.data)
             fetched += 1
         return fetched

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
+# What a command does with a registry at a URL (its parser's ``remote`` default; "write" unless
+# it says otherwise): "write" pulls before and pushes what it wrote after; "read" only pulls;
+# "follow" (a process that follows the store as it runs) starts from its mirror when the store
+# cannot be reached, and pushes nothing.
+
+
 def _mirror(args: argparse.Namespace) -> Mirror | None:
     """For --registry at a URL: its local mirror, brought up to date, which the command then
     uses as its registry (core/remote.py); None for a local registry."""
@@ -98,9 +104,12 @@ def _mirror(args: argparse.Namespace) -> Mirror | None:
         mirror.pull()
     except StoreError as exc:
         # a replica restarted during an outage serves what its mirror holds, and follows once it can
-        if args.command != "serve" or not (mirror.root / CURRENT).exists():
+        if getattr(args, "remote", "write") != "follow" or not (mirror.root / CURRENT).exists():
             raise
-        print(f"muse serve: warning: {exc}; serving the mirror's generation until the store answers", file=sys.stderr)
+        print(
+            f"muse {args.command}: warning: {exc}; serving the mirror's generation until the store answers",
+            file=sys.stderr,
+        )
     args.registry = str(mirror.root)
     return mirror
 
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         command = f"muse {args.command}"
         mirror = _mirror(args)
         code = args.func(args)
-        if mirror is not None and args.command != "serve":  # a server publishes as it goes
+        if mirror is not None and getattr(args, "remote", "write") == "write":
             mirror.push()  # what the command wrote: a compiled model, a calibration, keys, labels...
     except (CliError, ModelFormatError, ArtifactError, RegistryError, FileExistsError, ValueError, OSError) as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)

@@ -28,10 +28,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         args.registry, args.out, args.backend, args.bind, _window(args.window), args.unknown_per_second, args.socket
     )
     settings = edge.read_settings(args.out)
-    try:
-        binary = edge.haproxy_binary()
-    except ValueError:
-        binary = None
+    binary = edge.find_haproxy()
     if binary is not None:
         edge.check_config(config, binary)
     checked = f"checked with {binary} -c" if binary else "not checked: haproxy is not installed here"
@@ -81,7 +78,7 @@ def register(sub) -> None:
         help="requests per second let through with an unknown key or none, all together (the server answers 401)",
     )
     r.add_argument("--socket", help="HAProxy's runtime API socket, for `sync` (default: OUT/haproxy.sock)")
-    r.set_defaults(func=cmd_render)
+    r.set_defaults(func=cmd_render, remote="read")
 
     s = esub.add_parser(
         "sync",
@@ -94,4 +91,4 @@ def register(sub) -> None:
     s.add_argument("--socket", help="HAProxy's runtime API socket (default: the one rendered, in OUT/edge.json)")
     s.add_argument("--once", action="store_true", help="apply once and exit")
     s.add_argument("--log-format", choices=FORMATS, default="json", help="json: one object a line")
-    s.set_defaults(func=cmd_sync)
+    s.set_defaults(func=cmd_sync, remote="follow")

@@ -321,7 +321,7 @@ def register(sub) -> None:
         default=DEFAULTS.score_log_flush_seconds,
         help="the longest a logged score waits in memory before it is written",
     )
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, remote="follow")  # a server publishes as it goes
 
     p = sub.add_parser("promote", help="publish a generation in which PREDICTOR is active on its intent's routes")
     p.add_argument("predictor")

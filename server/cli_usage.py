@@ -85,7 +85,7 @@ def register(sub) -> None:
         default="table",
         help="table (with totals and notes), csv (a header line) or json (a list of objects)",
     )
-    p.set_defaults(func=cmd_usage)
+    p.set_defaults(func=cmd_usage, remote="read")
 
 
 # -- the window ----------------------------------------------------------------------------

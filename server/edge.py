@@ -38,6 +38,7 @@ import logging
 import math
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -54,6 +55,7 @@ from muse.core.spec import QuotaSpec
 from .auth import KeyRecord, keys_path, read_keys
 from .logs import Outage
 from .quotas import Quotas
+from .replica import follow_in_background
 from .schemas import ErrorBody
 
 log = logging.getLogger("muse.edge")
@@ -87,6 +89,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     window: int
     unknown_per_second: float
     socket: str
+    directory: str  # the maps' directory, as haproxy.cfg names them: HAProxy knows a map by that text
 
 
 # -- names, as HAProxy will read them ----------------------------------------------------------
@@ -299,7 +302,7 @@ def render(
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in maps.files().items():
         write_atomic(directory / name, data)
-    settings = EdgeSettings(bind, window, unknown_per_second, str(sock))
+    settings = EdgeSettings(bind, window, unknown_per_second, str(sock), str(directory))
     write_atomic(directory / SETTINGS, msgspec.json.format(msgspec.json.encode(settings)) + b"\n")
     config = CONFIG_TEMPLATE.format(
         socket=sock,
@@ -325,9 +328,12 @@ def read_settings(out: str | pathlib.Path) -> EdgeSettings:
         raise ValueError(f"{path}: {exc}; render the edge again with `muse edge render`") from None
 
 
-def haproxy_binary() -> str:
-    from .demo.cluster import find_haproxy  # the demo's lookup; imported here, the demo is heavy
+def find_haproxy() -> str | None:
+    """HAProxy's binary (Debian installs it in /usr/sbin, outside a user's PATH), or None."""
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/local/sbin:/usr/sbin")
 
+
+def haproxy_binary() -> str:
     binary = find_haproxy()
     if binary is None:
         raise ValueError("haproxy is not installed (Debian: apt-get install haproxy; 2.6 or later)")
@@ -387,9 +393,10 @@ def _batches(lines: list[str], limit: int) -> Iterator[str]:
         yield "".join(batch)
 
 
-def apply(out: pathlib.Path, settings: EdgeSettings, maps: Maps) -> None:
+def apply(settings: EdgeSettings, maps: Maps) -> None:
     """Write the map files (a restart starts from them), then replace them in the running HAProxy:
     limits first, so a new tenant's limit is there before its keys."""
+    out = pathlib.Path(settings.directory)
     for name, data in maps.files().items():
         write_atomic(out / name, data)
     replace_map(settings.socket, out / LIMITS_MAP, maps.limits)
@@ -405,8 +412,7 @@ class EdgeSync:
 
     def __init__(self, registry: Registry, out: str | pathlib.Path, socket_path: str | pathlib.Path | None = None):
         self.registry = registry
-        self.out = pathlib.Path(out).absolute()
-        settings = read_settings(self.out)
+        settings = read_settings(out)  # its directory is the one render wrote into haproxy.cfg
         self.settings = msgspec.structs.replace(settings, socket=str(socket_path or settings.socket))
         self._seen: tuple[object, ...] | None = None  # what the registry's files were at the last pass that applied
         self._applied: Maps | None = None
@@ -434,7 +440,7 @@ class EdgeSync:
         if maps == self._applied:
             self._seen = state
             return False
-        apply(self.out, self.settings, maps)
+        apply(self.settings, maps)
         self._seen, self._applied = state, maps
         limited = len(maps.limits) - 1
         log.info(
@@ -451,13 +457,7 @@ class EdgeSync:
         unreadable, HAProxy restarting) is said once and retried, backing off up to BACKOFF_MAX."""
         mirror = self.registry.mirror
         if mirror is not None:  # a registry at a URL: follow the store into the mirror, as replicas do
-            follow = Outage(log, f"following {mirror.url}", "edge")
-            threading.Thread(
-                target=mirror.follow,
-                args=(stop, interval, follow.failed, follow.ok),
-                name="muse-edge-follow",
-                daemon=True,
-            ).start()
+            follow_in_background(mirror, stop, interval, log, "edge", "muse-edge-follow")
         outage = Outage(
             log, f"applying {self.registry.root}'s quotas and keys to HAProxy at {self.settings.socket}", "edge"
         )

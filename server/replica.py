@@ -71,6 +71,17 @@ def upload_score_log(mirror: Mirror, directory: pathlib.Path, replica: str) -> i
     return sent
 
 
+def follow_in_background(
+    mirror: Mirror, stop: threading.Event, interval: float, logger: logging.Logger, event: str, name: str
+) -> None:
+    """``mirror.follow`` on a daemon thread until ``stop`` (not waited for at stop: it may be
+    mid-pull); its failures logged once as they start and once as they end."""
+    follow = Outage(logger, f"following {mirror.url}", event)
+    threading.Thread(
+        target=mirror.follow, args=(stop, interval, follow.failed, follow.ok), name=name, daemon=True
+    ).start()
+
+
 class ReplicaSync:
     def __init__(self, mirror: Mirror, poll_interval: float, score_log: pathlib.Path | None, replica: str):
         self.mirror = mirror
@@ -81,13 +92,7 @@ class ReplicaSync:
         self._uploader: threading.Thread | None = None
 
     def start(self) -> None:
-        follow = Outage(log, f"following {self.mirror.url}", "store")
-        threading.Thread(
-            target=self.mirror.follow,
-            args=(self._stop, self.poll_interval, follow.failed, follow.ok),
-            name="muse-follow",
-            daemon=True,  # not waited for at stop: it may be mid-pull
-        ).start()
+        follow_in_background(self.mirror, self._stop, self.poll_interval, log, "store", "muse-follow")
         if self.score_log is not None:
             self._uploader = threading.Thread(target=self._uploads, name="muse-upload", daemon=True)
             self._uploader.start()

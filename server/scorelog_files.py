@@ -10,12 +10,15 @@ across hosts and containers: without it, two replicas' files could take one name
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import pathlib
 import re
 import socket
 import time
+
+from muse.core.files import fsync_path
 
 log = logging.getLogger("muse.scorelog")
 
@@ -24,7 +27,18 @@ _TEMP = re.compile(r"^\.scores-\d+-(?:([A-Za-z0-9-]+)-)?(\d+)-\d+\.parquet\.tmp$
 # Another host's temporary file is judged by age alone (its pid means nothing here): a write
 # takes seconds, so one this old was left by a writer that died.
 FOREIGN_ORPHAN_SECONDS = 3600.0
-HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()).strip("-")[:40] or "host"
+
+
+def _host_tag(name: str) -> str:
+    """The host name as file names carry it: at most 40 characters, cut ones ending in a hash of
+    the whole name, so that pods whose long names share a prefix still differ."""
+    tag = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-") or "host"
+    if len(tag) <= 40:
+        return tag
+    return f"{tag[:31].strip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+HOST = _host_tag(socket.gethostname())
 
 
 def file_name(seq: int) -> str:
@@ -47,7 +61,8 @@ def write_durably(directory: pathlib.Path, name: str, data: memoryview) -> pathl
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    with contextlib.suppress(OSError):  # best effort: the file is in place either way
+        fsync_path(directory)  # the rename, durable
     return directory / name
 
 
@@ -61,18 +76,6 @@ def _write_file(path: pathlib.Path, data: memoryview) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: the file is in place either way)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _process_started(pid: int) -> float | None:

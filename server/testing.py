@@ -210,6 +210,8 @@ class LocalServer:
         env: Mapping[str, str] | None = None,
         log_dir: pathlib.Path | None = None,
     ):
+        if log_dir is None and "://" in str(registry):
+            raise ValueError(f"{registry}: a registry at a URL needs log_dir, a local folder for the server's output")
         self.port = free_port()
         self.registry = registry
         self.log_path = (log_dir or pathlib.Path(registry)) / f"server-{self.port}.log"
@@ -331,12 +333,28 @@ class ASGIClient:
 # -- an S3-compatible server on loopback -------------------------------------------------------
 
 
+# moto's server answering HTTP/1.1, so that a client keeps its connection (as S3 does) and a
+# benchmark measures requests rather than handshakes
+MOTO_KEEP_ALIVE = (
+    "import sys; from moto.moto_server.werkzeug_app import MotoRequestHandler as H; "
+    "H.protocol_version = 'HTTP/1.1'; from moto.server import main; main(sys.argv[1:])"
+)
+
+
 class S3Server:
     """moto's S3 server (``moto[server]``, a dev dependency) on a free loopback port, in its own
     process; live when constructed.  ``env`` is what a client needs to reach it (the standard
-    AWS_* variables); ``bucket(name)`` makes a bucket and returns its s3:// URL."""
+    AWS_* variables); ``bucket(name)`` makes a bucket and returns its s3:// URL.  ``log_path``
+    None: its output is dropped; ``keep_alive``: HTTP/1.1; ``environ``: the process's
+    environment (default: this one's)."""
 
-    def __init__(self, log_path: pathlib.Path):
+    def __init__(
+        self,
+        log_path: pathlib.Path | None,
+        *,
+        keep_alive: bool = False,
+        environ: Mapping[str, str] | None = None,
+    ):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -345,13 +363,19 @@ class S3Server:
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": self.endpoint,
         }
-        self._log = open(log_path, "wb")  # noqa: SIM115 -- open for the server's lifetime
+        program = ["-c", MOTO_KEEP_ALIVE] if keep_alive else ["-m", "moto.server"]
+        self._log = open(log_path, "wb") if log_path else None  # noqa: SIM115 -- open for the server's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log,
+            [sys.executable, *program, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
+            env=None if environ is None else dict(environ),
         )
-        wait_answering(self.proc, self.port, "/", 200, f"moto's S3 server (log: {log_path})")
+        try:
+            wait_answering(self.proc, self.port, "/", 200, f"moto's S3 server (log: {log_path})")
+        except BaseException:
+            self.stop()
+            raise
 
     def bucket(self, name: str) -> str:
         status, body, _ = request(self.port, "PUT", f"/{name}")
@@ -367,4 +391,5 @@ class S3Server:
 
     def stop(self) -> None:
         stop_process(self.proc, 15)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()

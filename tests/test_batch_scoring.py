@@ -223,7 +223,6 @@ def test_chunks_come_in_whole_rounds_of_threads():
 
 
 def test_row_groups_are_read_from_the_footers(model, X, tmp_path):
-    pytest.importorskip("pyarrow", reason="row groups are read by pyarrow, an optional dependency")
     from muse.core.file_scoring import _row_groups
 
     frame = features_frame(model, X)
@@ -336,12 +335,17 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
     from muse.server.testing import wait_until
 
     inp = tmp_path / f"in.{kind}"
-    features_frame(model, X).write_parquet(inp) if kind == "parquet" else features_frame(model, X).write_csv(inp)
+    frame = features_frame(model, X)
+    if kind == "parquet":
+        frame.write_parquet(inp)
+    else:
+        frame.write_csv(inp)
     scorer = model_scorer(reg, "lightgbm")
     calls = [0]
 
     lock, held, ahead = threading.Lock(), [0], []
-    bound = file_scoring.AHEAD * 3  # threads
+    threads = 3
+    bound = file_scoring.AHEAD * threads
 
     def slow(Z):
         with lock:
@@ -375,7 +379,6 @@ def test_chunks_in_flight_stay_bounded(reg, model, X, tmp_path, monkeypatch, kin
 
     monkeypatch.setattr(file_scoring._Run, "__init__", counting)
     plan = plan_input(inp, scorer.feature_names)
-    threads = bound // file_scoring.AHEAD
     summary = score_file(
         dataclasses.replace(scorer, score=slow), plan, tmp_path / "out.parquet", threads=threads, chunk_rows=20
     )

@@ -30,7 +30,8 @@ from muse.core.objectstore import ObjectStore
 from muse.core.registry import Registry
 from muse.core.remote import Mirror
 from muse.core.spec import DeploymentSpec, PredictorSpec, RouteSpec, decode_spec, encode_spec
-from muse.server.demo.cluster import HAProxy, Load, Replica, converge, find_haproxy, stop_all
+from muse.server.demo.cluster import HAProxy, Load, Replica, converge, stop_all
+from muse.server.edge import find_haproxy
 from muse.server.testing import S3Server, as_json_rows, wait_until
 
 A = PredictorSpec("a", "1", "fraud", ["lightgbm/1"], calibration="lightgbm/1")
@@ -167,6 +168,8 @@ def test_promote_and_rollback_under_load_through_haproxy_fail_no_request(live: C
     assert seen.failures == [], seen.failures[:5]
     assert seen.requests >= 80 and set(seen.by_replica) == set(REPLICAS), seen.by_replica
     assert load.phases["b"].by_predictor.get("b", 0) >= 30 and load.phases["a"].by_predictor.get("a", 0) >= 30
+    for name in ("b", "a"):  # each new generation answered from every replica
+        assert set(load.phases[name].by_replica) == set(REPLICAS), (name, load.phases[name].by_replica)
 
 
 def test_a_replica_killed_and_restarted_rejoins_at_the_current_generation(live: Cluster) -> None:

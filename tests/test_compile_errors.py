@@ -51,6 +51,20 @@ def test_corrupt_lightgbm(tmp_path, models):
 
 
 @pytest.mark.parametrize(
+    "old, new",
+    [("threshold=", "threshold=x "), ("decision_type=", "decision_type=2 "), ("Tree=0", "Tree=zero")],
+)
+def test_malformed_numbers_in_a_lightgbm_file_name_the_file(tmp_path, models, old, new):
+    """A tree's numbers that are no numbers, or a threshold list longer than its decision types:
+    a ModelFormatError naming the file, not a bare ValueError from the zero-as-missing check."""
+    good = _lgb_file(tmp_path / "m.txt")
+    bad = tmp_path / "malformed.txt"
+    bad.write_text(good.read_text().replace(old, new, 1))
+    with pytest.raises(ModelFormatError, match=r"malformed.txt: "):
+        build_artifact(bad, models, name="m")
+
+
+@pytest.mark.parametrize(
     "objective, words",
     [("multiclass", "multi-class model \\(3 classes\\)"), ("regression", "is not a binary classifier")],
 )

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,14 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from muse.calib.names import is_tenant
+from muse.core.registry import Registry
 from muse.core.spec import DeploymentSpec, PredictorSpec, QuotaSpec, RouteSpec
 from muse.server import edge
 from muse.server.auth import KeyFile, KeyRecord, add_key, keys_path, read_keys, write_keys
 from muse.server.cli import main
-from muse.server.demo.cluster import find_haproxy
-from muse.server.testing import LocalServer, deploy, free_port, request, wait_until
+from muse.server.testing import LocalServer, deploy, free_port, request, stop_process, wait_until
 
-HAPROXY = find_haproxy()
+HAPROXY = edge.find_haproxy()
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (CI installs it)")
 
 WINDOW = 60  # s: within one window HAProxy's count is exact (no earlier period to weigh in)
@@ -60,6 +61,22 @@ def served(tmp_path_factory, model_dir):
     with LocalServer(reg.root) as server:
         server.wait_ready(generation=1)
         yield reg, server, keys
+
+
+@pytest.fixture
+def own_served(tmp_path, served):
+    """A copy of the module's registry with a server of its own, for a test that publishes and
+    adds keys: the module's registry and server stay as every other test expects them."""
+    reg, _, keys = served
+    copy = make_registry_copy(reg, tmp_path / "registry")
+    with LocalServer(copy.root) as server:
+        server.wait_ready(generation=1)
+        yield copy, server, dict(keys)
+
+
+def make_registry_copy(reg: Registry, root: pathlib.Path) -> Registry:
+    shutil.copytree(reg.root, root, ignore=shutil.ignore_patterns("server-*.log", "scorelog"))
+    return Registry(root)
 
 
 def score(port: int, tenant: str, key: str | None, header: str = "authorization") -> tuple[int, object, dict]:
@@ -134,8 +151,8 @@ def test_admin_keys_are_never_limited(tmp_path, served):
 
 
 @needs_haproxy
-def test_sync_applies_a_new_generation_and_a_new_key_to_a_running_haproxy(tmp_path, served):
-    reg, server, keys = served
+def test_sync_applies_a_new_generation_and_a_new_key_to_a_running_haproxy(tmp_path, own_served):
+    reg, server, keys = own_served
     out = tmp_path / "edge"
     # many tenants, so that a map goes to HAProxy in several commands
     path = keys_path(reg.root)
@@ -178,9 +195,19 @@ def test_sync_applies_a_new_generation_and_a_new_key_to_a_running_haproxy(tmp_pa
         text = (tmp_path / "sync.log").read_text()
         assert text.count("failed, retrying") == 1 and "generation 2" in text, text
     finally:
-        sync.terminate()
-        sync.wait(10)
+        stop_process(sync, 10)
         log.close()
+
+
+def test_sync_replaces_the_maps_haproxy_was_given_however_out_is_spelled(tmp_path, served):
+    """HAProxy knows a map by the path its configuration names: a sync pointed at the same
+    directory by another spelling (a symlink here) writes and replaces the rendered paths."""
+    reg, _, _ = served
+    edge.render(reg, tmp_path / "edge", ["127.0.0.1:1"], "127.0.0.1:2")
+    (tmp_path / "alias").symlink_to(tmp_path / "edge")
+    sync = edge.EdgeSync(reg, tmp_path / "alias")
+    assert sync.settings.directory == str(tmp_path / "edge")
+    assert f"map({tmp_path / 'edge' / edge.KEYS_MAP}" in (tmp_path / "edge" / "haproxy.cfg").read_text()
 
 
 @needs_haproxy

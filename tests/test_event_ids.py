@@ -272,3 +272,15 @@ def test_an_event_id_that_labels_could_not_name_is_refused(served, bad):
     status, body, _ = server.post("/v1/score", {"tenant": "acme", "intent": "fraud", "events": events})
     assert status == 422 and body["field"] == "$.events[1].id", body
     assert score(server, [{"id": "y" * MAX_EVENT_ID_CHARS, "features": [0.1] * 6}])["ids"] == ["y" * MAX_EVENT_ID_CHARS]
+
+
+def test_read_table_reads_every_parquet_file_of_a_directory_not_only_a_score_logs(tmp_path):
+    """A directory given to `muse calib fit --scores` (read_table) is read whole, whatever its
+    files are named; a score log's own reader keeps to its complete scores-*.parquet files."""
+    from muse.calib.samples import query_score_log
+
+    pl.DataFrame({"corrected": [0.1, 0.2]}).write_parquet(tmp_path / "part-0.parquet")
+    pl.DataFrame({"corrected": [0.3]}).write_parquet(tmp_path / "scores-1-h-1-000001.parquet")
+    assert sorted(read_table(tmp_path)["corrected"].to_list()) == [0.1, 0.2, 0.3]
+    log = query_score_log(tmp_path, lambda f: f)
+    assert log is not None and log["corrected"].to_list() == [0.3]

@@ -141,6 +141,21 @@ def test_the_mirror_refuses_an_object_whose_checksum_does_not_match(url, tmp_pat
     assert "content does not match its sha256" in capsys.readouterr().err
 
 
+def test_an_object_over_the_size_limit_is_refused_before_its_bytes(url, tmp_path, monkeypatch):
+    """Every read of the store is bounded by the object's size as the store reports it, so a pull
+    never holds more than MAX_OBJECT_BYTES of one object in memory."""
+    from muse.core import objectstore
+
+    store = ObjectStore(url)
+    key = "calibrations/lightgbm/1/calibration.json"
+    size = len(store.get(key).data)  # type: ignore[union-attr]
+    monkeypatch.setattr(objectstore, "MAX_OBJECT_BYTES", size - 1)
+    with pytest.raises(StoreError, match=f"{key}: {size:,} bytes, more than the {size - 1:,}"):
+        store.get(key)
+    with pytest.raises(StoreError, match="an object of a registry may hold"):
+        Mirror.open(url, tmp_path / "host-b").pull()
+
+
 def test_a_version_two_hosts_wrote_belongs_to_the_one_that_claimed_it_first(url, tmp_path):
     first, second = (host(tmp_path, name, url) for name in ("host-b", "host-c"))
     for reg, created, tenants in ((first, "first", []), (second, "second", ["acme"])):

@@ -379,3 +379,14 @@ def test_replicas_sharing_the_directory_never_share_a_name_nor_remove_each_other
     ours = temp(disk.HOST, age=10 * 365 * 86400)  # our host and pid, but from before this process
     ScoreLog(tmp_path)
     assert writing.exists() and not left.exists() and not ours.exists()
+
+
+def test_long_host_names_stay_apart_in_file_names():
+    """Pods of one Deployment share a long name prefix: cut to 40 characters, their tags differ
+    by a hash of the whole name, and carry only what file names may."""
+    from muse.server.scorelog_files import _host_tag
+
+    a = _host_tag("fraud-scoring-muse-production-eu-west-1-7d9f8c6b5-abcde")
+    b = _host_tag("fraud-scoring-muse-production-eu-west-1-7d9f8c6b5-fghij")
+    assert a != b and len(a) <= 40 and len(b) <= 40 and re.fullmatch(r"[A-Za-z0-9-]+", a)
+    assert _host_tag("short-host") == "short-host" and _host_tag("héllo.local") == "h-llo-local"

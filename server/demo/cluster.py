@@ -36,7 +36,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from unittest import mock
 
 import msgspec
 import polars as pl
@@ -47,6 +48,7 @@ from muse.calib.samples import query_score_log
 from muse.core.registry import Registry
 from muse.core.remote import Mirror
 from muse.server import testing
+from muse.server.edge import check_config, find_haproxy
 
 REPLICAS = ("r1", "r2", "r3")
 VICTIM = "r2"  # the replica the demo kills
@@ -100,11 +102,6 @@ listen stats
 # -- the pieces ---------------------------------------------------------------------------------
 
 
-def find_haproxy() -> str | None:
-    """HAProxy's binary (Debian installs it in /usr/sbin, outside a user's PATH), or None."""
-    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/local/sbin:/usr/sbin")
-
-
 def ready_generation(port: int) -> int | None:
     """The generation the server on ``port`` serves (its /v2/health/ready); None when it is not
     ready or not answering."""
@@ -123,12 +120,10 @@ class Replica:
     does: the whole process group at once (its workers would also stop on their own once their
     parent is gone, server/app.py, but not in the same instant)."""
 
-    def __init__(
-        self, rid: str, url: str, work: pathlib.Path, env: Mapping[str, str], *flags: str, port: int | None = None
-    ):
+    def __init__(self, rid: str, url: str, work: pathlib.Path, env: Mapping[str, str], *flags: str):
         self.rid = rid
         self.url = url
-        self.port = port or testing.free_port()
+        self.port = testing.free_port()
         self.cache = work / f"host-{rid}"
         self.log_path = work / f"replica-{rid}.log"
         self.env = {**os.environ, **env, "MUSE_CACHE_DIR": str(self.cache), "PYTHONUNBUFFERED": "1"}
@@ -238,13 +233,15 @@ class HAProxy:
         servers = "\n".join(f"    server {name} 127.0.0.1:{port}" for name, port in replicas.items())
         self.config = work / "haproxy.cfg"
         self.config.write_text(HAPROXY_CONFIG.format(port=self.port, stats_port=self.stats_port, servers=servers))
-        check = subprocess.run([binary, "-c", "-q", "-f", str(self.config)], capture_output=True, text=True)
-        if check.returncode != 0:
-            raise RuntimeError(f"haproxy refused {self.config}: {check.stdout}{check.stderr}")
+        check_config(self.config, binary)
         self.log_path = work / "haproxy.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([binary, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        testing.wait_answering(self.proc, self.stats_port, "/stats;csv", 200, f"haproxy (log: {self.log_path})", 30)
+        try:
+            testing.wait_answering(self.proc, self.stats_port, "/stats;csv", 200, f"haproxy (log: {self.log_path})", 30)
+        except BaseException:
+            testing.stop_process(self.proc, 5)
+            raise
 
     def stats(self) -> dict[str, dict[str, str]]:
         """The backend's rows of HAProxy's statistics, by server name (and BACKEND)."""
@@ -326,12 +323,6 @@ class Load:
         for t in self._threads:
             t.start()
         return self
-
-    def __enter__(self) -> Load:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def phase(self, name: str) -> Phase:
         """Count from now on in phase ``name`` (made if new); returns it."""
@@ -478,21 +469,6 @@ def score_log_rows(url: str, replica: str) -> int:
     return 0 if frame is None else int(frame.item())
 
 
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """os.environ with ``values``, as before afterwards."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 # -- the demo -----------------------------------------------------------------------------------
 
 
@@ -587,13 +563,13 @@ def run_cluster(
 
     t0 = time.perf_counter()
     step("1. Object storage: moto's S3 server on loopback (a stand-in for S3 or an S3-compatible store)")
-    with environment(MOTO_RECORDER_FILEPATH=str(work / "moto-recording.jsonl")):
+    with mock.patch.dict(os.environ, MOTO_RECORDER_FILEPATH=str(work / "moto-recording.jsonl")):
         s3 = testing.S3Server(work / "moto.log")
     try:
         url = s3.bucket(BUCKET) + "/registry"
         print(f"{s3.endpoint}: bucket {BUCKET}; the registry is {url}")
         # This process is the operator's host: its mirror of the registry is in WORK/host-admin.
-        with environment(**s3.env, MUSE_CACHE_DIR=str(work / "host-admin")):
+        with mock.patch.dict(os.environ, **s3.env, MUSE_CACHE_DIR=str(work / "host-admin")):
             keys = build(work, url, rows, trees)
             result = serve(work, url, s3, keys, clients, rate, idle, haproxy)
     finally:
