@@ -229,19 +229,24 @@ PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def _stop_with_the_supervisor() -> None:
-    """Have Linux send this worker SIGTERM when the `muse serve` process that started it dies
-    (SIGKILL, a crash): an orphaned worker would go on answering on the port, unsupervised and
-    no longer following deployments if the registry is on object storage.  Granian starts
-    workers from its main thread, whose exit is what the kernel watches."""
+    """Have Linux kill this worker when the `muse serve` process that started it dies (SIGKILL,
+    a crash): an orphaned worker would go on answering on the port, unsupervised and no longer
+    following deployments if the registry is on object storage.  Granian starts workers from its
+    main thread, whose exit is what the kernel watches.
+
+    SIGKILL, not SIGTERM: a Granian worker that gets SIGTERM with no supervisor can hang in its
+    signal handler for ever, holding the GIL (seen in about 1 of 3 SIGKILLs of `muse serve`; its
+    supervisor, when alive, kills such a worker after a timeout).  What the worker's score log
+    held and had not flushed (at most --score-log-flush-seconds of rows) is lost with it."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return  # best effort: the supervisor's own exit path stops workers as before
     # it may have died before the request took effect (even before this worker's imports)
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if supervisor is not None and str(os.getppid()) != supervisor:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
 
 
 def create_app() -> MuseApp:
